@@ -1,0 +1,32 @@
+"""Loading the HF folders that training exports (model + tokenizer side by side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from onpolicy.engine import CheckpointError
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """Accept a model folder, or a run folder holding final/."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        path = path / "final"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+    return path
+
+
+def load_pretrained(path: str | Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer) from an exported folder; a corrupt folder raises CheckpointError."""
+    from onpolicy.model import DiffusionTransformer
+    from onpolicy.tokenizer import load_tokenizer
+
+    folder = resolve_model_dir(path)
+    try:
+        model = DiffusionTransformer.from_pretrained(str(folder))
+    except Exception as e:  # truncated safetensors, missing tensors, shape mismatches
+        raise CheckpointError(f"{folder}: cannot load weights ({type(e).__name__}: {e})") from e
+    return model.to(device).eval(), load_tokenizer(folder)

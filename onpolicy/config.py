@@ -1,0 +1,229 @@
+"""One typed config schema per stage. YAML files and `key=value` overrides only fill it in.
+
+    cfg = load_config("recipes/tiny/stage1_mask.yaml", ["train.max_steps=10"])
+
+An unknown key is an error naming the key and the valid ones; impossible combinations are checked
+in `validate`. Nothing in a config is executed (no resolvers that run code, no chdir).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+ATTENTION_MODES = ("bidirectional", "block_causal", "causal")
+OBJECTIVES = ("mask", "causal")
+SCHEDULES = ("linear", "cosine")
+T_SAMPLING = ("stratified", "antithetic", "iid")
+PRECISIONS = ("bf16", "fp32")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run, with a message that says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the DiffusionTransformer (ignored when `init_from` names a checkpoint)."""
+
+    hidden_size: int = 256  # width of the residual stream
+    num_hidden_layers: int = 6  # transformer blocks
+    num_attention_heads: int = 4  # heads per attention layer
+    intermediate_size: int | None = None  # SwiGLU width; None = 8/3 * hidden, rounded up to 64
+    max_position_embeddings: int = 4096  # longest sequence RoPE is prepared for
+    rope_theta: float = 10000.0  # RoPE base
+    attention: str = "block_causal"  # bidirectional | block_causal | causal (the AR baseline)
+    block_size: int = 32  # tokens per diffusion block (block_causal only)
+    init_from: str | None = None  # an HF folder written by onpolicy to start from
+
+
+@dataclass
+class TokenizerConfig:
+    """Train a byte-level BPE on the training split, or use an existing HF tokenizer folder."""
+
+    path: str | None = None  # local HF tokenizer folder; None = train one
+    vocab_size: int = 2048  # BPE vocabulary size when training one
+    train_max_mb: float = 32.0  # cap on the text used to train the BPE
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and how it is packed."""
+
+    source: str = "stdlib"  # "stdlib" | a folder | a glob | a .jsonl file
+    text_field: str = "text"  # JSONL field holding the text
+    extensions: list[str] = field(default_factory=lambda: [".py"])  # file types taken from a folder
+    exclude: list[str] = field(default_factory=lambda: ["site-packages", "__pycache__"])  # path parts skipped
+    max_files: int | None = None  # take at most this many files (after sorting and dedup)
+    seq_len: int = 256  # packed sequence length in tokens
+    val_fraction: float = 0.02  # share of files held out for validation (split by file)
+    cache_dir: str = ".cache/onpolicy"  # tokenized corpora and trained tokenizers are cached here
+
+
+@dataclass
+class DiffusionConfig:
+    """The training objective (PAPER.md section 1)."""
+
+    objective: str = "mask"  # mask (masked-diffusion ELBO) | causal (next-token, the AR baseline)
+    schedule: str = "linear"  # gamma_t: linear | cosine
+    t_eps: float = 1e-3  # t is drawn from [t_eps, 1] so the 1/t weight stays finite
+    t_sampling: str = "stratified"  # stratified | antithetic | iid draws of t across a batch
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, the DeepSpeed engine, evaluation and checkpoints."""
+
+    max_steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 16  # sequences per rank per forward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warm-up
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    deepspeed: str = "recipes/deepspeed/zero0.json"  # ZeRO config file
+    seed: int = 0  # seeds init, data order and noise
+    threads: int | None = None  # torch CPU threads per rank; None = cores / ranks
+    eval_every: int = 100  # steps between validation passes (0 = only at the end)
+    eval_batches: int = 8  # validation micro-batches per pass
+    save_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # resumable checkpoints kept on disk
+    resume: bool = True  # continue from the latest checkpoint in output_dir if there is one
+    stop_at_step: int | None = None  # end this invocation here (with a checkpoint); rerun to continue
+
+
+@dataclass
+class LoggingConfig:
+    """Where the run writes and how it reports."""
+
+    output_dir: str = "runs/stage1"  # checkpoints, metrics.jsonl, the exported model
+    log_every: int = 10  # steps between metrics lines
+    progress: bool = True  # a tqdm bar on rank 0
+    wandb: str = "disabled"  # disabled | offline | online (online needs WANDB_API_KEY)
+    wandb_project: str = "onpolicy"  # wandb project name
+    run_name: str | None = None  # wandb run name; None = the output folder's name
+
+
+@dataclass
+class Stage1Config:
+    """Pre-training: mask diffusion (stage 1) or the same-size AR baseline, one trainer."""
+
+    stage: str = "mask"  # which trainer reads this config
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SCHEMAS: dict[str, type] = {"mask": Stage1Config}
+
+
+def _check_keys(data: Any, schema: type, where: str) -> None:
+    """Raise ConfigError for the first key in `data` that `schema` does not have."""
+    if not isinstance(data, dict):
+        return
+    valid = {f.name: f for f in fields(schema)}
+    for key, value in data.items():
+        if key not in valid:
+            hint = difflib.get_close_matches(str(key), valid, n=1)
+            maybe = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(
+                f"unknown config key '{where}{key}'{maybe}; valid keys under '{where or '<top>'}': "
+                + ", ".join(sorted(valid))
+            )
+        sub = _dataclass_type(valid[key].type, schema)
+        if sub is not None:
+            _check_keys(value, sub, f"{where}{key}.")
+
+
+def _dataclass_type(annotation: Any, owner: type) -> type | None:
+    if isinstance(annotation, str):  # `from __future__ import annotations` leaves strings
+        annotation = globals().get(annotation)
+    return annotation if isinstance(annotation, type) and is_dataclass(annotation) else None
+
+
+def _dotlist_to_dict(overrides: list[str]) -> dict:
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, stage: str | None = None) -> Any:
+    """Read a recipe YAML (optional) plus `key=value` overrides into the stage's dataclass."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    over = _dotlist_to_dict(overrides or [])
+    stage = stage or over.get("stage") or raw.get("stage") or "mask"
+    if stage not in SCHEMAS:
+        raise ConfigError(f"unknown stage '{stage}'; valid stages: {', '.join(SCHEMAS)}")
+    schema = SCHEMAS[stage]
+    _check_keys(raw, schema, "")
+    _check_keys(over, schema, "")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw, over)
+    except Exception as e:  # type errors: "train.max_steps=ten"
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _one_of(value: str, options: tuple[str, ...], key: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}='{value}' is not one of: {', '.join(options)}")
+
+
+def validate(cfg: Stage1Config) -> None:
+    """Reject combinations that cannot train, with the reason."""
+    m, d, t, diff = cfg.model, cfg.data, cfg.train, cfg.diffusion
+    _one_of(m.attention, ATTENTION_MODES, "model.attention")
+    _one_of(diff.objective, OBJECTIVES, "diffusion.objective")
+    _one_of(diff.schedule, SCHEDULES, "diffusion.schedule")
+    _one_of(diff.t_sampling, T_SAMPLING, "diffusion.t_sampling")
+    _one_of(t.precision, PRECISIONS, "train.precision")
+    _one_of(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    if (m.hidden_size // m.num_attention_heads) % 2:
+        raise ConfigError("RoPE needs an even head size (model.hidden_size / model.num_attention_heads)")
+    if diff.objective == "causal" and m.attention != "causal":
+        raise ConfigError("diffusion.objective=causal needs model.attention=causal (next-token prediction)")
+    if diff.objective == "mask" and m.attention == "causal":
+        raise ConfigError("diffusion.objective=mask cannot train a causal model: use bidirectional or block_causal")
+    if m.attention == "block_causal" and d.seq_len % m.block_size:
+        raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of model.block_size={m.block_size}")
+    if d.seq_len > m.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    if not 0.0 < diff.t_eps < 1.0:
+        raise ConfigError(f"diffusion.t_eps={diff.t_eps} must be in (0, 1)")
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1")
+    if len(t.betas) != 2:
+        raise ConfigError("train.betas must have two values")

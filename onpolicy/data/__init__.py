@@ -1,0 +1,1 @@
+"""Training data: code corpora packed into fixed-length token sequences."""

@@ -1,0 +1,164 @@
+"""Code corpus -> deduplicated documents -> train/validation split by file -> packed token tensors.
+
+Default source: the Python source of the running interpreter's standard library (found through
+`sysconfig`, so it exists on every machine; it is under the PSF license, see NOTICE). Also: any
+folder or glob of code files, or a JSONL file with a text field. Tokenized corpora are cached on
+disk under a key that changes when the documents, the tokenizer or the packing change.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from onpolicy.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # file path or "<jsonl>:<line>"
+    text: str
+
+
+@dataclass
+class PackedCorpus:
+    train: torch.Tensor  # [n_train, seq_len] int64
+    val: torch.Tensor  # [n_val, seq_len] int64
+    meta: dict
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _read_files(paths: list[Path], cfg: DataConfig) -> list[Document]:
+    docs = []
+    for p in paths:
+        if any(part in cfg.exclude for part in p.parts):
+            continue
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # test fixtures with other encodings, unreadable files: not code we want
+        if text.strip():
+            docs.append(Document(str(p), text))
+    return docs
+
+
+def load_documents(cfg: DataConfig) -> list[Document]:
+    """Read the configured source into documents, sorted by name, exact duplicates removed."""
+    source = cfg.source
+    if source == "stdlib":
+        root = stdlib_root()
+        paths = sorted(p for ext in cfg.extensions for p in root.rglob(f"*{ext}"))
+        docs = _read_files(paths, cfg)
+    elif source.endswith(".jsonl"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.source: JSONL file not found: {path}")
+        docs = []
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if cfg.text_field not in row:
+                    raise KeyError(f"{path}:{i + 1}: no field '{cfg.text_field}' (set data.text_field; fields: {sorted(row)})")
+                if str(row[cfg.text_field]).strip():
+                    docs.append(Document(f"{path}:{i + 1}", str(row[cfg.text_field])))
+    elif Path(source).is_dir():
+        root = Path(source)
+        paths = sorted(p for ext in cfg.extensions for p in root.rglob(f"*{ext}") if p.is_file())
+        docs = _read_files(paths, cfg)
+    elif glob.has_magic(source):
+        docs = _read_files(sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file()), cfg)
+    else:
+        raise FileNotFoundError(f"data.source: no such folder, glob or .jsonl file: {source}")
+
+    seen: set[str] = set()
+    unique = []
+    for doc in sorted(docs, key=lambda d: d.name):
+        digest = hashlib.sha1(doc.text.encode()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            unique.append(doc)
+    if cfg.max_files is not None:
+        unique = unique[: cfg.max_files]
+    if not unique:
+        raise ValueError(f"data.source '{source}' holds no documents (extensions {cfg.extensions}, excluding {cfg.exclude})")
+    return unique
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """Split by file, by a hash of the name: stable when files are added or removed."""
+    def bucket(d: Document) -> float:
+        return int(hashlib.sha1(d.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    train = [d for d in docs if bucket(d) >= val_fraction]
+    val = [d for d in docs if bucket(d) < val_fraction]
+    if not val:  # tiny corpora: hold out the last file rather than nothing
+        train, val = train[:-1], train[-1:]
+    if not train:
+        raise ValueError(f"only {len(docs)} document(s): too few to split into train and validation")
+    return train, val
+
+
+def pack(token_lists: list[list[int]], seq_len: int, eos: int) -> torch.Tensor:
+    """Concatenate documents, each followed by EOS, and cut into [n, seq_len] (remainder dropped)."""
+    flat: list[int] = []
+    for ids in token_lists:
+        flat.extend(ids)
+        flat.append(eos)
+    n = len(flat) // seq_len
+    if n == 0:
+        raise ValueError(f"corpus has {len(flat)} tokens: fewer than one sequence of data.seq_len={seq_len}")
+    return torch.tensor(flat[: n * seq_len], dtype=torch.int64).view(n, seq_len)
+
+
+def corpus_key(docs: list[Document], tokenizer_fp: str, cfg: DataConfig) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.name.encode() + b"\0" + hashlib.sha1(d.text.encode()).digest())
+    h.update(f"{tokenizer_fp}|{cfg.seq_len}|{cfg.val_fraction}".encode())
+    return h.hexdigest()[:20]
+
+
+def build_corpus(cfg: DataConfig, tokenizer, docs: list[Document] | None = None) -> PackedCorpus:
+    """Tokenize and pack the corpus, or load it from the cache if nothing changed."""
+    from onpolicy.tokenizer import SpecialTokens, tokenizer_fingerprint
+
+    docs = docs if docs is not None else load_documents(cfg)
+    key = corpus_key(docs, tokenizer_fingerprint(tokenizer), cfg)
+    cache = Path(cfg.cache_dir) / "corpus" / f"{key}.pt"
+    if cache.exists():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return PackedCorpus(blob["train"], blob["val"], json.loads(blob["meta"]))
+        except Exception:
+            cache.unlink()  # a torn write from an interrupted run: rebuild it
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction)
+
+    def encode(ds: list[Document]) -> list[list[int]]:
+        return tokenizer([d.text for d in ds], add_special_tokens=False)["input_ids"]
+
+    train, val = pack(encode(train_docs), cfg.seq_len, special.eos), pack(encode(val_docs), cfg.seq_len, special.eos)
+    meta = {
+        "key": key,
+        "source": cfg.source,
+        "train_files": len(train_docs),
+        "val_files": len(val_docs),
+        "train_tokens": train.numel(),
+        "val_tokens": val.numel(),
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save({"train": train, "val": val, "meta": json.dumps(meta)}, tmp)
+    tmp.replace(cache)  # atomic: a reader never sees half a file
+    return PackedCorpus(train, val, meta)

@@ -1,0 +1,1 @@
+"""The diffusion math as pure functions: schedules, forward (corruption) processes, losses."""

@@ -1,0 +1,60 @@
+"""Training losses as pure functions: (tensors, scalars) -> (loss, stats).
+
+Normalisation: by the number of loss tokens in the batch (LLaDA / MDLM), not by the number of
+masked tokens, so the value is an upper bound on the per-token NLL and comparable across t.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_diffusion_loss(
+    logits: torch.Tensor,
+    x0: torch.Tensor,
+    masked: torch.Tensor,
+    weight: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The masked-diffusion ELBO (PAPER.md eq. L_mask):
+
+        L = sum_b w(t_b) * sum_{i: x_t[b,i] = MASK} -log p(x0[b,i] | x_t[b]) / N
+
+    logits: [B, L, V] the model's prediction from x_t; x0: [B, L] clean tokens;
+    masked: [B, L] bool, which positions x_t masks; weight: [B] gamma'_t / gamma_t;
+    loss_mask: [B, L] bool, tokens that count (N = its sum); None = all.
+    Padding is excluded by loss_mask; EOS tokens are real tokens and count (the model must learn
+    where code ends).
+    """
+    if loss_mask is None:
+        loss_mask = torch.ones_like(masked)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)  # [B, L]
+    counted = masked & loss_mask  # [B, L]
+    n_tokens = loss_mask.sum().clamp(min=1)
+    loss = (nll * counted * weight[:, None]).sum() / n_tokens
+    with torch.no_grad():
+        n_masked = counted.sum().clamp(min=1)
+        stats = {
+            "masked_nll": (nll * counted).sum().item() / n_masked.item(),  # plain CE on masked tokens
+            "masked_frac": counted.sum().item() / n_tokens.item(),
+            "masked_acc": ((logits.argmax(-1) == x0) & counted).sum().item() / n_masked.item(),
+        }
+    return loss, stats
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, x0: torch.Tensor, loss_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token cross-entropy for the AR baseline: position i predicts x0[i + 1].
+
+    logits: [B, L, V]; x0: [B, L]; loss_mask: [B, L] bool on the *target* tokens (None = all).
+    """
+    pred, target = logits[:, :-1].float(), x0[:, 1:]  # [B, L-1, V], [B, L-1]
+    mask = torch.ones_like(target, dtype=torch.bool) if loss_mask is None else loss_mask[:, 1:]
+    nll = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
+    n_tokens = mask.sum().clamp(min=1)
+    loss = (nll * mask).sum() / n_tokens
+    with torch.no_grad():
+        stats = {"token_acc": ((pred.argmax(-1) == target) & mask).sum().item() / n_tokens.item()}
+    return loss, stats

@@ -1,0 +1,232 @@
+"""DeepSpeed ZeRO around any of our models: distributed set-up (GPU/NCCL or CPU/gloo), the engine,
+resumable checkpoints with integrity manifests, and export of the final model as an HF folder.
+
+CPU notes (ENVIRONMENT.md): DS_ACCELERATOR=cpu and the gloo backend; DeepSpeed JIT-compiles its
+shared-memory comm op on first use, and two ranks compiling at once crash, so the build runs once
+under a file lock into a project cache folder (TORCH_EXTENSIONS_DIR).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = "MANIFEST.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cache_dir: str | Path = ".cache/onpolicy", threads: int | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (one process works too) and pick the device."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ext_dir = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_dir, "torch_extensions").resolve())))
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if not cuda:
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, world)))
+    import deepspeed
+
+    if not cuda:
+        _prebuild_cpu_ops(ext_dir)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return DistInfo(int(os.environ["RANK"]), local_rank, world, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prebuild_cpu_ops(ext_dir: Path) -> None:
+    """Build (or load the cached) shm comm op one process at a time, so ranks never race."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    ext_dir.mkdir(parents=True, exist_ok=True)
+    with open(ext_dir / ".onpolicy-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            builder.load(verbose=False)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Barrier then destroy the process group (avoids ZeRO-2's abort at exit, ENVIRONMENT.md)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def deepspeed_config(path: str, micro_batch_size: int, grad_accum: int, world_size: int, grad_clip: float) -> dict:
+    """Read a recipes/deepspeed/*.json file and fill in the batch geometry from our config."""
+    p = Path(path)
+    if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
+        p = REPO_ROOT / p
+    if not p.is_file():
+        raise FileNotFoundError(f"train.deepspeed: DeepSpeed config not found: {path}")
+    cfg = json.loads(p.read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        if cfg.get(key, "auto") != "auto":
+            raise ValueError(f"{p}: '{key}' is set from the recipe (train.*); write \"auto\" or leave it out")
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
+    cfg["gradient_clipping"] = grad_clip
+    cfg.setdefault("steps_per_print", 1 << 30)  # we log ourselves
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def initialize(model, optimizer, scheduler, ds_config: dict):
+    """deepspeed.initialize with a torch optimizer (no JIT-compiled fused Adam needed)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable checkpoints: DeepSpeed's own format (sharded optimizer state included), plus a
+# manifest of SHA-256 digests written last. No manifest = incomplete; a digest mismatch = corrupt.
+# ---------------------------------------------------------------------------------------------
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, is_main: bool) -> Path:
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    barrier()
+    if is_main:
+        folder = ckpt_dir / tag
+        files = {str(p.relative_to(folder)): _digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+        tmp = folder / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+        tmp.replace(folder / MANIFEST)
+        tags = sorted(p.name for p in ckpt_dir.glob("step_*") if (p / MANIFEST).exists())
+        for old in tags[: max(0, len(tags) - keep)]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    barrier()
+    return ckpt_dir / tag
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint that has a manifest (an interrupted save has none and is skipped)."""
+    tags = sorted(p for p in ckpt_dir.glob("step_*") if (p / MANIFEST).exists())
+    return tags[-1] if tags else None
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """Check every file against the manifest before anything is loaded."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{folder}: no {MANIFEST}; the save did not finish")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest["files"].items():
+        path = folder / name
+        if not path.exists():
+            raise CheckpointError(f"{folder}: missing file {name}")
+        if _digest(path) != digest:
+            raise CheckpointError(f"{folder}: {name} is corrupt (SHA-256 differs from {MANIFEST})")
+    return manifest
+
+
+def load_checkpoint(engine, folder: Path) -> dict:
+    verify_checkpoint(folder)
+    path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if path is None:
+        raise CheckpointError(f"{folder}: DeepSpeed could not load it")
+    return client_state
+
+
+def export_hf(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
+    """Write the model (full weights, gathered from ZeRO-3 shards if needed) and tokenizer as an HF folder."""
+    import deepspeed
+
+    model = engine.module
+    params = list(model.parameters())
+    gather = engine.zero_optimization_stage() == 3
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if gather else contextlib.nullcontext()
+    with ctx:
+        if is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            model.save_pretrained(str(out_dir), state_dict=state)
+            tokenizer.save_pretrained(str(out_dir))
+    barrier()
+

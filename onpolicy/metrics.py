@@ -1,0 +1,79 @@
+"""Rank-0 reporting: one metrics dict per step, to a JSONL file always, to wandb if asked, and to a
+tqdm progress bar. wandb defaults to disabled and never needs a network unless mode is 'online'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        wandb_mode: str = "disabled",
+        wandb_project: str = "onpolicy",
+        run_name: str | None = None,
+        config: dict | None = None,
+        progress: bool = True,
+    ):
+        self.enabled = enabled
+        self.bar = None
+        self.wandb = None
+        self.file = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = (output_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        if wandb_mode != "disabled":
+            if wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
+                raise RuntimeError("logging.wandb=online needs WANDB_API_KEY; use offline (sync later) or disabled")
+            import wandb
+
+            self.wandb = wandb.init(
+                project=wandb_project, name=run_name or output_dir.name, dir=str(output_dir), mode=wandb_mode, config=config
+            )
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=output_dir.name, dynamic_ncols=True)
+        self._t0 = time.perf_counter()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.perf_counter() - self._t0, 3), **metrics}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.refresh()
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,318 @@
+"""DiffusionTransformer: a small Llama-style transformer (RoPE, RMSNorm, SwiGLU, SDPA) whose
+attention pattern comes from its config:
+
+- ``bidirectional``: every token sees every token (plain masked diffusion, LLaDA/MDLM).
+- ``block_causal``: tokens see their own block and all earlier blocks (BD3-LM / SDAR). Trained with
+  the clean sequence appended (`clean_input_ids`), so a noisy block learns to read *clean* earlier
+  blocks: exactly what the sampler's KV cache holds at inference, so the cache is exact.
+- ``causal``: the same-size autoregressive baseline.
+
+It is a transformers `PreTrainedModel` registered with the Auto classes, so checkpoints are plain
+HF folders (safetensors) that load with `AutoModel.from_pretrained` after `import onpolicy`, and the
+model works with PEFT and DeepSpeed like any HF model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+ATTENTION_MODES = ("bidirectional", "block_causal", "causal")
+
+
+class DiffusionTransformerConfig(PretrainedConfig):
+    model_type = "onpolicy_diffusion"
+
+    def __init__(
+        self,
+        vocab_size: int = 2048,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 6,
+        num_attention_heads: int = 4,
+        intermediate_size: int | None = None,
+        max_position_embeddings: int = 4096,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
+        attention: str = "block_causal",
+        block_size: int = 32,
+        initializer_range: float = 0.02,
+        mask_token_id: int | None = None,
+        **kwargs,
+    ):
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention='{attention}' is not one of {ATTENTION_MODES}")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size or 64 * -(-(8 * hidden_size // 3) // 64)
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.attention = attention
+        self.block_size = block_size
+        self.initializer_range = initializer_range
+        self.mask_token_id = mask_token_id
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of finished (clean) tokens, per layer, plus what masking needs about them.
+
+    The sampler appends a block once all of its tokens are committed; queries of the next block
+    attend to everything here. Tensors are [batch, heads, cached_len, head_dim].
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: torch.Tensor  # [B, T] RoPE position of each cached token
+    block_ids: torch.Tensor  # [B, T] block index of each cached token
+    valid: torch.Tensor  # [B, T] False for padding
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+
+@dataclass
+class DiffusionOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+
+
+def attention_allowed(
+    mode: str,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_block: torch.Tensor,
+    k_block: torch.Tensor,
+    k_valid: torch.Tensor,
+    q_noisy: torch.Tensor | None = None,
+    k_noisy: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which key each query may attend to: bool [B, 1, Lq, Lk] (True = attend).
+
+    q_pos/q_block/q_noisy: [B, Lq]; k_pos/k_block/k_valid/k_noisy: [B, Lk].
+    block_causal (BD3-LM, arXiv 2503.09573, eq. for M_full):
+      clean query -> clean keys of its own and earlier blocks;
+      noisy query -> clean keys of earlier blocks, and noisy keys of its own block.
+    Without noisy flags every token counts as clean, which is also the rule for a noisy block
+    appended after a clean prefix (its own block, plus all earlier blocks).
+    """
+    qb, kb = q_block[:, :, None], k_block[:, None, :]  # [B, Lq, 1], [B, 1, Lk]
+    if mode == "causal":
+        allowed = k_pos[:, None, :] <= q_pos[:, :, None]
+    elif mode == "bidirectional":
+        allowed = torch.ones(qb.shape[0], qb.shape[1], kb.shape[2], dtype=torch.bool, device=q_pos.device)
+    elif q_noisy is None:
+        allowed = kb <= qb
+    else:
+        qn, kn = q_noisy[:, :, None], k_noisy[:, None, :]
+        allowed = torch.where(qn, (~kn & (kb < qb)) | (kn & (kb == qb)), ~kn & (kb <= qb))
+    return (allowed & k_valid[:, None, :])[:, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape [B, 1, L, head_dim] for integer positions [B, L]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, L, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, L, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DiffusionTransformerConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, allowed, past_k=None, past_v=None, is_causal=False):
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, L, D]
+        new_k, new_v = k, v
+        if past_k is not None:
+            k, v = torch.cat([past_k.to(k.dtype), k], dim=2), torch.cat([past_v.to(v.dtype), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), new_k, new_v
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: DiffusionTransformerConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: DiffusionTransformerConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, allowed, past_k=None, past_v=None, is_causal=False):
+        h, k, v = self.self_attn(self.input_norm(x), cos, sin, allowed, past_k, past_v, is_causal)
+        x = x + h
+        return x + self.mlp(self.post_attention_norm(x)), k, v
+
+
+class DiffusionTransformer(PreTrainedModel):
+    config_class = DiffusionTransformerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Layer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: DiffusionTransformerConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        block_ids: torch.Tensor | None = None,
+        clean_input_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        **unused,
+    ) -> DiffusionOutput:
+        """Logits for `input_ids` [B, L].
+
+        attention_mask: [B, L], 1 for real tokens, 0 for padding (padded keys are never attended).
+        position_ids:   [B, L] RoPE positions; default continues the cache, skipping padding.
+        block_ids:      [B, L] block index per token (block_causal); default position // block_size.
+        clean_input_ids: block_causal training only (BD3-LM): the clean sequence x0 [B, L]. It is
+                        appended after the noisy `input_ids` and logits are returned for the noisy
+                        half only.
+        past_key_values: a KVCache of clean prefix tokens; with `use_cache` the new tokens are
+                        appended to it (returned in the output; the input cache is not modified).
+        """
+        cfg = self.config
+        b, n = input_ids.shape
+        device = input_ids.device
+        valid = torch.ones(b, n, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        past = past_key_values
+        if position_ids is None:
+            start = (past.positions.max(dim=1).values + 1)[:, None] if past is not None and past.length else 0
+            position_ids = (valid.long().cumsum(1) - 1).clamp(min=0) + start
+        if block_ids is None:
+            block_ids = position_ids // cfg.block_size
+        noisy = None
+        if clean_input_ids is not None:
+            if cfg.attention != "block_causal" or past is not None:
+                raise ValueError("clean_input_ids is for block_causal training, without a cache")
+            input_ids = torch.cat([input_ids, clean_input_ids], dim=1)
+            position_ids, block_ids, valid = (torch.cat([t, t], dim=1) for t in (position_ids, block_ids, valid))
+            noisy = torch.arange(2 * n, device=device)[None].expand(b, -1) < n
+
+        k_pos, k_block, k_valid, k_noisy = position_ids, block_ids, valid, noisy
+        if past is not None and past.length:
+            k_pos = torch.cat([past.positions, position_ids], dim=1)
+            k_block = torch.cat([past.block_ids, block_ids], dim=1)
+            k_valid = torch.cat([past.valid, valid], dim=1)
+        # A pure causal pass with no padding and no cache takes SDPA's fused causal path.
+        fast_causal = cfg.attention == "causal" and past is None and bool(valid.all())
+        fast_full = cfg.attention == "bidirectional" and bool(k_valid.all())
+        allowed = None
+        if not (fast_causal or fast_full):
+            allowed = attention_allowed(cfg.attention, position_ids, k_pos, block_ids, k_block, k_valid, noisy, k_noisy)
+            # A padding query may see nothing at all; let it see itself so softmax stays finite.
+            self_idx = torch.arange(input_ids.shape[1], device=device) + (k_pos.shape[1] - input_ids.shape[1])
+            allowed = allowed.clone()
+            allowed[:, 0, torch.arange(input_ids.shape[1], device=device), self_idx] = True
+
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, x.dtype)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            pk = past.keys[i] if past is not None and past.length else None
+            pv = past.values[i] if past is not None and past.length else None
+            x, k, v = layer(x, cos, sin, allowed, pk, pv, is_causal=fast_causal)
+            new_keys.append(k)
+            new_values.append(v)
+        logits = self.lm_head(self.norm(x))
+        if noisy is not None:
+            logits = logits[:, :n]
+
+        cache = None
+        if use_cache:
+            if past is not None and past.length:
+                cache = KVCache(
+                    [torch.cat([pk, k.detach()], dim=2) for pk, k in zip(past.keys, new_keys)],
+                    [torch.cat([pv, v.detach()], dim=2) for pv, v in zip(past.values, new_values)],
+                    k_pos, k_block, k_valid,
+                )
+            else:
+                cache = KVCache([k.detach() for k in new_keys], [v.detach() for v in new_values], position_ids, block_ids, valid)
+        return DiffusionOutput(logits=logits, past_key_values=cache)
+
+
+def register_auto_classes() -> None:
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    AutoConfig.register(DiffusionTransformerConfig.model_type, DiffusionTransformerConfig, exist_ok=True)
+    AutoModel.register(DiffusionTransformerConfig, DiffusionTransformer, exist_ok=True)
+    AutoModelForMaskedLM.register(DiffusionTransformerConfig, DiffusionTransformer, exist_ok=True)

@@ -1,0 +1,1 @@
+"""One trainer per stage, each readable top to bottom."""

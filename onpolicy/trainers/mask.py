@@ -1,0 +1,231 @@
+"""Stage 1: masked-diffusion pre-training (PAPER.md section 1), and the same-size AR baseline.
+
+    onpolicy train recipes/tiny/stage1_mask.yaml                 # one process
+    onpolicy train recipes/tiny/stage1_mask.yaml --nproc 2       # two ranks (torchrun, gloo on CPU)
+    deepspeed --num_gpus 8 -m onpolicy.cli train recipes/gpu/stage1_mask_100m.yaml
+
+The objective comes from config: `diffusion.objective=mask` trains the masked-diffusion ELBO
+(bidirectional, or block_causal with the clean sequence appended, BD3-LM style, so inference can
+use an exact KV cache); `diffusion.objective=causal` trains next-token prediction, the AR baseline.
+
+Every run is resumable and exactly reproducible: the data order and the noise of step s are pure
+functions of (seed, s, micro-batch, rank), so a resumed run sees the same batches and masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from onpolicy import engine as eng
+from onpolicy.config import DiffusionConfig, Stage1Config
+from onpolicy.data.corpus import build_corpus, load_documents, split_documents
+from onpolicy.diffusion.corruption import mask_tokens
+from onpolicy.diffusion.losses import causal_lm_loss, masked_diffusion_loss
+from onpolicy.diffusion.schedules import elbo_weight, mask_rate, sample_times
+from onpolicy.metrics import MetricsLogger
+from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
+from onpolicy.tokenizer import SpecialTokens, prepare_tokenizer
+
+
+def noise_generator(seed: int, *stream: int) -> torch.Generator:
+    """A generator for one (step, micro-batch, rank, ...) stream, independent of global RNG state."""
+    digest = hashlib.sha256(repr((seed, *stream)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def stage1_loss(
+    model, x0: torch.Tensor, diff: DiffusionConfig, mask_id: int, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The stage-1 loss of a batch of clean sequences x0 [B, L], for any attention mode."""
+    if diff.objective == "causal":
+        return causal_lm_loss(model(input_ids=x0).logits, x0)
+    t = sample_times(x0.shape[0], diff.t_sampling, diff.t_eps, generator)  # [B]
+    x_t, masked = mask_tokens(x0, mask_rate(t, diff.schedule), mask_id, generator=generator)  # [B, L]
+    unwrapped = getattr(model, "module", model)
+    if unwrapped.config.attention == "block_causal":
+        logits = model(input_ids=x_t, clean_input_ids=x0).logits  # BD3-LM: noisy blocks read clean ones
+    else:
+        logits = model(input_ids=x_t).logits
+    return masked_diffusion_loss(logits, x0, masked, elbo_weight(t, diff.schedule).to(logits.device))
+
+
+def batch_rows(step: int, micro: int, rank: int, world: int, micro_bs: int, grad_accum: int, n_rows: int, seed: int) -> torch.Tensor:
+    """Row indices of the micro-batch (step, micro, rank): epochs are seeded permutations, in order."""
+    global_bs = micro_bs * grad_accum * world
+    first = step * global_bs + (micro * world + rank) * micro_bs
+    idx = torch.arange(first, first + micro_bs)
+    out = torch.empty_like(idx)
+    for epoch in idx.div(n_rows, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n_rows, generator=noise_generator(seed, -1, epoch))
+        sel = idx.div(n_rows, rounding_mode="floor") == epoch
+        out[sel] = perm[idx[sel] % n_rows]
+    return out
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, val: torch.Tensor, cfg: Stage1Config, special: SpecialTokens, device: torch.device) -> float:
+    """Validation loss with fixed noise (the same t and masks every time), so curves are comparable."""
+    model.eval()
+    total, bs = 0.0, cfg.train.micro_batch_size
+    n_batches = min(cfg.train.eval_batches, max(1, val.shape[0] // bs))
+    for i in range(n_batches):
+        x0 = val[i * bs : (i + 1) * bs].to(device)
+        with autocast(device, cfg.train.precision):
+            loss, _ = stage1_loss(model, x0, cfg.diffusion, special.mask, noise_generator(cfg.train.seed, -2, i))
+        total += loss.item()
+    model.train()
+    return total / n_batches
+
+
+def build_model(cfg: Stage1Config, special: SpecialTokens, ds_config: dict) -> DiffusionTransformer:
+    m = cfg.model
+    if m.init_from:
+        model = DiffusionTransformer.from_pretrained(m.init_from)
+        if model.config.vocab_size != special.vocab_size:
+            raise ValueError(f"model.init_from has vocab {model.config.vocab_size}, tokenizer has {special.vocab_size}")
+        return model
+    mcfg = DiffusionTransformerConfig(
+        vocab_size=special.vocab_size,
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        intermediate_size=m.intermediate_size,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta,
+        attention=m.attention,
+        block_size=m.block_size,
+        mask_token_id=special.mask,
+        pad_token_id=special.pad,
+        bos_token_id=special.bos,
+        eos_token_id=special.eos,
+    )
+    if eng.zero_stage(ds_config) == 3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            return DiffusionTransformer(mcfg)
+    return DiffusionTransformer(mcfg)
+
+
+def train(cfg: Stage1Config) -> dict:
+    """Run stage 1 to `train.max_steps`; returns the run summary (also written to summary.json)."""
+    out = Path(cfg.logging.output_dir)
+    dist = eng.setup_distributed(cfg.data.cache_dir, cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)  # model init only; data and noise use their own generators
+
+    # 1. Tokenizer and corpus: rank 0 builds and caches them, the others then read the cache.
+    for turn in (0, 1):
+        if (turn == 0) == dist.is_main:
+            docs = load_documents(cfg.data)
+            train_docs, _ = split_documents(docs, cfg.data.val_fraction)
+            tokenizer = prepare_tokenizer(
+                cfg.tokenizer.path, cfg.tokenizer.vocab_size, [d.text for d in train_docs], cfg.data.cache_dir, cfg.tokenizer.train_max_mb
+            )
+            corpus = build_corpus(cfg.data, tokenizer, docs)
+        eng.barrier()
+    special = SpecialTokens.from_tokenizer(tokenizer)
+
+    # 2. Model and DeepSpeed engine.
+    t = cfg.train
+    ds_config = eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, dist.world_size, t.grad_clip)
+    model = build_model(cfg, special, ds_config)
+    optimizer = eng.make_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: eng.warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    )
+    engine = eng.initialize(model, optimizer, scheduler, ds_config)
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+
+    # 3. Resume from the newest complete checkpoint.
+    ckpt_dir = out / "checkpoints"
+    step, history = 0, []
+    latest = eng.latest_checkpoint(ckpt_dir) if t.resume else None
+    if latest is not None:
+        state = eng.load_checkpoint(engine, latest)
+        step, history = state["step"], state.get("val_history", [])
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    log = MetricsLogger(
+        out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
+        config=asdict(cfg), progress=cfg.logging.progress,
+    )
+    log.write(
+        f"[onpolicy] {n_params / 1e6:.2f}M params, attention={cfg.model.attention}, objective={cfg.diffusion.objective}, "
+        f"ZeRO-{eng.zero_stage(ds_config)}, world={dist.world_size}, device={dist.device}, corpus {corpus.meta['train_tokens']:,} "
+        f"train / {corpus.meta['val_tokens']:,} val tokens" + (f", resumed at step {step}" if step else "")
+    )
+    if not history:
+        history.append({"step": step, "val_loss": evaluate(engine, corpus.val, cfg, special, dist.device)})
+        log.log(step, {"val/loss": history[-1]["val_loss"]})
+
+    # 4. The loop: forward, backward, step; evaluate and checkpoint on schedule.
+    tokens_per_step = t.micro_batch_size * t.grad_accum * dist.world_size * cfg.data.seq_len
+    seq = corpus.train
+    engine.train()
+    tic, window_tokens, loss_acc = time.perf_counter(), 0, []
+    stop = min(t.max_steps, t.stop_at_step or t.max_steps)
+    while step < stop:
+        for micro in range(t.grad_accum):
+            rows = batch_rows(step, micro, dist.rank, dist.world_size, t.micro_batch_size, t.grad_accum, seq.shape[0], t.seed)
+            x0 = seq[rows].to(dist.device)
+            with autocast(dist.device, t.precision):
+                loss, stats = stage1_loss(engine, x0, cfg.diffusion, special.mask, noise_generator(t.seed, step, micro, dist.rank))
+            engine.backward(loss)
+            engine.step()
+            loss_acc.append(loss.item())
+        step += 1
+        window_tokens += tokens_per_step
+
+        if step % cfg.logging.log_every == 0 or step == stop:
+            elapsed = time.perf_counter() - tic
+            metrics = {
+                "train/loss": sum(loss_acc) / len(loss_acc),
+                **{f"train/{k}": v for k, v in stats.items()},
+                "train/lr": scheduler.get_last_lr()[0],
+                "perf/tokens_per_s": window_tokens / elapsed,
+            }
+            log.log(step, metrics)
+            log.progress(step, {"loss": f"{metrics['train/loss']:.3f}", "tok/s": f"{metrics['perf/tokens_per_s']:,.0f}"})
+            tic, window_tokens, loss_acc = time.perf_counter(), 0, []
+        if (t.eval_every and step % t.eval_every == 0) or step == stop:
+            history.append({"step": step, "val_loss": evaluate(engine, corpus.val, cfg, special, dist.device)})
+            log.log(step, {"val/loss": history[-1]["val_loss"]})
+            log.write(f"[onpolicy] step {step}: val loss {history[-1]['val_loss']:.4f}")
+        if (t.save_every and step % t.save_every == 0) or step == stop:
+            eng.save_checkpoint(engine, ckpt_dir, step, {"step": step, "val_history": history}, t.keep_checkpoints, dist.is_main)
+
+    # 5. Export the final model as an HF folder with its tokenizer.
+    if step == t.max_steps:
+        eng.export_hf(engine, tokenizer, out / "final", dist.is_main)
+    summary = {
+        "output_dir": str(out),
+        "final_model": str(out / "final") if step == t.max_steps else None,
+        "params": n_params,
+        "steps": step,
+        "val_loss_start": history[0]["val_loss"],
+        "val_loss_end": history[-1]["val_loss"],
+        "val_history": history,
+        "corpus": corpus.meta,
+    }
+    if dist.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log.write(f"[onpolicy] val loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f}; model in {out / 'final'}")
+    log.close()
+    eng.shutdown()
+    return summary

@@ -1,0 +1,60 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def special():
+    from onpolicy.tokenizer import SpecialTokens
+
+    return SpecialTokens(pad=0, bos=1, eos=2, mask=3, sep=4, vocab_size=64)
+
+
+@pytest.fixture
+def make_model(special):
+    from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
+
+    def make(attention="block_causal", block_size=4, seed=0, **kw):
+        torch.manual_seed(seed)
+        cfg = DiffusionTransformerConfig(
+            vocab_size=special.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            attention=attention, block_size=block_size, mask_token_id=special.mask, **kw,
+        )
+        return DiffusionTransformer(cfg).eval()
+
+    return make
+
+
+@pytest.fixture
+def code_dir(tmp_path):
+    """A small folder of real Python files (from the standard library) as a corpus."""
+    from onpolicy.data.corpus import stdlib_root
+
+    src = stdlib_root()
+    out = tmp_path / "code"
+    out.mkdir()
+    for name in ["textwrap.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "fnmatch.py",
+                 "shlex.py", "calendar.py", "string.py", "numbers.py", "abc.py", "copy.py", "glob.py", "sched.py"]:
+        (out / name).write_text((src / name).read_text())
+    return out
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
+    """Run `python -m onpolicy.cli ...` in a subprocess (each training run gets a fresh process group)."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "onpolicy.cli", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,128 @@
+import pytest
+import torch
+from transformers import AutoModel
+
+import onpolicy  # noqa: F401  (registers the Auto classes)
+from onpolicy.model import attention_allowed
+
+
+def rand_ids(b, n, seed=0, low=5, high=64):
+    return torch.randint(low, high, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_block_causal_later_block_never_changes_earlier(make_model):
+    model = make_model("block_causal", block_size=4)
+    x = rand_ids(2, 12)
+    y = x.clone()
+    y[:, 8:] = rand_ids(2, 4, seed=1)  # change only the third block
+    a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+    # ...but a change inside a block is seen by the whole block (bidirectional inside)
+    z = x.clone()
+    z[:, 7] = (z[:, 7] + 1) % 64
+    assert not torch.allclose(model(z).logits[:, 4], a[:, 4])
+
+
+def test_causal_and_bidirectional_masks(make_model):
+    x = rand_ids(1, 10)
+    y = x.clone()
+    y[:, 6] = (y[:, 6] + 1) % 64
+    causal = make_model("causal")
+    torch.testing.assert_close(causal(x).logits[:, :6], causal(y).logits[:, :6], rtol=0, atol=0)
+    bidir = make_model("bidirectional")
+    assert not torch.allclose(bidir(x).logits[:, 0], bidir(y).logits[:, 0])
+
+
+def test_bd3_training_mask_reads_clean_earlier_blocks_only(make_model):
+    model = make_model("block_causal", block_size=4)
+    x0 = rand_ids(1, 12)
+    x_t = x0.clone()
+    x_t[:, ::2] = 3
+    base = model(x_t, clean_input_ids=x0).logits
+    assert base.shape == (1, 12, 64)
+    # a noisy block must not see later clean blocks ...
+    x0b = x0.clone()
+    x0b[:, 8:] = rand_ids(1, 4, seed=5)
+    torch.testing.assert_close(model(x_t, clean_input_ids=x0b).logits[:, :8], base[:, :8], rtol=0, atol=0)
+    # ... nor noisy tokens of earlier blocks (it reads their clean version)
+    x_tb = x_t.clone()
+    x_tb[:, 1] = 7
+    torch.testing.assert_close(model(x_tb, clean_input_ids=x0).logits[:, 4:], base[:, 4:], rtol=0, atol=0)
+    # and x_t == x0 is the plain block-causal forward
+    torch.testing.assert_close(model(x0, clean_input_ids=x0).logits, model(x0).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_allowed_bd3_pattern():
+    # 2 blocks of 2; noisy half then clean half (BD3-LM's M_full)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    blk = pos // 2
+    noisy = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    allowed = attention_allowed("block_causal", pos, pos, blk, blk, torch.ones_like(noisy), noisy, noisy)[0, 0].int()
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+    ])
+    assert torch.equal(allowed, expected)
+
+
+@pytest.mark.parametrize("attention", ["block_causal", "causal", "bidirectional"])
+def test_padding_does_not_change_outputs(make_model, attention):
+    model = make_model(attention, block_size=4)
+    x = rand_ids(1, 7)
+    ref = model(x).logits
+    # right padding, masked out
+    padded = torch.cat([x, torch.zeros(1, 5, dtype=torch.long)], 1)
+    valid = torch.cat([torch.ones(1, 7), torch.zeros(1, 5)], 1)
+    torch.testing.assert_close(model(padded, attention_mask=valid).logits[:, :7], ref, rtol=1e-5, atol=1e-5)
+    # left padding: positions skip the pads
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
+    valid = torch.cat([torch.zeros(1, 3), torch.ones(1, 7)], 1)
+    out = model(padded, attention_mask=valid).logits
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, 3:], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["block_causal", "causal"])
+def test_kv_cache_matches_full_forward(make_model, attention):
+    model = make_model(attention, block_size=4)
+    x = rand_ids(3, 12)
+    full = model(x).logits
+    cache = model(x[:, :8], use_cache=True).past_key_values
+    assert cache.length == 8
+    torch.testing.assert_close(model(x[:, 8:], past_key_values=cache).logits, full[:, 8:], rtol=1e-5, atol=1e-5)
+    # the input cache is not modified, and appending more continues correctly
+    assert cache.length == 8
+    cache2 = model(x[:, 8:10], past_key_values=cache, use_cache=True).past_key_values
+    assert cache2.length == 10
+
+
+def test_save_load_identical_logits(make_model, tmp_path):
+    model = make_model("block_causal")
+    x = rand_ids(2, 8)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    assert loaded.config.attention == "block_causal" and loaded.config.block_size == 4
+    torch.testing.assert_close(loaded.eval()(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_peft_lora_wraps_and_roundtrips(make_model, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = make_model("block_causal")
+    x = rand_ids(1, 8)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert 0 < trainable < sum(p.numel() for p in lora.parameters()) / 10
+    out = lora(input_ids=x).logits
+    lora.save_pretrained(tmp_path)
+    fresh = PeftModel.from_pretrained(make_model("block_causal"), tmp_path).eval()
+    torch.testing.assert_close(fresh(input_ids=x).logits, out, rtol=1e-5, atol=1e-5)
