@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from onpolicy.config import ConfigError, Stage1Config, load_config
+
+from .conftest import ROOT, run_cli
+
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_loads_into_its_schema(recipe):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, Stage1Config)
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# onpolicy train ") or first.startswith("# deepspeed "), "recipes start with their command"
+    assert (ROOT / cfg.train.deepspeed).is_file()
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"stage1_mask.yaml", "ar_baseline.yaml"} <= names
+
+
+def test_overrides_apply_and_type_check():
+    cfg = load_config(ROOT / "recipes/tiny/stage1_mask.yaml", ["train.max_steps=7", "model.block_size=16"])
+    assert cfg.train.max_steps == 7 and cfg.model.block_size == 16
+    with pytest.raises(ConfigError, match="max_steps"):
+        load_config(None, ["train.max_steps=ten"])
+
+
+def test_unknown_key_names_key_and_valid_ones(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.max_step=3"])
+    msg = str(e.value)
+    assert "train.max_step" in msg and "did you mean 'max_steps'" in msg and "micro_batch_size" in msg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden: 3\n")
+    with pytest.raises(ConfigError, match=r"'model\.hidden'.*hidden_size"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="valid keys under '<top>'"):
+        load_config(None, ["trian.lr=1"])
+
+
+def test_impossible_combinations_fail_clearly():
+    with pytest.raises(ConfigError, match="objective=causal needs model.attention=causal"):
+        load_config(None, ["diffusion.objective=causal"])
+    with pytest.raises(ConfigError, match="multiple of model.block_size"):
+        load_config(None, ["data.seq_len=100", "model.block_size=32"])
+    with pytest.raises(ConfigError, match="model.attention='sideways'"):
+        load_config(None, ["model.attention=sideways"])
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(None, ["model.hidden_size=100", "model.num_attention_heads=3"])
+
+
+def test_missing_config_file_names_path():
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(Path("nope.yaml"))
+
+
+def test_cli_reports_bad_key_and_missing_corpus_without_traceback(tmp_path):
+    r = run_cli("train", "recipes/tiny/stage1_mask.yaml", "train.lr_max=1")
+    assert r.returncode == 2
+    assert "unknown config key 'train.lr_max'" in r.stderr and "Traceback" not in r.stderr
+    missing = tmp_path / "no_such_corpus"
+    r = run_cli("train", "recipes/tiny/stage1_mask.yaml", f"data.source={missing}", f"logging.output_dir={tmp_path}/run")
+    assert r.returncode == 2
+    assert str(missing) in r.stderr and "Traceback" not in r.stderr
