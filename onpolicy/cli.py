@@ -95,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after options (`train R --nproc 2 a=1 b=2`)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     from onpolicy.config import ConfigError
     from onpolicy.engine import CheckpointError
 

@@ -140,9 +140,12 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    # ZeRO-3 partitions parameters at construction (zero.Init): their real shape is ds_shape.
+    is_matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+    decay = [p for p, m in zip(params, is_matrix) if m]
+    no_decay = [p for p, m in zip(params, is_matrix) if not m]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; the LR scheduler must agree
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
