@@ -121,15 +121,10 @@ def build_model(cfg: Stage1Config, special: SpecialTokens, ds_config: dict) -> D
     return DiffusionTransformer(mcfg)
 
 
-def train(cfg: Stage1Config) -> dict:
-    """Run stage 1 to `train.max_steps`; returns the run summary (also written to summary.json)."""
-    out = Path(cfg.logging.output_dir)
-    dist = eng.setup_distributed(cfg.data.cache_dir, cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)  # model init only; data and noise use their own generators
-
-    # 1. Tokenizer and corpus: rank 0 builds and caches them, the others then read the cache.
+def prepare_data(cfg: Stage1Config, is_main: bool):
+    """(tokenizer, packed corpus, special tokens). Rank 0 builds and caches; the others then read the cache."""
     for turn in (0, 1):
-        if (turn == 0) == dist.is_main:
+        if (turn == 0) == is_main:
             docs = load_documents(cfg.data)
             train_docs, _ = split_documents(docs, cfg.data.val_fraction)
             tokenizer = prepare_tokenizer(
@@ -137,16 +132,28 @@ def train(cfg: Stage1Config) -> dict:
             )
             corpus = build_corpus(cfg.data, tokenizer, docs)
         eng.barrier()
-    special = SpecialTokens.from_tokenizer(tokenizer)
+    return tokenizer, corpus, SpecialTokens.from_tokenizer(tokenizer)
+
+
+def make_scheduler(optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: eng.warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+
+
+def train(cfg: Stage1Config) -> dict:
+    """Run stage 1 to `train.max_steps`; returns the run summary (also written to summary.json)."""
+    out = Path(cfg.logging.output_dir)
+    dist = eng.setup_distributed(cfg.data.cache_dir, cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)  # model init only; data and noise use their own generators
+
+    # 1. Tokenizer and corpus (rank 0 builds and caches them first).
+    tokenizer, corpus, special = prepare_data(cfg, dist.is_main)
 
     # 2. Model and DeepSpeed engine.
     t = cfg.train
     ds_config = eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, dist.world_size, t.grad_clip)
     model = build_model(cfg, special, ds_config)
     optimizer = eng.make_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: eng.warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-    )
+    scheduler = make_scheduler(optimizer, t)
     engine = eng.initialize(model, optimizer, scheduler, ds_config)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
 
