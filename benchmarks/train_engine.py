@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from onpolicy import engine as eng  # noqa: E402
 from onpolicy.config import load_config  # noqa: E402
 from onpolicy.trainers.mask import (  # noqa: E402
-    autocast, batch_rows, build_model, make_scheduler, noise_generator, prepare_data, stage1_loss,
+    autocast,
+    batch_rows,
+    build_model,
+    make_scheduler,
+    noise_generator,
+    prepare_data,
+    stage1_loss,
 )
 
 
