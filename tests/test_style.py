@@ -8,7 +8,7 @@ from .conftest import ROOT
 
 
 def test_ruff_clean():
-    ruff = shutil.which("ruff") or str((ROOT / ".venv" / "bin" / "ruff"))
+    ruff = shutil.which("ruff") or str(ROOT / ".venv" / "bin" / "ruff")
     if not shutil.which(ruff):
         pytest.skip("ruff not installed (pip install -e .[dev])")
     r = subprocess.run([ruff, "check", "onpolicy", "verifiers", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
