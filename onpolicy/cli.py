@@ -72,6 +72,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onpolicy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher passes --local_rank=N; the rank is read from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a recipe (stage chosen by its `stage:` key)")

@@ -7,7 +7,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 @pytest.fixture(autouse=True)

@@ -45,8 +45,9 @@ def test_stage1_trains_exports_and_samples(tmp_path, code_dir):
 
 def test_ar_baseline_recipe_trains(tmp_path, code_dir):
     out = tmp_path / "ar"
-    train("recipes/tiny/ar_baseline.yaml", out, code_dir, tmp_path / "cache", "train.max_steps=8")
+    train("recipes/tiny/ar_baseline.yaml", out, code_dir, tmp_path / "cache", "train.max_steps=8", "logging.wandb=offline")
     summary = json.loads((out / "summary.json").read_text())
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run written beside the metrics"
     assert summary["val_loss_end"] < summary["val_loss_start"]
     assert AutoModel.from_pretrained(out / "final").config.attention == "causal"
 

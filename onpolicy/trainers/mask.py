@@ -2,7 +2,7 @@
 
     onpolicy train recipes/tiny/stage1_mask.yaml                 # one process
     onpolicy train recipes/tiny/stage1_mask.yaml --nproc 2       # two ranks (torchrun, gloo on CPU)
-    deepspeed --num_gpus 8 -m onpolicy.cli train recipes/gpu/stage1_mask_100m.yaml
+    deepspeed --num_gpus 8 --module onpolicy.cli train recipes/gpu/stage1_mask_100m.yaml
 
 The objective comes from config: `diffusion.objective=mask` trains the masked-diffusion ELBO
 (bidirectional, or block_causal with the clean sequence appended, BD3-LM style, so inference can
