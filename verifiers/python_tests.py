@@ -1,0 +1,38 @@
+"""The unit-test verifier: runs prompt + completion + tests in the sandbox, passed = all asserts held."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from verifiers.base import Task, Verdict
+from verifiers.sandbox import Limits, Sandbox
+
+
+class PythonTestVerifier:
+    """Score 1.0 when `check(entry_point)` ran to the end inside the sandbox, else 0.0."""
+
+    name = "python-tests"
+
+    def __init__(self, workers: int | None = None, limits: Limits | None = None, unsafe: bool = False, sandbox: Sandbox | None = None):
+        self._own = sandbox is None
+        self.sandbox = sandbox or Sandbox(workers=workers, limits=limits, unsafe=unsafe)
+
+    def verify(self, tasks: list[Task], completions: list[str], progress: Callable[[int], None] | None = None) -> list[Verdict]:
+        if len(tasks) != len(completions):
+            raise ValueError(f"{len(tasks)} tasks but {len(completions)} completions")
+        programs = [t.program(c) for t, c in zip(tasks, completions)]
+        results = self.sandbox.run_many(programs, progress=progress)
+        return [
+            Verdict(t.task_id, r.status == "passed", 1.0 if r.status == "passed" else 0.0, r.status, r.detail, round(r.seconds, 4))
+            for t, r in zip(tasks, results)
+        ]
+
+    def close(self) -> None:
+        if self._own:
+            self.sandbox.close()
+
+    def __enter__(self) -> PythonTestVerifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

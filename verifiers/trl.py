@@ -1,0 +1,79 @@
+"""Adapters both ways between our verifiers and TRL reward functions.
+
+TRL's reward-function signature (GRPOTrainer): f(prompts, completions, completion_ids, **columns)
+-> list[float | None], where the dataset's other columns arrive as keyword lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from verifiers.base import Task, Verdict, Verifier
+
+
+def as_reward_function(verifier: Verifier, tasks: dict[str, Task] | None = None, name: str | None = None) -> Callable:
+    """A TRL reward function backed by `verifier`.
+
+    The task of each completion is found by the dataset column `task_id` in `tasks`, or built from
+    the columns `task_id, prompt, entry_point, test` when `tasks` is None.
+    """
+
+    def reward(prompts, completions, completion_ids=None, **columns) -> list[float]:
+        n = len(completions)
+        ids = columns.get("task_id")
+        if tasks is not None:
+            if ids is None:
+                raise KeyError("the dataset needs a 'task_id' column to find each completion's task")
+            batch = [tasks[str(i)] for i in ids]
+        else:
+            missing = [c for c in ("entry_point", "test") if c not in columns]
+            if missing:
+                raise KeyError(f"the dataset lacks columns {missing}; pass tasks= or add them")
+            batch = [
+                Task(str(ids[i]) if ids else str(i), _text(prompts[i]), columns["entry_point"][i], columns["test"][i])
+                for i in range(n)
+            ]
+        return [v.score for v in verifier.verify(batch, [_text(c) for c in completions])]
+
+    reward.__name__ = name or f"{type(verifier).__name__}_reward"
+    return reward
+
+
+def _text(x) -> str:
+    """TRL passes plain strings, or chat messages [{role, content}] for conversational data."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, list) and x and isinstance(x[-1], dict):
+        return str(x[-1].get("content", ""))
+    return str(x)
+
+
+class RewardFunctionVerifier:
+    """Any TRL reward function as a verifier. Scores are clipped to [0, 1]; `None` (the function's
+    'not applicable') and exceptions become a zero score with status 'error' and the reason."""
+
+    def __init__(self, fn: Callable, pass_threshold: float = 1.0):
+        self.fn, self.pass_threshold = fn, pass_threshold
+        self.name = getattr(fn, "__name__", "reward_function")
+
+    def verify(self, tasks: list[Task], completions: list[str]) -> list[Verdict]:
+        columns = {
+            "task_id": [t.task_id for t in tasks],
+            "entry_point": [t.entry_point for t in tasks],
+            "test": [t.test for t in tasks],
+        }
+        try:
+            scores = list(self.fn(prompts=[t.prompt for t in tasks], completions=list(completions), completion_ids=None, **columns))
+        except Exception as e:  # a crashing reward function costs these samples, not the run
+            return [Verdict(t.task_id, False, 0.0, "error", f"{self.name} raised {type(e).__name__}: {e}", 0.0) for t in tasks]
+        if len(scores) != len(tasks):
+            return [Verdict(t.task_id, False, 0.0, "error", f"{self.name} returned {len(scores)} scores for {len(tasks)}", 0.0) for t in tasks]
+        out = []
+        for t, s in zip(tasks, scores):
+            if s is None:
+                out.append(Verdict(t.task_id, False, 0.0, "error", f"{self.name} returned None", 0.0))
+                continue
+            score = min(1.0, max(0.0, float(s)))
+            passed = score >= self.pass_threshold
+            out.append(Verdict(t.task_id, passed, score, "passed" if passed else "failed", f"reward {float(s):.4g}", 0.0))
+        return out
