@@ -89,10 +89,11 @@ def kill_sandbox(own_pidns, child, spare=()):
             targets = other_pids({1, me, *spare})
             if not own_pidns:  # unsafe mode: only what descends from the child
                 targets = [p for p in targets if _descends_from(p, me)]
-                try:
-                    os.killpg(child, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                if not spare:
+                    try:
+                        os.killpg(child, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             for pid in targets:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -197,15 +198,18 @@ def run_one(req, own_pidns):
     out, err = bytearray(), bytearray()
     truncated = False
     deadline = start + req["timeout_s"]
-    proof, detail, timed_out = False, "", False
+    proof, detail, timed_out, refused = False, "", False, False
     open_fds = {out_r, err_r, res_r}
     status_code, usage = None, None
-    while open_fds:
+    exited = False
+    while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             timed_out = True
             break
-        ready, _, _ = select.select(list(open_fds), [], [], min(remaining, 0.5))
+        ready = select.select(list(open_fds), [], [], min(remaining, 0.05))[0] if open_fds else []
+        if not open_fds:
+            time.sleep(min(remaining, 0.005))
         for fd in ready:
             data = os.read(fd, 65536)
             if not data:
@@ -213,7 +217,8 @@ def run_one(req, own_pidns):
                 continue
             if fd == res_r:
                 if data[:1] != b"D" or proof:
-                    detail = "bad handshake from the program"
+                    detail, refused = "bad handshake from the program", True
+                    os.kill(pid, signal.SIGKILL)
                     open_fds.discard(res_r)
                     continue
                 # Tests ran to the end. Nothing but the child may remain, and it must be alone.
@@ -225,22 +230,27 @@ def run_one(req, own_pidns):
                     n_threads = 0
                 if n_threads != 1:
                     detail = f"program left {n_threads - 1} extra threads running after the tests"
+                    refused = True
+                    os.kill(pid, signal.SIGKILL)
                     open_fds.discard(res_r)
                     continue
                 challenge = os.urandom(32)
-                write_all(chal_w, challenge)
                 answer = b""
-                while len(answer) < 32 and time.monotonic() < deadline:
-                    r, _, _ = select.select([res_r], [], [], max(0.0, deadline - time.monotonic()))
-                    if not r:
-                        break
-                    chunk = os.read(res_r, 32 - len(answer))
-                    if not chunk:
-                        break
-                    answer += chunk
+                try:
+                    write_all(chal_w, challenge)
+                    while len(answer) < 32 and time.monotonic() < deadline:
+                        r, _, _ = select.select([res_r], [], [], max(0.0, deadline - time.monotonic()))
+                        if not r:
+                            break
+                        chunk = os.read(res_r, 32 - len(answer))
+                        if not chunk:
+                            break
+                        answer += chunk
+                except OSError:
+                    pass
                 proof = answer == hashlib.sha256(PROOF_SALT + challenge).digest()
                 if not proof:
-                    detail = "pass handshake failed"
+                    detail, refused = "pass handshake failed", True
                 open_fds.discard(res_r)
             else:
                 buf = out if fd == out_r else err
@@ -249,23 +259,27 @@ def run_one(req, own_pidns):
                     buf += data[:room]
                 if len(data) > room:
                     truncated = True
-        if not open_fds or (res_r not in open_fds and proof):
-            # wait briefly for the exit status
-            for _ in range(200):
-                done, status_code, usage = os.wait4(pid, os.WNOHANG)
-                if done:
-                    break
-                time.sleep(0.001)
-            else:
-                status_code = None
-            break
-    if status_code is None:
+        # The verdict is due when the child exits, even if its descendants still hold the pipes.
         try:
             done, status_code, usage = os.wait4(pid, os.WNOHANG)
-            if not done:
-                status_code = None
         except ChildProcessError:
-            status_code = None
+            done, status_code = pid, None
+        if done:
+            exited = True
+            break
+    if exited:  # collect what is already in the pipes, without waiting for descendants
+        for fd in (out_r, err_r):
+            buf = out if fd == out_r else err
+            while fd in open_fds and select.select([fd], [], [], 0)[0]:
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                room = cap - len(buf)
+                if room > 0:
+                    buf += data[:room]
+                if len(data) > room:
+                    truncated = True
+                    break
     seconds = time.monotonic() - start
     clean = kill_sandbox(own_pidns, pid)
     for fd in (res_r, chal_w, out_r, err_r):
@@ -284,6 +298,8 @@ def run_one(req, own_pidns):
         status = "passed"
     elif timed_out:
         status, detail = "timeout", f"wall-clock limit of {req['timeout_s']} s"
+    elif refused:
+        status = "failed"
     elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and usage is not None and usage.ru_utime + usage.ru_stime >= req["cpu_s"]):
         status, detail = "timeout", f"CPU-time limit of {req['cpu_s']} s"
     elif sig is not None:
@@ -331,7 +347,7 @@ def _remove_tree(path):
 
 def main():
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a dead child must cost an EPIPE, never the worker
     proto_in, proto_out = os.dup(0), os.dup(1)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
