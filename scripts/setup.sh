@@ -52,6 +52,21 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   esac
 fi
 
+# bubblewrap sandboxes the verifiers (model-written code never runs unsandboxed by default).
+if ! command -v bwrap >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo -n"
+    echo "[setup] installing bubblewrap (apt-get)"
+    $sudo apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+      || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq bubblewrap >/dev/null 2>&1; } \
+      || echo "[setup] WARNING: could not install bubblewrap; verifiers will refuse to run (sudo apt-get install -y bubblewrap)" >&2
+  elif command -v dnf >/dev/null 2>&1; then
+    sudo -n dnf install -y bubblewrap >/dev/null 2>&1 || echo "[setup] WARNING: install bubblewrap (dnf install bubblewrap)" >&2
+  else
+    echo "[setup] WARNING: bubblewrap not found; install it with your package manager for sandboxed verifiers" >&2
+  fi
+fi
+
 # Hold torch where it is while the rest resolves (a bare `torch` requirement would upgrade it).
 installed_torch="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 constraints="$venv/onpolicy-constraints.txt"

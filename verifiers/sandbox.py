@@ -33,7 +33,6 @@ import struct
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -97,8 +96,9 @@ def _python_paths() -> tuple[str, list[str]]:
 class _Worker:
     """One sandbox slot: a long-lived fork server inside its own bubblewrap sandbox."""
 
-    def __init__(self, slot: int, limits: Limits, unsafe: bool, uid: int | None):
+    def __init__(self, slot: int, limits: Limits, unsafe: bool, uid: int | None, spawner: ThreadPoolExecutor):
         self.slot, self.limits, self.unsafe, self.uid = slot, limits, unsafe, uid
+        self.spawner = spawner
         self.proc: subprocess.Popen | None = None
 
     def _command(self) -> list[str]:
@@ -139,8 +139,12 @@ class _Worker:
         return [*cmd, *py, "/opt/verifier/server.py"]
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, close_fds=True, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        # bwrap --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that forked it
+        # exits: so every worker is spawned from the sandbox's own long-lived spawner thread.
+        self.proc = self.spawner.submit(
+            subprocess.Popen, self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, close_fds=True, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        ).result()
         _send(self.proc.stdin, {"host_pidns": os.readlink("/proc/self/ns/pid"), "require_pidns": not self.unsafe})
         hello = _recv(self.proc.stdout, time.monotonic() + 30)
         if hello is None or not hello.get("ready"):
@@ -231,11 +235,12 @@ class Sandbox:
             )
         n = workers or os.cpu_count() or 1
         root = os.geteuid() == 0 and not unsafe
-        self._workers = [_Worker(i, self.limits, unsafe, uid_base + i if root else None) for i in range(n)]
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
+        self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="sandbox")
+        self._workers = [_Worker(i, self.limits, unsafe, uid_base + i if root else None, self._spawner) for i in range(n)]
         self._free: Queue[_Worker] = Queue()
         for w in self._workers:
             self._free.put(w)
-        self._lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -252,18 +257,19 @@ class Sandbox:
             self._free.put(worker)
 
     def run_many(self, programs: list[str], limits: Limits | None = None, progress=None) -> list[RunResult]:
-        with ThreadPoolExecutor(max_workers=self.size) as pool:
-            futures = [pool.submit(self.run, p, limits) for p in programs]
-            results = []
-            for f in futures:
-                results.append(f.result())
-                if progress is not None:
-                    progress(1)
+        futures = [self._pool.submit(self.run, p, limits) for p in programs]
+        results = []
+        for f in futures:
+            results.append(f.result())
+            if progress is not None:
+                progress(1)
         return results
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         for w in self._workers:
             w.stop()
+        self._spawner.shutdown(wait=True)
 
     def __enter__(self) -> Sandbox:
         return self

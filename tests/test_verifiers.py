@@ -1,0 +1,181 @@
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from verifiers import PythonTestVerifier, Task, Verifier, load_tasks
+from verifiers.registry import get_verifier
+from verifiers.remote import RemoteVerifier, make_server
+from verifiers.sandbox import Limits, Sandbox
+from verifiers.trl import RewardFunctionVerifier, as_reward_function
+
+from .conftest import run_cli
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+ADD = Task("t/add", "def add(a, b):\n", "add", "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n")
+
+
+def wrong_completion(task: Task, name: str) -> str:
+    """A completion that defines the entry point but returns None."""
+    if name == "humaneval":
+        return "    return None\n"
+    return f"def {task.entry_point}(*args, **kwargs):\n    return None\n"
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    with PythonTestVerifier(limits=Limits(timeout_s=10, cpu_s=10)) as v:
+        yield v
+
+
+@needs_bwrap
+@pytest.mark.parametrize("name,count", [("humaneval", 164), ("mbpp", 974), ("mbpp-sanitized", 427)])
+def test_reference_solutions_pass_and_wrong_ones_fail(verifier, name, count):
+    tasks = load_tasks(name)
+    assert len(tasks) == count
+    good = verifier.verify(tasks, [t.canonical_solution for t in tasks])
+    failures = [(v.task_id, v.status, v.detail) for v in good if not v.passed]
+    assert not failures, failures[:5]
+    bad = verifier.verify(tasks, [wrong_completion(t, name) for t in tasks])
+    assert not [v.task_id for v in bad if v.passed]
+    assert all(v.score == 0.0 and v.detail for v in bad)
+
+
+@needs_bwrap
+def test_verdict_fields():
+    with PythonTestVerifier(workers=2, limits=Limits(timeout_s=2, cpu_s=2)) as verifier:
+        ok, wrong, hang = verifier.verify([ADD] * 3, ["    return a + b\n", "    return a - b\n", "    while True: pass\n"])
+        assert isinstance(verifier, Verifier)
+    assert (ok.passed, ok.score, ok.status) == (True, 1.0, "passed")
+    assert (wrong.passed, wrong.status, wrong.detail) == (False, "failed", "AssertionError")
+    assert hang.status == "timeout" and 0 < ok.seconds < 5
+
+
+def test_registry_by_name_path_and_errors():
+    class Fixed:
+        def verify(self, tasks, completions):
+            return []
+
+    assert isinstance(get_verifier("tests.test_verifiers:FixedVerifier"), FixedVerifier)
+    with pytest.raises(ValueError, match="known: .*python-tests"):
+        get_verifier("no-such-verifier")
+    with pytest.raises(ValueError, match="cannot import module"):
+        get_verifier("no_such_pkg.mod:Thing")
+    with pytest.raises(TypeError, match="no verify"):
+        get_verifier("tests.test_verifiers:NotAVerifier")
+
+
+class FixedVerifier:
+    def verify(self, tasks, completions):
+        from verifiers import Verdict
+
+        return [Verdict(t.task_id, True, 1.0, "passed", "", 0.0) for t in tasks]
+
+
+class NotAVerifier:
+    pass
+
+
+def test_trl_reward_function_as_verifier_and_back():
+    def length_reward(prompts, completions, completion_ids=None, **columns):
+        assert columns["task_id"] == ["t/add", "t/add", "t/add"]
+        return [len(c) / 10 for c in completions[:2]] + [None]
+
+    verdicts = RewardFunctionVerifier(length_reward).verify([ADD] * 3, ["12345", "1234567890123", "x"])
+    assert [v.score for v in verdicts] == [0.5, 1.0, 0.0]
+    assert [v.status for v in verdicts] == ["failed", "passed", "error"]
+
+    def crashing(prompts, completions, **kw):
+        raise RuntimeError("boom")
+
+    assert {v.status for v in RewardFunctionVerifier(crashing).verify([ADD], ["x"])} == {"error"}
+
+    reward = as_reward_function(FixedVerifier(), {"t/add": ADD})
+    assert reward(prompts=["p"], completions=["c"], completion_ids=None, task_id=["t/add"]) == [1.0]
+    assert reward.__name__ == "FixedVerifier_reward"
+    # conversational completions and tasks built from dataset columns
+    reward = as_reward_function(FixedVerifier())
+    out = reward(prompts=[ADD.prompt], completions=[[{"role": "assistant", "content": "    return a + b"}]],
+                 task_id=["t/add"], entry_point=["add"], test=[ADD.test])
+    assert out == [1.0]
+
+
+@needs_bwrap
+def test_remote_client_against_local_server_and_dead_server():
+    with Sandbox(workers=2, limits=Limits(timeout_s=5, cpu_s=5)) as sb:
+        server = make_server("127.0.0.1", 0, sb)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            client = RemoteVerifier(f"http://127.0.0.1:{server.server_port}", timeout_s=3)
+            ok, wrong, early_exit = client.verify([ADD] * 3, ["    return a + b\n", "    return 0\n", "    import os; os._exit(0)\n"])
+            assert ok.passed and ok.status == "passed"
+            assert not wrong.passed and wrong.status == "failed"
+            assert not early_exit.passed
+        finally:
+            server.shutdown()
+            server.server_close()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    (dead,) = RemoteVerifier(f"http://127.0.0.1:{port}", retries=1, request_timeout_s=2).verify([ADD], ["    return a + b\n"])
+    assert dead.status == "error" and "unreachable" in dead.detail and dead.score == 0.0
+    assert time.monotonic() - start < 10
+
+
+@needs_bwrap
+def test_onpolicy_verify_cli(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps(ADD.to_json()) + "\n")
+    comps = tmp_path / "comps.jsonl"
+    comps.write_text("\n".join(json.dumps({"task_id": "t/add", "completion": c}) for c in ["    return a + b\n", "    return 1\n"]))
+    out = tmp_path / "res.jsonl"
+    r = run_cli("verify", str(tasks), str(comps), "--out", str(out), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "pass rate 1/2" in r.stdout and "failed 1, passed 1" in r.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [set(row) for row in rows] == [{"task_id", "passed", "score", "status", "detail", "seconds"}] * 2
+    r = run_cli("verify", str(tmp_path / "missing.jsonl"), str(comps), "--out", str(out))
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr
+
+
+@pytest.mark.slow
+@needs_bwrap
+def test_ten_thousand_runs_leave_nothing_behind(tmp_path):
+    """10,000 verifications: no processes, temp files or file descriptors left afterwards."""
+    from .test_sandbox_hostile import _my_descendants
+
+    fds_before = len(os.listdir("/proc/self/fd"))
+    tmp_before = set(os.listdir("/tmp"))
+    procs_before = _my_descendants()
+    programs = ["def f(x):\n    return x * 2\nassert f(3) == 6\n", "assert 1 == 2\n", "import os\nos._exit(0)\n",
+                "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nx = 1\n"]
+    with Sandbox(limits=Limits(timeout_s=5, cpu_s=5)) as sb:
+        results = sb.run_many([programs[i % 4] for i in range(10_000)])
+        statuses = [r.status for r in results]
+        assert statuses.count("passed") == 5000 and statuses.count("failed") == 5000
+        assert all(r.extra["clean"] for r in results)
+        worker_pids = {w.proc.pid for w in sb._workers}
+    # the sandbox is closed: no process of ours remains, no fd leaked, no temp file created on the host
+    assert not (_my_descendants() & worker_pids)
+    assert _my_descendants() <= procs_before
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+    assert set(os.listdir("/tmp")) - tmp_before == set()
+
+
+@needs_bwrap
+def test_workers_survive_the_threads_that_used_them():
+    """bwrap's --die-with-parent fires when the forking *thread* exits; workers must not depend on callers' threads."""
+    with Sandbox(workers=1, limits=Limits(timeout_s=5, cpu_s=5)) as sb:
+        for _ in range(3):
+            t = threading.Thread(target=lambda: sb.run("x = 1"))
+            t.start()
+            t.join()
+            pid = sb._workers[0].proc.pid
+            assert sb.run("assert 2 + 2 == 4").status == "passed"
+            assert sb._workers[0].proc.pid == pid, "the worker was restarted"
