@@ -17,9 +17,6 @@ If the worker is not in its own PID namespace (the explicit unsafe mode), kill(-
 only the child's process group and descendants reparented to the worker are killed.
 """
 
-# Warm: modules that test programs commonly import are loaded once in the worker; every forked
-# child shares them copy-on-write instead of importing them again.
-import bisect  # noqa: E401,F401,I001
 import ctypes
 import hashlib
 import json
@@ -32,6 +29,9 @@ import sys
 import time
 import traceback  # imported once here, so failing programs do not pay for it
 
+# Warm: modules that test programs commonly import are loaded once in the worker; every forked
+# child shares them copy-on-write instead of importing them again.
+WARM_MODULES = ("bisect", "collections", "copy", "functools", "heapq", "itertools", "math", "re", "string", "typing")
 PR_SET_CHILD_SUBREAPER = 36
 PROOF_SALT = b"onpolicy-verifier-pass"
 
@@ -385,6 +385,8 @@ def _warm_tracebacks():
 
 
 def main():
+    for name in WARM_MODULES:
+        __import__(name)
     _warm_tracebacks()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a dead child must cost an EPIPE, never the worker
