@@ -20,6 +20,7 @@ sequence decodes the same alone or in a batch. Other stages consume the returned
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,11 @@ class SamplerConfig:
     steps_per_block: int | None = None  # fixed steps per block; None = block_size (one token per step)
     threshold: float | None = None  # commit every masked position with confidence >= threshold (>= 1 per step)
     temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None  # sample among the k most likely tokens (temperature > 0)
+    top_p: float | None = None  # nucleus sampling (temperature > 0)
+    remask_threshold: float | None = None  # self-correction: re-open a committed token of the current
+    #                                        block when its probability falls below this and the model prefers another
+    max_steps_per_block: int | None = None  # step budget per block with self-correction (default 2 x block)
     use_cache: bool = True  # exact KV cache of finished blocks (block_causal and causal models)
     stop_at_eos: bool = True  # stop a sequence after the block in which it commits EOS
 
@@ -45,14 +51,21 @@ class Trajectory:
     """What one `generate` call did, per prompt; stages 3 and 4 consume it."""
 
     tokens: list[list[int]]  # generated ids per prompt, cut before the first EOS
-    commit_step: list[list[int]]  # per generated token: the forward pass (1-based) that committed it
+    commit_step: list[list[int]]  # per generated token: the forward pass (1-based) that last committed it
     finished: list[bool]  # True if the sequence emitted EOS
-    forwards: int  # model forward passes for the whole batch
-    states: list[torch.Tensor] = field(default_factory=list)  # canvas after each step, if recorded
+    forwards: int  # model forward passes for the whole batch (cache writes included)
+    seconds: float = 0.0  # wall-clock time of the whole call
+    model_seconds: float = 0.0  # of which inside model forwards (the rest is sampler overhead)
+    remasked: int = 0  # tokens re-opened by self-correction
+    states: list[torch.Tensor] = field(default_factory=list)  # [B, G] canvas after each step, if recorded
 
     @property
     def tokens_per_forward(self) -> float:
         return sum(len(t) for t in self.tokens) / max(1, self.forwards * len(self.tokens))
+
+    @property
+    def overhead_fraction(self) -> float:
+        return 1.0 - self.model_seconds / self.seconds if self.seconds > 0 else 0.0
 
 
 def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,18 +79,31 @@ def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor,
     return ids, valid
 
 
-def _propose(logits: torch.Tensor, special: SpecialTokens, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidate token and its probability per position: logits [B, L, V] -> ([B, L], [B, L])."""
+def _propose(logits: torch.Tensor, special: SpecialTokens, cfg: SamplerConfig, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidate token, its confidence, and the model's distribution: [B, L, V] -> [B, L], [B, L], [B, L, V].
+
+    Confidence is the model's own probability of the candidate (temperature 1, unfiltered), so the
+    commit order does not depend on how the candidate was drawn.
+    """
     logits = logits.float()
     logits[..., special.mask] = -float("inf")  # never propose the noise token or padding
     logits[..., special.pad] = -float("inf")
-    if temperature <= 0:
-        probs = logits.softmax(-1)
+    probs = logits.softmax(-1)
+    if cfg.temperature <= 0:
         conf, token = probs.max(-1)
-        return token, conf
-    probs = (logits / temperature).softmax(-1)
-    token = torch.multinomial(probs.flatten(0, 1).cpu(), 1, generator=generator).view(probs.shape[:2]).to(logits.device)
-    return token, probs.gather(-1, token[..., None])[..., 0]
+        return token, conf, probs
+    scaled = logits / cfg.temperature
+    if cfg.top_k is not None:
+        kth = scaled.topk(min(cfg.top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, -float("inf"))
+    if cfg.top_p is not None:
+        sorted_logits, order = scaled.sort(-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # keep the smallest prefix reaching top_p
+        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    draw = scaled.softmax(-1)
+    token = torch.multinomial(draw.flatten(0, 1).cpu(), 1, generator=generator).view(draw.shape[:2]).to(logits.device)
+    return token, probs.gather(-1, token[..., None])[..., 0], probs
 
 
 def _commit_mask(conf: torch.Tensor, open_: torch.Tensor, n_steps_left: int, threshold: float | None) -> torch.Tensor:
@@ -104,6 +130,7 @@ def generate(
     record_states: bool = False,
 ) -> Trajectory:
     """Decode a batch of prompts (token id lists) with the model's own attention mode."""
+    t_start = time.perf_counter()
     mode = model.config.attention
     device = next(model.parameters()).device
     if mode == "causal":
@@ -113,8 +140,10 @@ def generate(
     else:
         block = model.config.block_size if mode == "block_causal" else cfg.max_new_tokens
     steps_per_block = cfg.steps_per_block or block
-    if block < 1 or steps_per_block < 1:
-        raise ValueError("block_size and steps_per_block must be >= 1")
+    self_correct = cfg.remask_threshold is not None and mode != "causal"
+    max_steps = (cfg.max_steps_per_block or 2 * block) if self_correct else block
+    if block < 1 or steps_per_block < 1 or max_steps < 1:
+        raise ValueError("block_size, steps_per_block and max_steps_per_block must be >= 1")
     n_blocks = -(-cfg.max_new_tokens // block)
     gen_len = n_blocks * block
 
@@ -131,43 +160,62 @@ def generate(
     canvas = torch.full((batch, gen_len), special.mask, dtype=torch.long, device=device)  # [B, G]
     commit_step = torch.zeros((batch, gen_len), dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    forwards, states = 0, []
+    stats = {"forwards": 0, "model_s": 0.0, "remasked": 0}
+    states = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def forward(**kw):
+        sync()
+        tic = time.perf_counter()
+        out = model(**kw)
+        sync()
+        stats["model_s"] += time.perf_counter() - tic
+        stats["forwards"] += 1
+        return out
+
     cached = cfg.use_cache and mode in ("block_causal", "causal")
     cache, next_logits = None, None
     if cached:  # the prompt goes into the cache once
-        out = model(input_ids=prompt, attention_mask=prompt_valid, position_ids=prompt_pos, block_ids=prompt_blocks, use_cache=True)
-        cache, next_logits, forwards = out.past_key_values, out.logits[:, -1:], 1
+        out = forward(input_ids=prompt, attention_mask=prompt_valid, position_ids=prompt_pos, block_ids=prompt_blocks, use_cache=True)
+        cache, next_logits = out.past_key_values, out.logits[:, -1:]
 
-    full_ids = lambda: torch.cat([prompt, canvas], 1)  # noqa: E731
     full_valid = torch.cat([prompt_valid, torch.ones_like(canvas, dtype=torch.bool)], 1)
     full_pos, full_blocks = torch.cat([prompt_pos, gen_pos], 1), torch.cat([prompt_blocks, gen_blocks], 1)
 
     for b in range(n_blocks):
         sl = slice(b * block, (b + 1) * block)
         canvas[done, sl] = special.eos  # finished sequences only pad out the batch
-        for step in range(block):  # every step commits >= 1 token per open sequence
+        for step in range(max_steps):  # every step commits >= 1 token per open sequence
             open_ = canvas[:, sl] == special.mask  # [B, block]
-            if not open_.any():
+            if not open_.any() and not self_correct:
                 break
             if mode == "causal":
                 if cached:
                     logits = next_logits
                 else:
-                    logits = model(input_ids=full_ids()[:, : p_len + sl.start], attention_mask=full_valid[:, : p_len + sl.start],
-                                   position_ids=full_pos[:, : p_len + sl.start]).logits[:, -1:]
-                    forwards += 1
+                    end = p_len + sl.start
+                    logits = forward(input_ids=torch.cat([prompt, canvas], 1)[:, :end], attention_mask=full_valid[:, :end],
+                                     position_ids=full_pos[:, :end]).logits[:, -1:]
             elif cached:
-                logits = model(input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl], past_key_values=cache).logits
-                forwards += 1
+                logits = forward(input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
+                                 past_key_values=cache).logits
             else:
-                logits = model(input_ids=full_ids(), attention_mask=full_valid, position_ids=full_pos, block_ids=full_blocks).logits
-                logits = logits[:, p_len + sl.start : p_len + sl.stop]
-                forwards += 1
-            token, conf = _propose(logits, special, cfg.temperature, generator)  # [B, block]
-            steps_left = max(1, steps_per_block - step)
-            chosen = _commit_mask(conf, open_, steps_left, cfg.threshold)
+                logits = forward(input_ids=torch.cat([prompt, canvas], 1), attention_mask=full_valid, position_ids=full_pos,
+                                 block_ids=full_blocks).logits[:, p_len + sl.start : p_len + sl.stop]
+            token, conf, probs = _propose(logits, special, cfg, generator)  # [B, block]
+            last_step = step == max_steps - 1
+            if self_correct and not last_step:
+                current = canvas[:, sl]
+                p_current = probs.gather(-1, current.clamp(max=probs.shape[-1] - 1)[..., None])[..., 0]
+                reopen = ~open_ & ~done[:, None] & (p_current < cfg.remask_threshold) & (token != current)
+                if reopen.any():
+                    stats["remasked"] += int(reopen.sum())
+                    open_ = open_ | reopen
+                if not open_.any():
+                    break
+            chosen = open_ if last_step else _commit_mask(conf, open_, max(1, steps_per_block - step), cfg.threshold)
             canvas[:, sl] = torch.where(chosen, token, canvas[:, sl])
-            commit_step[:, sl] = torch.where(chosen, forwards, commit_step[:, sl])
+            commit_step[:, sl] = torch.where(chosen, stats["forwards"], commit_step[:, sl])
             if record_states:
                 states.append(canvas.clone().cpu())
         if cfg.stop_at_eos:
@@ -175,9 +223,9 @@ def generate(
         if bool(done.all()) or b == n_blocks - 1:
             break
         if cached:  # the finished block joins the cache; for AR this forward also predicts the next token
-            out = model(input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl], past_key_values=cache, use_cache=True)
+            out = forward(input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
+                          past_key_values=cache, use_cache=True)
             cache, next_logits = out.past_key_values, out.logits[:, -1:]
-            forwards += 1
 
     tokens, steps, finished = [], [], []
     for i in range(batch):
@@ -187,4 +235,5 @@ def generate(
         tokens.append(row[:end])
         steps.append(commit_step[i, :end].tolist())
         finished.append(special.eos in row[: cfg.max_new_tokens])
-    return Trajectory(tokens, steps, finished, forwards, states)
+    return Trajectory(tokens, steps, finished, stats["forwards"], time.perf_counter() - t_start, stats["model_s"],
+                      stats["remasked"], states)

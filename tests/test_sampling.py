@@ -12,16 +12,16 @@ def peaked(make_model):
     return lambda attention, block_size=4: make_model(attention, block_size=block_size, initializer_range=0.3)
 
 
-@pytest.mark.parametrize("attention,block", [("block_causal", 4), ("block_causal", 8), ("causal", 1)])
+@pytest.mark.parametrize("attention,block", [("block_causal", 4), ("block_causal", 32), ("causal", 1)])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_cache_and_no_cache_are_token_identical(peaked, special, attention, block, batch):
     model = peaked(attention, block_size=block)
     prompts = PROMPTS[:batch]
-    cfg = SamplerConfig(max_new_tokens=16, stop_at_eos=False)
+    cfg = SamplerConfig(max_new_tokens=40, stop_at_eos=False)
     with_cache = generate(model, prompts, special, cfg)
-    without = generate(model, prompts, special, SamplerConfig(max_new_tokens=16, stop_at_eos=False, use_cache=False))
+    without = generate(model, prompts, special, SamplerConfig(max_new_tokens=40, stop_at_eos=False, use_cache=False))
     assert with_cache.tokens == without.tokens
-    assert all(len(t) == 16 for t in with_cache.tokens)
+    assert all(len(t) == 40 for t in with_cache.tokens)
 
 
 @pytest.mark.parametrize("attention", ["block_causal", "causal", "bidirectional"])
@@ -83,3 +83,39 @@ def test_stops_at_eos_and_cuts_output(special, make_model):
     traj = generate(model, [PROMPTS[0]], special, SamplerConfig(max_new_tokens=32))
     assert traj.tokens == [[]] and traj.finished == [True]
     assert traj.forwards == 1 + 4  # the prompt, then one block of 4 steps; no further blocks
+
+
+def test_self_correction_reopens_and_terminates(peaked, special):
+    model = peaked("block_causal", block_size=8)
+    base = SamplerConfig(max_new_tokens=16, stop_at_eos=False, steps_per_block=2)
+    plain = generate(model, PROMPTS, special, base)
+    assert plain.remasked == 0
+    # a threshold no probability reaches: every committed token the model would now change is re-opened
+    eager = generate(model, PROMPTS, special, SamplerConfig(**{**base.__dict__, "remask_threshold": 1.01, "max_steps_per_block": 6}))
+    assert eager.remasked > 0
+    assert all(len(t) == 16 for t in eager.tokens) and 3 not in sum(eager.tokens, [])  # no MASK left behind
+    assert eager.forwards <= 1 + 2 * 6 + 1  # the step budget bounds it
+    # a threshold nothing falls below changes no token (it costs one checking forward per block)
+    never = generate(model, PROMPTS, special, SamplerConfig(**{**base.__dict__, "remask_threshold": 0.0}))
+    assert never.tokens == plain.tokens and never.remasked == 0
+
+
+def test_top_k_one_is_greedy_and_timing_is_recorded(peaked, special):
+    model = peaked("block_causal")
+    greedy = generate(model, PROMPTS, special, SamplerConfig(max_new_tokens=8, stop_at_eos=False))
+    top1 = generate(model, PROMPTS, special, SamplerConfig(max_new_tokens=8, stop_at_eos=False, temperature=1.0, top_k=1),
+                    generator=torch.Generator().manual_seed(0))
+    assert top1.tokens == greedy.tokens
+    nucleus = generate(model, PROMPTS, special, SamplerConfig(max_new_tokens=8, stop_at_eos=False, temperature=1.0, top_p=1e-6),
+                       generator=torch.Generator().manual_seed(0))
+    assert nucleus.tokens == greedy.tokens
+    assert greedy.seconds >= greedy.model_seconds > 0 and 0 <= greedy.overhead_fraction < 1
+
+
+def test_record_states_replays_commits(peaked, special):
+    model = peaked("block_causal", block_size=4)
+    traj = generate(model, [PROMPTS[0]], special, SamplerConfig(max_new_tokens=8, stop_at_eos=False, steps_per_block=2), record_states=True)
+    assert len(traj.states) == 4  # 2 steps x 2 blocks
+    masked = [int((s == special.mask).sum()) for s in traj.states]
+    assert masked == [6, 4, 2, 0]
+    assert traj.states[-1][0].tolist() == traj.tokens[0]
