@@ -3,6 +3,7 @@
     onpolicy train RECIPE.yaml [key=value ...] [--nproc N]
     onpolicy sample CHECKPOINT --prompt "def add(a, b):"
     onpolicy verify TASKS.jsonl COMPLETIONS.jsonl --out RESULTS.jsonl
+    onpolicy bench DIFFUSION_CKPT --ar AR_CKPT --out bench.json --png bench.png
 """
 
 from __future__ import annotations
@@ -61,14 +62,39 @@ def _sample(args: argparse.Namespace) -> int:
         steps_per_block=args.steps,
         threshold=args.threshold,
         temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        remask_threshold=args.remask,
         use_cache=not args.no_cache,
     )
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
-    traj = generate(model, prompts, special, cfg, generator=torch.Generator().manual_seed(args.seed))
+    picture = args.show or args.html
+    traj = generate(model, prompts, special, cfg, generator=torch.Generator().manual_seed(args.seed), record_states=bool(picture))
+    if picture:
+        from onpolicy.visualize import frames, show, trajectory_html
+
+        steps = frames(traj.states, 0, tokenizer, special.mask, special.eos)
+        if args.show:
+            show(args.prompt[0], steps)
+        if args.html:
+            Path(args.html).write_text(trajectory_html(args.prompt[0], steps, f"{Path(args.checkpoint).name}: {len(steps)} steps"))
+            print(f"# wrote {args.html}", file=sys.stderr)
     for text, ids in zip(args.prompt, traj.tokens):
         print(text + tokenizer.decode(ids))
     print(f"# {sum(map(len, traj.tokens))} tokens in {traj.forwards} forwards ({traj.tokens_per_forward:.2f} tokens/forward)", file=sys.stderr)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from onpolicy.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step (for checking the cache)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--remask", type=float, default=None, help="self-correction: re-open committed tokens below this probability")
+    p.add_argument("--show", action="store_true", help="animate the denoising in the terminal (first prompt)")
+    p.add_argument("--html", default=None, help="write a self-contained page replaying the trajectory (first prompt)")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("bench", help="AR vs block diffusion: tokens/s, forwards per token, pass@1 (JSON + PNG)")
+    p.add_argument("checkpoint", help="diffusion model folder (or run folder)")
+    p.add_argument("--ar", default=None, help="the same-size AR baseline (same tokenizer)")
+    p.add_argument("--tasks", default="humaneval", help="task set for pass@1: humaneval | mbpp | mbpp-sanitized | FILE.jsonl")
+    p.add_argument("--limit", type=int, default=16, help="first N tasks")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--png", default=None, help="write the speed-quality frontier here")
+    p.set_defaults(func=_bench)
 
     from verifiers.cli import add_verify_arguments, run_verify
 
