@@ -97,7 +97,7 @@ def plot(results: dict, path: Path, title: str) -> None:
         axes[0].annotate(name.replace("diffusion ", ""), (r["tokens_per_s"], r["pass_at_1"] or 0.0), fontsize=7)
         axes[1].scatter(r["tokens_per_forward"], r["tokens_per_s"], color=color, marker=marker)
         axes[1].annotate(name.replace("diffusion ", ""), (r["tokens_per_forward"], r["tokens_per_s"]), fontsize=7)
-    axes[0].set(xlabel="tokens / s (batch 1)", ylabel="pass@1", title="speed-quality frontier")
+    axes[0].set(xlabel="tokens / s (batch 1)", ylabel="pass@1", title="speed-quality frontier", ylim=(-0.03, 1.03))
     axes[1].set(xlabel="tokens per forward", ylabel="tokens / s", title="parallelism vs speed")
     fig.suptitle(title)
     fig.tight_layout()
