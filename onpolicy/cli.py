@@ -29,14 +29,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _relaunch(args: argparse.Namespace, cfg) -> int:
     """Re-run this command under torchrun with N ranks (gloo on CPU, NCCL on GPUs)."""
-    from onpolicy.engine import _free_port
+    from onpolicy.engine import free_port
 
     # torchrun leaves torchelastic_* folders in the temp dir: give it one the run owns.
     tmp = Path(cfg.data.cache_dir, "tmp", f"torchrun-{os.getpid()}").resolve()
     tmp.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-        f"--master_port={_free_port()}", "-m", "onpolicy.cli", "train", args.recipe, *args.overrides,
+        f"--master_port={free_port()}", "-m", "onpolicy.cli", "train", args.recipe, *args.overrides,
     ]
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     try:

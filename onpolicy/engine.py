@@ -49,7 +49,7 @@ def setup_distributed(cache_dir: str | Path = ".cache/onpolicy", threads: int | 
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if not cuda:
@@ -65,7 +65,7 @@ def setup_distributed(cache_dir: str | Path = ".cache/onpolicy", threads: int | 
     return DistInfo(int(os.environ["RANK"]), local_rank, world, device)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
