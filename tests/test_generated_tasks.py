@@ -1,0 +1,75 @@
+import functools
+import random
+import shutil
+
+import pytest
+
+from onpolicy.data.generated import _pairs, generate_tasks, is_heldout_pair, level_of
+from onpolicy.evaluation import pass_at_k
+
+
+def test_same_seed_same_tasks_other_seed_other_tasks():
+    a = generate_tasks("train", 200, seed=1)
+    assert a == generate_tasks("train", 200, seed=1)
+    b = generate_tasks("train", 200, seed=2)
+    assert [t.prompt for t in a] != [t.prompt for t in b]
+    assert len({t.prompt for t in a}) == 200  # deduplicated
+
+
+@functools.lru_cache(maxsize=1)
+def _code_to_kind():
+    """Every line the grammar can emit -> its operation kind (each line belongs to exactly one kind)."""
+    from onpolicy.data import generated
+
+    rng = random.Random(0)
+    table: dict[str, str] = {}
+    for _ in range(40000):  # enough draws to see every constant of every operation
+        for op in (generated._list_op(rng), generated._reduction(rng)):
+            assert table.setdefault(op.code, op.kind) == op.kind
+    return table
+
+
+def _kinds(task):
+    """Operation kinds of a task, recovered from its reference solution's lines."""
+    table = _code_to_kind()
+    lines = [line.strip() for line in task.canonical_solution.splitlines() if line.strip() != "return xs"]
+    assert all(line in table for line in lines), lines
+    return [table[line] for line in lines]
+
+
+def test_splits_are_disjoint_and_heldout_is_new_compositions():
+    train = generate_tasks("train", 600)
+    val = generate_tasks("validation", 200)
+    held = generate_tasks("heldout", 200)
+    assert not {t.prompt for t in train} & {t.prompt for t in val}
+    assert not {t.prompt for t in train} & {t.prompt for t in held}
+    for t in train + val:
+        kinds = _kinds(t)
+        assert not any(is_heldout_pair(p) for p in zip(kinds, kinds[1:])), t.prompt
+    for t in held:
+        kinds = _kinds(t)
+        assert any(is_heldout_pair(p) for p in zip(kinds, kinds[1:])), t.prompt
+    assert {level_of(t) for t in train} == {1, 2, 3, 4}
+    assert _pairs([]) == []
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+def test_every_reference_passes_and_a_wrong_one_fails():
+    from verifiers import PythonTestVerifier
+
+    tasks = generate_tasks("train", 150) + generate_tasks("validation", 50) + generate_tasks("heldout", 100)
+    with PythonTestVerifier() as v:
+        good = v.verify(tasks, [t.canonical_solution for t in tasks])
+        assert [(g.task_id, g.detail) for g in good if not g.passed] == []
+        bad = v.verify(tasks, ["    return None\n"] * len(tasks))
+        assert not [b.task_id for b in bad if b.passed]
+
+
+def test_pass_at_k_hand_values():
+    assert pass_at_k(10, 0, 1) == 0.0
+    assert pass_at_k(10, 10, 5) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(4, 1, 3) == pytest.approx(1 - 1 / 4)  # 1 - C(3,3)/C(4,3)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
