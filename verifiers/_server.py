@@ -274,12 +274,7 @@ def run_one(req, own_pidns):
                     detail, refused = "pass handshake failed", True
                 open_fds.discard(res_r)
             else:
-                buf = out if fd == out_r else err
-                room = cap - len(buf)
-                if room > 0:
-                    buf += data[:room]
-                if len(data) > room:
-                    truncated = True
+                truncated |= _keep(out if fd == out_r else err, data, cap)
         # The verdict is due when the child exits, even if its descendants still hold the pipes.
         try:
             done, status_code, usage = os.wait4(pid, os.WNOHANG)
@@ -293,13 +288,8 @@ def run_one(req, own_pidns):
             buf = out if fd == out_r else err
             while fd in open_fds and select.select([fd], [], [], 0)[0]:
                 data = os.read(fd, 65536)
-                if not data:
-                    break
-                room = cap - len(buf)
-                if room > 0:
-                    buf += data[:room]
-                if len(data) > room:
-                    truncated = True
+                if not data or _keep(buf, data, cap):
+                    truncated |= bool(data)
                     break
     seconds = time.monotonic() - start
     clean = kill_sandbox(own_pidns, pid)
@@ -341,6 +331,14 @@ def run_one(req, own_pidns):
         "signal": sig,
         "clean": clean,
     }
+
+
+def _keep(buf, data, cap):
+    """Append to an output buffer up to `cap` bytes; True if anything was cut."""
+    room = cap - len(buf)
+    if room > 0:
+        buf += data[:room]
+    return len(data) > room
 
 
 def _verdict_without_run(status, detail):

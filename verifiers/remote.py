@@ -21,10 +21,11 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from verifiers.base import Task, Verdict
-from verifiers.sandbox import Limits, Sandbox
+from verifiers.sandbox import Sandbox
 
 
 class RemoteVerifier:
@@ -97,10 +98,9 @@ def make_server(host: str, port: int, sandbox: Sandbox) -> ThreadingHTTPServer:
                 req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 if req.get("language", "python") != "python":
                     return self._reply(200, {"status": "SandboxError", "message": "only language=python is served"})
-                limits = Limits(**{**sandbox.limits.__dict__})
-                limits.timeout_s = float(req.get("run_timeout", limits.timeout_s))
-                limits.cpu_s = max(1, int(limits.timeout_s + 1))
-                limits.memory_mb = int(req.get("memory_limit_MB", limits.memory_mb))
+                timeout = float(req.get("run_timeout", sandbox.limits.timeout_s))
+                limits = replace(sandbox.limits, timeout_s=timeout, cpu_s=max(1, int(timeout + 1)),
+                                 memory_mb=int(req.get("memory_limit_MB", sandbox.limits.memory_mb)))
                 r = sandbox.run(str(req["code"]), limits)
             except Exception as e:  # malformed request
                 return self._reply(400, {"status": "SandboxError", "message": f"{type(e).__name__}: {e}"})
