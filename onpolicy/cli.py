@@ -4,6 +4,7 @@
     onpolicy sample CHECKPOINT --prompt "def add(a, b):"
     onpolicy verify TASKS.jsonl COMPLETIONS.jsonl --out RESULTS.jsonl
     onpolicy bench DIFFUSION_CKPT --ar AR_CKPT --out bench.json --png bench.png
+    onpolicy eval CHECKPOINT --tasks generated:validation --samples 4 --out eval.json --md eval.md
 """
 
 from __future__ import annotations
@@ -85,6 +86,32 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
+    from onpolicy.checkpoint import load_pretrained
+    from onpolicy.evaluation import evaluate_checkpoint, load_task_set, markdown_table
+    from onpolicy.sampling import SamplerConfig
+    from verifiers import PythonTestVerifier
+
+    model, tokenizer = load_pretrained(args.checkpoint)
+    tasks = load_task_set(args.tasks, args.limit, args.seed)
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
+    cfg = SamplerConfig(max_new_tokens=args.max_new_tokens, block_size=args.block_size, steps_per_block=args.steps,
+                        threshold=args.threshold, temperature=temperature)
+    with PythonTestVerifier() as verifier, tqdm(total=len(tasks) * args.samples, desc="eval", unit="sample") as bar:
+        result = evaluate_checkpoint(model, tokenizer, tasks, cfg, args.samples, verifier, args.batch_size, args.seed, bar.update)
+    result = {"checkpoint": str(args.checkpoint), "task_set": args.tasks, "sampler": cfg.__dict__, **result}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    table = markdown_table(f"{Path(args.checkpoint).name} on {args.tasks}", result)
+    if args.md:
+        Path(args.md).write_text(table)
+    print(table + f"wrote {args.out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from onpolicy.bench import main as bench_main
 
@@ -139,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench.json")
     p.add_argument("--png", default=None, help="write the speed-quality frontier here")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("eval", help="pass@1 / pass@k, forwards per token, tokens/s on a task set (JSON + markdown)")
+    p.add_argument("checkpoint", help="model folder (or run folder) written by onpolicy")
+    p.add_argument("--tasks", default="generated:validation", help="generated:<split> | humaneval | mbpp | mbpp-sanitized | FILE.jsonl")
+    p.add_argument("--limit", type=int, default=None, help="first N tasks (generated: how many to generate, default 500)")
+    p.add_argument("--samples", type=int, default=1, help="completions per task (k of pass@k)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0 for one sample, 0.8 for several")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="eval.json")
+    p.add_argument("--md", default=None, help="also write a markdown table here")
+    p.set_defaults(func=_eval)
 
     from verifiers.cli import add_verify_arguments, run_verify
 

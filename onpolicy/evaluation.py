@@ -15,3 +15,83 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#")
+
+
+def truncate_completion(text: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
+    """Cut a function-body completion where the next top-level statement starts (human-eval's stops)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def load_task_set(name: str, limit: int | None = None, seed: int = 0):
+    """Task sets by name: generated:<split>, humaneval, mbpp, mbpp-sanitized, or a JSONL file."""
+    from verifiers import load_tasks
+
+    if name.startswith("generated:"):
+        from onpolicy.data.generated import generate_tasks
+
+        return generate_tasks(name.split(":", 1)[1], limit or 500, seed=seed)
+    tasks = load_tasks(name)
+    return tasks[:limit] if limit else tasks
+
+
+def evaluate_checkpoint(model, tokenizer, tasks, sampler_cfg, samples: int, verifier, batch_size: int = 8,
+                        seed: int = 0, progress=None) -> dict:
+    """pass@1 / pass@k, speed and verdict counts of one model on a task list (all through the one sampler)."""
+    from collections import Counter, defaultdict
+
+    import torch
+
+    from onpolicy.sampling import generate
+    from onpolicy.tokenizer import SpecialTokens
+
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    jobs = [(i, s) for i in range(len(tasks)) for s in range(samples)]
+    completions: dict[tuple[int, int], str] = {}
+    tokens = forwards = 0
+    seconds = 0.0
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        prompts = [tokenizer(tasks[i].prompt, add_special_tokens=False)["input_ids"] for i, _ in chunk]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)  # derived from (seed, batch)
+        traj = generate(model, prompts, special, sampler_cfg, generator=gen)
+        for (i, s), ids in zip(chunk, traj.tokens):
+            completions[(i, s)] = truncate_completion(tokenizer.decode(ids))
+        tokens += sum(len(t) for t in traj.tokens)
+        forwards += traj.forwards * len(chunk)
+        seconds += traj.seconds
+        if progress:
+            progress(len(chunk))
+    verdicts = verifier.verify([tasks[i] for i, _ in jobs], [completions[j] for j in jobs])
+    passed = defaultdict(int)
+    for (i, _), v in zip(jobs, verdicts):
+        passed[i] += v.passed
+    ks = sorted({1, samples})
+    per_task = {k: [pass_at_k(samples, passed[i], k) for i in range(len(tasks))] for k in ks}
+    out = {
+        "tasks": len(tasks),
+        "samples": samples,
+        **{f"pass@{k}": sum(v) / len(v) for k, v in per_task.items()},
+        "forwards_per_token": forwards / max(1, tokens),
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "status_counts": dict(Counter(v.status for v in verdicts)),
+    }
+    levels = defaultdict(list)
+    for i, t in enumerate(tasks):
+        if t.task_id.startswith("generated/"):
+            levels[t.task_id.split("/")[2]].append(per_task[1][i])
+    if levels:
+        out["pass@1_by_level"] = {lvl: sum(v) / len(v) for lvl, v in sorted(levels.items())}
+    return out
+
+
+def markdown_table(name: str, result: dict) -> str:
+    rows = [("tasks", result["tasks"]), ("samples per task", result["samples"])]
+    rows += [(k, f"{v:.3f}") for k, v in result.items() if k.startswith("pass@") and not isinstance(v, dict)]
+    rows += [("forwards per token", f"{result['forwards_per_token']:.2f}"), ("tokens/s", f"{result['tokens_per_s']:.1f}")]
+    rows += [(f"verdict: {k}", n) for k, n in sorted(result["status_counts"].items())]
+    rows += [(f"pass@1 {lvl}", f"{v:.3f}") for lvl, v in result.get("pass@1_by_level", {}).items()]
+    return f"| {name} | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)

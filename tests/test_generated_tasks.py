@@ -73,3 +73,40 @@ def test_pass_at_k_hand_values():
     assert pass_at_k(4, 1, 3) == pytest.approx(1 - 1 / 4)  # 1 - C(3,3)/C(4,3)
     with pytest.raises(ValueError):
         pass_at_k(3, 1, 4)
+
+
+def test_truncate_completion_and_task_sets():
+    from onpolicy.evaluation import load_task_set, truncate_completion
+
+    assert truncate_completion("    return 1\n\ndef other():\n    pass") == "    return 1\n"
+    assert truncate_completion("    return 1\n") == "    return 1\n"
+    held = load_task_set("generated:heldout", 5)
+    assert len(held) == 5 and all(t.task_id.startswith("generated/heldout/") for t in held)
+
+
+def test_evaluate_checkpoint_aggregates_pass_at_k():
+    from onpolicy.evaluation import evaluate_checkpoint, markdown_table
+    from onpolicy.sampling import SamplerConfig
+    from onpolicy.tokenizer import train_tokenizer
+    from verifiers import Verdict
+
+    tok = train_tokenizer(["def solve(xs):\n    return xs\n" * 10], vocab_size=300)
+    from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
+    from onpolicy.tokenizer import SpecialTokens
+
+    special = SpecialTokens.from_tokenizer(tok)
+    model = DiffusionTransformer(DiffusionTransformerConfig(vocab_size=special.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                                            num_attention_heads=2, attention="block_causal", block_size=4)).eval()
+
+    class EverySecond:  # passes sample 1 of each task, fails sample 0
+        def verify(self, tasks, completions):
+            return [Verdict(t.task_id, i % 2 == 1, float(i % 2), "passed" if i % 2 else "failed", "", 0.0)
+                    for i, t in enumerate(tasks)]
+
+    tasks = generate_tasks("validation", 3)
+    result = evaluate_checkpoint(model, tok, tasks, SamplerConfig(max_new_tokens=8), samples=2, verifier=EverySecond(), batch_size=4)
+    assert result["pass@1"] == pytest.approx(0.5) and result["pass@2"] == pytest.approx(1.0)
+    assert result["status_counts"] == {"failed": 3, "passed": 3}
+    assert set(result["pass@1_by_level"]) <= {"L1", "L2", "L3", "L4"}
+    assert result["forwards_per_token"] > 0
+    assert "| pass@2 | 1.000 |" in markdown_table("m", result)
