@@ -60,6 +60,9 @@ class DataConfig:
     extensions: list[str] = field(default_factory=lambda: [".py"])  # file types taken from a folder
     exclude: list[str] = field(default_factory=lambda: ["site-packages", "__pycache__"])  # path parts skipped
     max_files: int | None = None  # take at most this many files (after sorting and dedup)
+    task_fraction: float = 0.0  # share of the text that is generated train tasks (prompt + solution), 0 = none
+    max_tasks: int = 20000  # cap on generated tasks added by task_fraction
+    task_seed: int = 0  # seed of the task generator
     seq_len: int = 256  # packed sequence length in tokens
     val_fraction: float = 0.02  # share of files held out for validation (split by file)
     cache_dir: str = ".cache/onpolicy"  # tokenized corpora and trained tokenizers are cached here
@@ -218,6 +221,8 @@ def validate(cfg: Stage1Config) -> None:
         raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of model.block_size={m.block_size}")
     if d.seq_len > m.max_position_embeddings:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    if not 0.0 <= d.task_fraction < 1.0:
+        raise ConfigError(f"data.task_fraction={d.task_fraction} must be in [0, 1)")
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     if not 0.0 < diff.t_eps < 1.0:

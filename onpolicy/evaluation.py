@@ -27,13 +27,17 @@ def truncate_completion(text: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> s
 
 
 def load_task_set(name: str, limit: int | None = None, seed: int = 0):
-    """Task sets by name: generated:<split>, humaneval, mbpp, mbpp-sanitized, or a JSONL file."""
+    """Task sets by name: generated:<split>, repair:<split>, humaneval, mbpp, mbpp-sanitized, or a JSONL file."""
     from verifiers import load_tasks
 
     if name.startswith("generated:"):
         from onpolicy.data.generated import generate_tasks
 
         return generate_tasks(name.split(":", 1)[1], limit or 500, seed=seed)
+    if name.startswith("repair:"):
+        from onpolicy.data.generated import generate_repair_tasks
+
+        return generate_repair_tasks(name.split(":", 1)[1], limit or 500, seed=seed)
     tasks = load_tasks(name)
     return tasks[:limit] if limit else tasks
 
@@ -81,7 +85,7 @@ def evaluate_checkpoint(model, tokenizer, tasks, sampler_cfg, samples: int, veri
     }
     levels = defaultdict(list)
     for i, t in enumerate(tasks):
-        if t.task_id.startswith("generated/"):
+        if t.task_id.startswith(("generated/", "repair/")):
             levels[t.task_id.split("/")[2]].append(per_task[1][i])
     if levels:
         out["pass@1_by_level"] = {lvl: sum(v) / len(v) for lvl, v in sorted(levels.items())}

@@ -89,3 +89,13 @@ def test_corpus_cache_key_changes_with_inputs(tmp_path, code_dir):
     cfg.seq_len = 32
     assert build_corpus(cfg, tok).meta["key"] != a.meta["key"]
     assert len(list((tmp_path / "cache" / "corpus").glob("*.pt"))) == 3
+
+
+def test_task_fraction_mixes_generated_tasks_into_the_corpus(code_dir):
+    base = load_documents(DataConfig(source=str(code_dir)))
+    mixed = load_documents(DataConfig(source=str(code_dir), task_fraction=0.3))
+    tasks = [d for d in mixed if d.name.startswith("generated/train/")]
+    assert mixed[: len(base)] == base and len(mixed) == len(base) + len(tasks)
+    share = sum(len(d.text) for d in tasks) / sum(len(d.text) for d in mixed)
+    assert 0.3 <= share < 0.31
+    assert "def solve(xs):" in tasks[0].text and "return" in tasks[0].text

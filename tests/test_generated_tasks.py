@@ -110,3 +110,18 @@ def test_evaluate_checkpoint_aggregates_pass_at_k():
     assert set(result["pass@1_by_level"]) <= {"L1", "L2", "L3", "L4"}
     assert result["forwards_per_token"] > 0
     assert "| pass@2 | 1.000 |" in markdown_table("m", result)
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+def test_repair_tasks_reference_passes_and_buggy_input_fails():
+    from onpolicy.data.generated import buggy_body, generate_repair_tasks
+    from verifiers import PythonTestVerifier
+
+    tasks = generate_repair_tasks("train", 60) + generate_repair_tasks("heldout", 40)
+    assert all(t.task_id.startswith("repair/") and "# Fixed version:" in t.prompt for t in tasks)
+    assert tasks[:10] == generate_repair_tasks("train", 60)[:10]  # deterministic
+    with PythonTestVerifier() as v:
+        fixed = v.verify(tasks, [t.canonical_solution for t in tasks])
+        assert [(f.task_id, f.detail) for f in fixed if not f.passed] == []
+        buggy = v.verify(tasks, [buggy_body(t) for t in tasks])
+        assert [b.task_id for b in buggy if b.passed] == []

@@ -94,3 +94,16 @@ def test_truncated_export_is_detected(tmp_path, make_model):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="cannot load weights"):
         load_pretrained(tmp_path)
+
+
+def test_ar_to_diffusion_initialisation(tmp_path, code_dir):
+    """A causal baseline continued as block-causal mask diffusion from its own weights."""
+    cache = tmp_path / "cache"
+    train("recipes/tiny/ar_baseline.yaml", tmp_path / "ar", code_dir, cache, "train.max_steps=4")
+    r = train("recipes/tiny/stage1_mask.yaml", tmp_path / "diff", code_dir, cache, "train.max_steps=4",
+              f"model.init_from={tmp_path / 'ar' / 'final'}")
+    ar = AutoModel.from_pretrained(tmp_path / "ar" / "final")
+    diff = AutoModel.from_pretrained(tmp_path / "diff" / "final")
+    assert ar.config.attention == "causal" and diff.config.attention == "block_causal"
+    assert diff.config.block_size == 16
+    assert "attention=block_causal" in r.stdout + r.stderr

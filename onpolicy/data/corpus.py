@@ -92,7 +92,26 @@ def load_documents(cfg: DataConfig) -> list[Document]:
         unique = unique[: cfg.max_files]
     if not unique:
         raise ValueError(f"data.source '{source}' holds no documents (extensions {cfg.extensions}, excluding {cfg.exclude})")
-    return unique
+    return unique + task_documents(cfg, sum(len(d.text) for d in unique))
+
+
+def task_documents(cfg: DataConfig, corpus_chars: int) -> list[Document]:
+    """Generated train tasks (prompt + reference solution) making up `task_fraction` of the text."""
+    if cfg.task_fraction <= 0:
+        return []
+    from onpolicy.data.generated import generate_tasks
+
+    want = cfg.task_fraction / (1.0 - cfg.task_fraction) * corpus_chars
+    # Generated tasks average ~250 characters; generating a few more than needed is cheap (the
+    # generator is deterministic, so a shorter list is a prefix of a longer one).
+    tasks = generate_tasks("train", min(cfg.max_tasks, int(want / 150) + 10), seed=cfg.task_seed)
+    docs, chars = [], 0
+    for t in tasks:
+        if chars >= want:
+            break
+        docs.append(Document(t.task_id, t.prompt + t.canonical_solution))
+        chars += len(docs[-1].text)
+    return docs
 
 
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:

@@ -146,3 +146,69 @@ def generate_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = 
 
 def level_of(task: Task) -> int:
     return int(task.task_id.split("/")[2][1:])
+
+
+# Repair tasks (the CanItEdit analogue): a correct solution with a planted bug, and the
+# instruction to fix it; judged by the same tests. Mutations act on our own generated code.
+_MUTATIONS = [
+    (r" > ", " < "), (r" < ", " > "), (r" \+ ", " - "), (r" - ", " + "), (r" \* ", " + "),
+    (r"== 0", "== 1"), (r"== 1", "== 0"), (r"reverse=True", "reverse=False"), (r"\[::-1\]", "[1:]"),
+    (r"xs\[:(\d+)\]", r"xs[\1:]"), (r"xs\[(\d+):\]", r"xs[:\1]"), (r"sum\(xs\)", "max(xs, default=0)"),
+    (r"max\(xs, default=0\)", "min(xs, default=0)"), (r"min\(xs, default=0\)", "max(xs, default=0)"),
+    (r"len\(xs\)", "len(xs) - 1"), (r"xs\[0\]", "xs[-1]"), (r"xs\[-1\]", "xs[0]"),
+]
+
+
+def _plant_bug(body: str, rng: random.Random) -> str:
+    import re
+
+    options = [(p, r) for p, r in _MUTATIONS if re.search(p, body)]
+    numbers = list(re.finditer(r"(?<![\w\[])(\d+)(?![\w\]])", body))
+    choice = rng.randrange(len(options) + (1 if numbers else 0)) if options or numbers else None
+    if choice is None:
+        return body
+    if choice < len(options):
+        pattern, repl = options[choice]
+        hits = list(re.finditer(pattern, body))
+        m = rng.choice(hits)
+        return body[: m.start()] + m.expand(repl) + body[m.end() :]
+    m = rng.choice(numbers)  # change one constant
+    value = int(m.group(1))
+    return body[: m.start()] + str(value + rng.choice([-2, -1, 1, 2, 3])) + body[m.end() :]
+
+
+def generate_repair_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = (1, 2, 3, 4)) -> list[Task]:
+    """`n` repair tasks built from the generated tasks of `split`; every buggy version fails its tests."""
+    rng = random.Random(f"{seed}:repair:{split}")
+    out = []
+    pool = generate_tasks(split, n * 2, seed=seed, levels=levels)
+    for task in pool:
+        if len(out) == n:
+            break
+        buggy = _plant_bug(task.canonical_solution, rng)
+        if buggy == task.canonical_solution or _passes(task, buggy):
+            continue  # an equivalent mutation: not a bug
+        header = task.prompt
+        prompt = (f"# The function below has a bug. Fix it so that it does what its docstring says.\n"
+                  f"{header}{buggy}\n\n# Fixed version:\n{header}")
+        out.append(Task(task.task_id.replace("generated/", "repair/", 1), prompt, task.entry_point, task.test,
+                        task.canonical_solution))
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} repair tasks could be made from {len(pool)} {split} tasks")
+    return out
+
+
+def buggy_body(task: Task) -> str:
+    """The planted bug of a repair task (what an unhelpful model would copy)."""
+    return task.prompt.split("# Fixed version:\n")[0].split('"""\n', 2)[-1].rstrip("\n") + "\n"
+
+
+def _passes(task: Task, body: str) -> bool:
+    """Run our own generated code (never model output) in-process to see whether a mutation is a bug."""
+    namespace: dict = {}
+    try:
+        exec(task.prompt + body + "\n" + task.test, namespace)
+        namespace["check"](namespace[task.entry_point])
+        return True
+    except Exception:
+        return False

@@ -97,6 +97,9 @@ def build_model(cfg: Stage1Config, special: SpecialTokens, ds_config: dict) -> D
         model = DiffusionTransformer.from_pretrained(m.init_from)
         if model.config.vocab_size != special.vocab_size:
             raise ValueError(f"model.init_from has vocab {model.config.vocab_size}, tokenizer has {special.vocab_size}")
+        # AR-to-diffusion adaptation (Dream, DiffuCoder, SDAR): the same weights, with the attention
+        # pattern this recipe trains (e.g. a causal baseline continued as block-causal diffusion).
+        model.config.attention, model.config.block_size = m.attention, m.block_size
         return model
     mcfg = DiffusionTransformerConfig(
         vocab_size=special.vocab_size,
