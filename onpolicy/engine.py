@@ -181,17 +181,22 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep:
         tmp = folder / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
         tmp.replace(folder / MANIFEST)
-        tags = sorted(p.name for p in ckpt_dir.glob("step_*") if (p / MANIFEST).exists())
-        for old in tags[: max(0, len(tags) - keep)]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        done = complete_checkpoints(ckpt_dir)
+        for old in done[: max(0, len(done) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return ckpt_dir / tag
 
 
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoints whose save finished (they have a manifest), oldest first."""
+    return sorted(p for p in ckpt_dir.glob("step_*") if (p / MANIFEST).exists())
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint that has a manifest (an interrupted save has none and is skipped)."""
-    tags = sorted(p for p in ckpt_dir.glob("step_*") if (p / MANIFEST).exists())
-    return tags[-1] if tags else None
+    """The newest complete checkpoint (an interrupted save has no manifest and is skipped)."""
+    done = complete_checkpoints(ckpt_dir)
+    return done[-1] if done else None
 
 
 def verify_checkpoint(folder: Path) -> dict:

@@ -206,7 +206,7 @@ def generate(
             last_step = step == max_steps - 1
             if self_correct and not last_step:
                 current = canvas[:, sl]
-                p_current = probs.gather(-1, current.clamp(max=probs.shape[-1] - 1)[..., None])[..., 0]
+                p_current = probs.gather(-1, current[..., None])[..., 0]
                 reopen = ~open_ & ~done[:, None] & (p_current < cfg.remask_threshold) & (token != current)
                 if reopen.any():
                     stats["remasked"] += int(reopen.sum())
