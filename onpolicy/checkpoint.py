@@ -30,3 +30,19 @@ def load_pretrained(path: str | Path, device: str = "cpu"):
     except Exception as e:  # truncated safetensors, missing tensors, shape mismatches
         raise CheckpointError(f"{folder}: cannot load weights ({type(e).__name__}: {e})") from e
     return model.to(device).eval(), load_tokenizer(folder)
+
+
+def load_model(spec: str | Path, device: str = "cpu"):
+    """(model, tokenizer) for the sampler: our exported folder (or run folder), or an outside causal LM
+    ("smollm2", a .gguf file, or an HF Llama-family folder) wrapped by `onpolicy.hf_causal`."""
+    import json
+
+    from onpolicy.hf_causal import SMOLLM2, load_causal_lm
+    from onpolicy.model import DiffusionTransformerConfig
+
+    if str(spec) == SMOLLM2 or str(spec).endswith(".gguf"):
+        return load_causal_lm(spec, device)
+    folder = resolve_model_dir(spec)
+    if json.loads((folder / "config.json").read_text()).get("model_type") != DiffusionTransformerConfig.model_type:
+        return load_causal_lm(folder, device)
+    return load_pretrained(folder, device)

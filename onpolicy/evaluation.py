@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from math import comb
 
 
@@ -26,6 +27,24 @@ def truncate_completion(text: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> s
     return text[:cut]
 
 
+CHAT_INSTRUCTION = "Complete the following Python code. Reply with the complete function in one ```python code block."
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """A task prompt as the user turn of the tokenizer's chat template (for instruct models)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat prompting needs a tokenizer with a chat template")
+    message = {"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n```python\n{prompt}```"}
+    return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+
+
+def extract_code(reply: str) -> str:
+    """The first fenced code block of a chat reply (an unclosed one runs to the end; no fence: the whole
+    reply). It is run after the task prompt, so a full function definition replaces the prompt's stub."""
+    found = re.search(r"```[a-zA-Z]*\n(.*?)(?:```|$)", reply, re.S)
+    return found.group(1) if found else reply
+
+
 def load_task_set(name: str, limit: int | None = None, seed: int = 0):
     """Task sets by name: generated:<split>, repair:<split>, humaneval, mbpp, mbpp-sanitized, or a JSONL file."""
     from verifiers import load_tasks
@@ -43,8 +62,11 @@ def load_task_set(name: str, limit: int | None = None, seed: int = 0):
 
 
 def evaluate_checkpoint(model, tokenizer, tasks, sampler_cfg, samples: int, verifier, batch_size: int = 8,
-                        seed: int = 0, progress=None) -> dict:
-    """pass@1 / pass@k, speed and verdict counts of one model on a task list (all through the one sampler)."""
+                        seed: int = 0, progress=None, chat: bool = False) -> dict:
+    """pass@1 / pass@k, speed and verdict counts of one model on a task list (all through the one sampler).
+
+    Plain mode continues the task prompt and cuts the completion at the next top-level statement; chat
+    mode (instruct models) asks for the function in the chat template and runs the reply's code block."""
     from collections import Counter, defaultdict
 
     import torch
@@ -59,11 +81,13 @@ def evaluate_checkpoint(model, tokenizer, tasks, sampler_cfg, samples: int, veri
     seconds = 0.0
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        prompts = [tokenizer(tasks[i].prompt, add_special_tokens=False)["input_ids"] for i, _ in chunk]
+        texts = [chat_prompt(tokenizer, tasks[i].prompt) if chat else tasks[i].prompt for i, _ in chunk]
+        prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + start)  # derived from (seed, batch)
         traj = generate(model, prompts, special, sampler_cfg, generator=gen)
         for (i, s), ids in zip(chunk, traj.tokens):
-            completions[(i, s)] = truncate_completion(tokenizer.decode(ids))
+            text = tokenizer.decode(ids, skip_special_tokens=chat)
+            completions[(i, s)] = extract_code(text) if chat else truncate_completion(text)
         tokens += sum(len(t) for t in traj.tokens)
         forwards += traj.forwards * len(chunk)
         seconds += traj.seconds

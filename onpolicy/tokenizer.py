@@ -70,14 +70,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a local HF tokenizer folder and add whichever of our special tokens it lacks."""
+def load_tokenizer(path: str | Path, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a local HF tokenizer folder (or the tokenizer inside a GGUF file there) and add whichever of
+    our special tokens it lacks. A pad token that is the EOS token (as in SmolLM2) is replaced by our
+    own: padding is never predicted, EOS must be."""
     path = Path(path)
-    if not (path / "tokenizer_config.json").exists() and not (path / "tokenizer.json").exists():
+    if gguf_file is None and not (path / "tokenizer_config.json").exists() and not (path / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer at {path} (expected tokenizer.json or tokenizer_config.json)")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kw)
     add: dict = {}
-    if tok.pad_token is None:
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         add["pad_token"] = PAD
     if tok.bos_token is None:
         add["bos_token"] = BOS

@@ -73,14 +73,19 @@ def load_jsonl(path: str | Path) -> list[Task]:
     return tasks
 
 
+MBPP_TEST_IDS = range(11, 511)  # the test split of the MBPP paper (Austin et al. 2021): task ids 11-510
+
+
 def load_tasks(name: str) -> list[Task]:
-    """By name (`humaneval`, `mbpp`, `mbpp-sanitized`) or a JSONL path."""
+    """By name (`humaneval`, `mbpp`, `mbpp-test`, `mbpp-sanitized`) or a JSONL path."""
     if name == "humaneval":
         return load_humaneval()
     if name == "mbpp":
         return load_mbpp()
+    if name == "mbpp-test":
+        return [t for t in load_mbpp() if int(t.task_id.split("/")[1]) in MBPP_TEST_IDS]
     if name == "mbpp-sanitized":
         return load_mbpp(sanitized=True)
     if name.endswith(".jsonl") or Path(name).exists():
         return load_jsonl(name)
-    raise ValueError(f"unknown task set '{name}' (humaneval, mbpp, mbpp-sanitized, or a .jsonl file)")
+    raise ValueError(f"unknown task set '{name}' (humaneval, mbpp, mbpp-test, mbpp-sanitized, or a .jsonl file)")
