@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from onpolicy.evaluation import completion_text, encode_prompt
 from onpolicy.sampling import SamplerConfig, generate
 from onpolicy.tokenizer import SpecialTokens
 
@@ -43,11 +44,12 @@ def settings(block_sizes: list[int], thresholds: list[float], max_new_tokens: in
 def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None, progress=None) -> dict:
     """models: {"diffusion": model, "ar": model}; tasks: verifiers Task list. Returns per-setting stats."""
     special = SpecialTokens.from_tokenizer(tokenizer)
-    prompts = [tokenizer(t.prompt, add_special_tokens=False)["input_ids"] for t in tasks]
+    encoded = [encode_prompt(tokenizer, t.prompt) for t in tasks]
+    prompts = [ids for ids, _ in encoded]
     acc = {s.name: {"tokens": 0, "forwards": 0, "seconds": 0.0, "model_seconds": 0.0, "completions": []} for s in grid}
     for s in grid:  # warm-up, untimed
         generate(models[s.model], prompts[:1], special, s.sampler)
-    for p in prompts:
+    for p, (_, held_back) in zip(prompts, encoded):
         for s in grid:
             traj = generate(models[s.model], [p], special, s.sampler)
             a = acc[s.name]
@@ -55,7 +57,7 @@ def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None
             a["forwards"] += traj.forwards
             a["seconds"] += traj.seconds
             a["model_seconds"] += traj.model_seconds
-            a["completions"].append(tokenizer.decode(traj.tokens[0]))
+            a["completions"].append(completion_text(tokenizer, traj.tokens[0], held_back))
             if progress:
                 progress(1)
     results = {}

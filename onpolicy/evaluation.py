@@ -45,6 +45,28 @@ def extract_code(reply: str) -> str:
     return found.group(1) if found else reply
 
 
+def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> tuple[list[int], str]:
+    """The ids to condition on, and the end of the prompt that the model is left to write.
+
+    Plain mode cuts the prompt before its trailing whitespace: BPE merges a newline with the next
+    line's indentation ("\n    " is one token), so a prompt ending in a bare "\n" would end on a
+    token the model rarely saw there (the simplest form of token healing). Chat mode wraps the prompt
+    in the chat template."""
+    if chat:
+        return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"], ""
+    head = prompt.rstrip()
+    return tokenizer(head, add_special_tokens=False)["input_ids"], prompt[len(head) :]
+
+
+def completion_text(tokenizer, ids: list[int], held_back: str, chat: bool = False) -> str:
+    """What runs after the task prompt: the reply's code block (chat), or the continuation without the
+    prompt's held-back whitespace, cut at the next top-level statement."""
+    text = tokenizer.decode(ids, skip_special_tokens=chat)
+    if chat:
+        return extract_code(text)
+    return truncate_completion(text.removeprefix(held_back))
+
+
 def load_task_set(name: str, limit: int | None = None, seed: int = 0):
     """Task sets by name: generated:<split>, repair:<split>, humaneval, mbpp, mbpp-sanitized, or a JSONL file."""
     from verifiers import load_tasks
@@ -81,13 +103,11 @@ def evaluate_checkpoint(model, tokenizer, tasks, sampler_cfg, samples: int, veri
     seconds = 0.0
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        texts = [chat_prompt(tokenizer, tasks[i].prompt) if chat else tasks[i].prompt for i, _ in chunk]
-        prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        encoded = [encode_prompt(tokenizer, tasks[i].prompt, chat) for i, _ in chunk]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + start)  # derived from (seed, batch)
-        traj = generate(model, prompts, special, sampler_cfg, generator=gen)
-        for (i, s), ids in zip(chunk, traj.tokens):
-            text = tokenizer.decode(ids, skip_special_tokens=chat)
-            completions[(i, s)] = extract_code(text) if chat else truncate_completion(text)
+        traj = generate(model, [ids for ids, _ in encoded], special, sampler_cfg, generator=gen)
+        for (i, s), ids, (_, held_back) in zip(chunk, traj.tokens, encoded):
+            completions[(i, s)] = completion_text(tokenizer, ids, held_back, chat)
         tokens += sum(len(t) for t in traj.tokens)
         forwards += traj.forwards * len(chunk)
         seconds += traj.seconds

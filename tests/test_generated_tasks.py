@@ -84,6 +84,20 @@ def test_truncate_completion_and_task_sets():
     assert len(held) == 5 and all(t.task_id.startswith("generated/heldout/") for t in held)
 
 
+def test_prompt_is_cut_before_trailing_whitespace_and_the_model_writes_it():
+    from onpolicy.evaluation import completion_text, encode_prompt
+    from onpolicy.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(['def f(xs):\n    """Doc."""\n    xs = xs[:3]\n    return xs\n' * 30], vocab_size=300)
+    prompt = 'def f(xs):\n    """Doc."""\n'
+    ids, held_back = encode_prompt(tok, prompt)
+    assert held_back == "\n" and tok.decode(ids) == prompt.rstrip()
+    # trained text merges the newline with the indentation, so the bare "\n" ending is never conditioned on
+    assert tok("\n    xs", add_special_tokens=False)["input_ids"][0] != tok("\n", add_special_tokens=False)["input_ids"][0]
+    written = tok("\n    return xs\n\ndef g():\n    pass", add_special_tokens=False)["input_ids"]
+    assert completion_text(tok, written, held_back) == "    return xs\n"  # prompt + this = the program
+
+
 def test_evaluate_checkpoint_aggregates_pass_at_k():
     from onpolicy.evaluation import evaluate_checkpoint, markdown_table
     from onpolicy.sampling import SamplerConfig
