@@ -109,7 +109,9 @@ def evaluate_checkpoint(model, tokenizer, tasks, sampler_cfg, samples: int, veri
         for (i, s), ids, (_, held_back) in zip(chunk, traj.tokens, encoded):
             completions[(i, s)] = completion_text(tokenizer, ids, held_back, chat)
         tokens += sum(len(t) for t in traj.tokens)
-        forwards += traj.forwards * len(chunk)
+        # per sequence, the forwards up to the one that committed its last token: the batch itself runs
+        # on for its longest member, which says nothing about the decoder
+        forwards += sum(max(steps, default=0) for steps in traj.commit_step)
         seconds += traj.seconds
         if progress:
             progress(len(chunk))

@@ -20,6 +20,9 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unsafe-no-sandbox", action="store_true", help="run WITHOUT bubblewrap (rlimits only): dangerous")
 
 
+VERIFY_CHUNK = 256  # programs per verify() call: big enough to keep every sandbox worker busy
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -40,13 +43,12 @@ def run_verify(args: argparse.Namespace) -> int:
         kwargs = {"workers": args.workers, "limits": Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout))),
                   "unsafe": args.unsafe_no_sandbox}
     verifier = get_verifier(args.verifier, **kwargs)
-    batch = [tasks[str(r["task_id"])] for r in rows]
+    batch, completions = [tasks[str(r["task_id"])] for r in rows], [r["completion"] for r in rows]
+    verdicts = []
     with tqdm(total=len(rows), desc="verify", unit="prog") as bar:
-        if hasattr(verifier, "sandbox"):
-            verdicts = verifier.verify(batch, [r["completion"] for r in rows], progress=bar.update)
-        else:
-            verdicts = verifier.verify(batch, [r["completion"] for r in rows])
-            bar.update(len(rows))
+        for start in range(0, len(rows), VERIFY_CHUNK):  # chunks: a progress bar for any Verifier
+            verdicts += verifier.verify(batch[start : start + VERIFY_CHUNK], completions[start : start + VERIFY_CHUNK])
+            bar.update(len(verdicts) - bar.n)
     if hasattr(verifier, "close"):
         verifier.close()
     out = Path(args.out)
