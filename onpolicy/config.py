@@ -40,6 +40,8 @@ class ModelConfig:
     attention: str = "block_causal"  # bidirectional | block_causal | causal (the AR baseline)
     block_size: int = 32  # tokens per diffusion block (block_causal only)
     init_from: str | None = None  # an HF folder written by onpolicy to start from
+    shift_logits: bool = False  # diffusion predicts position i from the hidden state at i - 1 (Dream's
+    #                             AR-to-diffusion adaptation: keeps what an AR init learned); not for causal
 
 
 @dataclass
@@ -217,6 +219,8 @@ def validate(cfg: Stage1Config) -> None:
         raise ConfigError("diffusion.objective=causal needs model.attention=causal (next-token prediction)")
     if diff.objective == "mask" and m.attention == "causal":
         raise ConfigError("diffusion.objective=mask cannot train a causal model: use bidirectional or block_causal")
+    if m.shift_logits and m.attention == "causal":
+        raise ConfigError("model.shift_logits is for diffusion models (a causal model's loss shifts already)")
     if m.attention == "block_causal" and d.seq_len % m.block_size:
         raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of model.block_size={m.block_size}")
     if d.seq_len > m.max_position_embeddings:

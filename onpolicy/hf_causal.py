@@ -47,13 +47,14 @@ class CausalLMAdapter(nn.Module):
         self.config = SimpleNamespace(attention="causal", block_size=1, vocab_size=vocab_size)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, block_ids=None, past_key_values=None,
-                use_cache=False):
+                use_cache=False, logits_to_keep=0):
         del block_ids  # a causal model has no blocks
         ids = input_ids.masked_fill(input_ids >= self.lm_vocab, self.eos)
         new_mask = attention_mask if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
         mask = new_mask if past_key_values is None else torch.cat([past_key_values.mask, new_mask], 1)
         out = self.lm(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids,
-                      past_key_values=None if past_key_values is None else past_key_values.past, use_cache=use_cache)
+                      past_key_values=None if past_key_values is None else past_key_values.past, use_cache=use_cache,
+                      logits_to_keep=logits_to_keep)
         logits = out.logits
         if self.vocab_size > self.lm_vocab:  # tokens the model never saw are never proposed
             logits = nn.functional.pad(logits, (0, self.vocab_size - self.lm_vocab), value=-float("inf"))

@@ -42,10 +42,13 @@ class DiffusionTransformerConfig(PretrainedConfig):
         block_size: int = 32,
         initializer_range: float = 0.02,
         mask_token_id: int | None = None,
+        shift_logits: bool = False,
         **kwargs,
     ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention='{attention}' is not one of {ATTENTION_MODES}")
+        if shift_logits and attention == "causal":
+            raise ValueError("shift_logits is for diffusion models (a causal model's loss shifts already)")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -58,6 +61,9 @@ class DiffusionTransformerConfig(PretrainedConfig):
         self.block_size = block_size
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
+        # Dream-style AR-to-diffusion adaptation: the prediction for position i is read from the hidden
+        # state at i - 1, as in the AR model the weights came from (see `shift_to_previous`).
+        self.shift_logits = shift_logits
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -75,6 +81,7 @@ class KVCache:
     positions: torch.Tensor  # [B, T] RoPE position of each cached token
     block_ids: torch.Tensor  # [B, T] block index of each cached token
     valid: torch.Tensor  # [B, T] False for padding
+    last_logits: torch.Tensor | None = None  # [B, 1, V] raw logits of the last cached token (shift_logits)
 
     @property
     def length(self) -> int:
@@ -237,6 +244,7 @@ class DiffusionTransformer(PreTrainedModel):
         clean_input_ids: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
         **unused,
     ) -> DiffusionOutput:
         """Logits for `input_ids` [B, L].
@@ -249,6 +257,8 @@ class DiffusionTransformer(PreTrainedModel):
                         half only.
         past_key_values: a KVCache of clean prefix tokens; with `use_cache` the new tokens are
                         appended to it (returned in the output; the input cache is not modified).
+        logits_to_keep: > 0 computes the head only for the last that many tokens (what a causal
+                        decoder needs), as in transformers; not with BD3 training or shift_logits.
         """
         cfg = self.config
         b, n = input_ids.shape
@@ -293,21 +303,45 @@ class DiffusionTransformer(PreTrainedModel):
             x, k, v = layer(x, cos, sin, allowed, pk, pv, is_causal=fast_causal)
             new_keys.append(k)
             new_values.append(v)
-        logits = self.lm_head(self.norm(x))
-        if noisy is not None:
-            logits = logits[:, :n]
+        if logits_to_keep and (noisy is not None or cfg.shift_logits):
+            raise ValueError("logits_to_keep is for plain forwards (not BD3 training, not shift_logits)")
+        raw = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
+        logits = raw[:, :n]
+        if cfg.shift_logits:
+            logits = shift_to_previous(raw, n, block_ids[:, :n], past)
 
         cache = None
         if use_cache:
+            last = raw[:, -1:].detach()
             if past is not None and past.length:
                 cache = KVCache(
                     [torch.cat([pk, k.detach()], dim=2) for pk, k in zip(past.keys, new_keys)],
                     [torch.cat([pv, v.detach()], dim=2) for pv, v in zip(past.values, new_values)],
-                    k_pos, k_block, k_valid,
+                    k_pos, k_block, k_valid, last,
                 )
             else:
-                cache = KVCache([k.detach() for k in new_keys], [v.detach() for v in new_values], position_ids, block_ids, valid)
+                cache = KVCache([k.detach() for k in new_keys], [v.detach() for v in new_values], position_ids, block_ids, valid, last)
         return DiffusionOutput(logits=logits, past_key_values=cache)
+
+
+def shift_to_previous(raw: torch.Tensor, n: int, block_ids: torch.Tensor, past: KVCache | None) -> torch.Tensor:
+    """Logits for the n query tokens, each read from the token before it (shift_logits).
+
+    raw: [B, n or 2n, V], the head's output per input token (with BD3 training, the noisy half then
+    the clean half). Inside a block the predecessor is the previous input token. At a block start it
+    is the last token of the block before, taken from the *clean* half in BD3 training (a clean
+    token that saw only clean tokens, as the cache's tokens are at sampling time) or from the cache
+    (`last_logits`). The very first token of a sequence has no predecessor and keeps its own logits.
+    """
+    out = torch.cat([raw[:, :1], raw[:, : n - 1]], dim=1)  # [B, n, V]: previous input token
+    if raw.shape[1] == 2 * n:  # BD3 training: block starts read the clean half
+        starts = torch.zeros_like(block_ids, dtype=torch.bool)
+        starts[:, 1:] = block_ids[:, 1:] != block_ids[:, :-1]
+        clean_prev = torch.cat([raw[:, n : n + 1], raw[:, n : 2 * n - 1]], dim=1)
+        out = torch.where(starts[..., None], clean_prev, out)
+    elif past is not None and past.length and past.last_logits is not None:
+        out = torch.cat([past.last_logits.to(out.dtype), out[:, 1:]], dim=1)
+    return out
 
 
 def register_auto_classes() -> None:

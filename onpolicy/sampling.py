@@ -174,9 +174,11 @@ def generate(
         return out
 
     cached = cfg.use_cache and mode in ("block_causal", "causal")
+    keep = {"logits_to_keep": 1} if mode == "causal" else {}  # a causal decoder reads only the last logits
     cache, next_logits = None, None
     if cached:  # the prompt goes into the cache once
-        out = forward(input_ids=prompt, attention_mask=prompt_valid, position_ids=prompt_pos, block_ids=prompt_blocks, use_cache=True)
+        out = forward(input_ids=prompt, attention_mask=prompt_valid, position_ids=prompt_pos, block_ids=prompt_blocks, use_cache=True,
+                      **keep)
         cache, next_logits = out.past_key_values, out.logits[:, -1:]
 
     full_valid = torch.cat([prompt_valid, torch.ones_like(canvas, dtype=torch.bool)], 1)
@@ -195,7 +197,7 @@ def generate(
                 else:
                     end = p_len + sl.start
                     logits = forward(input_ids=torch.cat([prompt, canvas], 1)[:, :end], attention_mask=full_valid[:, :end],
-                                     position_ids=full_pos[:, :end]).logits[:, -1:]
+                                     position_ids=full_pos[:, :end], **keep).logits[:, -1:]
             elif cached:
                 logits = forward(input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
                                  past_key_values=cache).logits
@@ -224,7 +226,7 @@ def generate(
             break
         if cached:  # the finished block joins the cache; for AR this forward also predicts the next token
             out = forward(input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
-                          past_key_values=cache, use_cache=True)
+                          past_key_values=cache, use_cache=True, **keep)
             cache, next_logits = out.past_key_values, out.logits[:, -1:]
 
     tokens, steps, finished = [], [], []

@@ -126,3 +126,32 @@ def test_peft_lora_wraps_and_roundtrips(make_model, tmp_path):
     lora.save_pretrained(tmp_path)
     fresh = PeftModel.from_pretrained(make_model("block_causal"), tmp_path).eval()
     torch.testing.assert_close(fresh(input_ids=x).logits, out, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_diffusion_from_ar_weights_starts_as_the_ar_model(make_model):
+    """shift_logits (Dream's AR-to-diffusion adaptation): with block size 1, every noisy token is a
+    block start read from the clean token before it, so the converted model's training logits are
+    exactly the AR model's next-token logits: nothing the AR model learned is lost at the switch."""
+    ar = make_model(attention="causal", seed=3)
+    diff = make_model(attention="block_causal", block_size=1, seed=4, shift_logits=True)
+    diff.load_state_dict(ar.state_dict())
+    x0 = torch.randint(5, 64, (2, 12))
+    noisy = x0.clone()
+    noisy[:, 1:] = 3  # every position but the first masked
+    got = diff(input_ids=noisy, clean_input_ids=x0).logits
+    want = ar(input_ids=x0).logits
+    torch.testing.assert_close(got[:, 1:], want[:, :-1])
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_shifted_model_cache_equals_full_forward(make_model, special, block):
+    from onpolicy.sampling import SamplerConfig, generate
+
+    model = make_model(attention="block_causal", block_size=block, seed=5, shift_logits=True)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    cfg = SamplerConfig(max_new_tokens=12, stop_at_eos=False)
+    cached = generate(model, prompts, special, cfg)
+    full = generate(model, prompts, special, SamplerConfig(max_new_tokens=12, stop_at_eos=False, use_cache=False))
+    assert cached.tokens == full.tokens
+    alone = generate(model, prompts[1:], special, cfg)
+    assert alone.tokens[0] == cached.tokens[1]

@@ -99,7 +99,7 @@ def build_model(cfg: Stage1Config, special: SpecialTokens, ds_config: dict) -> D
             raise ValueError(f"model.init_from has vocab {model.config.vocab_size}, tokenizer has {special.vocab_size}")
         # AR-to-diffusion adaptation (Dream, DiffuCoder, SDAR): the same weights, with the attention
         # pattern this recipe trains (e.g. a causal baseline continued as block-causal diffusion).
-        model.config.attention, model.config.block_size = m.attention, m.block_size
+        model.config.attention, model.config.block_size, model.config.shift_logits = m.attention, m.block_size, m.shift_logits
         return model
     mcfg = DiffusionTransformerConfig(
         vocab_size=special.vocab_size,
@@ -111,6 +111,7 @@ def build_model(cfg: Stage1Config, special: SpecialTokens, ds_config: dict) -> D
         rope_theta=m.rope_theta,
         attention=m.attention,
         block_size=m.block_size,
+        shift_logits=m.shift_logits,
         mask_token_id=special.mask,
         pad_token_id=special.pad,
         bos_token_id=special.bos,
