@@ -51,7 +51,8 @@ def main() -> int:
     args = p.parse_args()
     models = args.model or [["AR baseline", "runs/tiny-tasks-ar", "-"], ["diffusion, from scratch", "runs/tiny-tasks-mask", "-"],
                             ["diffusion, from AR, unshifted", "runs/tiny-tasks-from-ar-noshift", "runs/tiny-tasks-ar-300"],
-                            ["diffusion, from AR (shift_logits)", "runs/tiny-tasks-from-ar", "runs/tiny-tasks-ar-300"]]
+                            ["diffusion, from AR (shift_logits)", "runs/tiny-tasks-from-ar", "runs/tiny-tasks-ar-300"],
+                            ["diffusion, from AR (shift_logits, block 4)", "runs/tiny-tasks-from-ar-b4", "runs/tiny-tasks-ar-300"]]
     if args.threads:
         torch.set_num_threads(args.threads)
 
