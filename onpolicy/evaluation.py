@@ -68,7 +68,7 @@ def completion_text(tokenizer, ids: list[int], held_back: str, chat: bool = Fals
 
 
 def load_task_set(name: str, limit: int | None = None, seed: int = 0):
-    """Task sets by name: generated:<split>, repair:<split>, humaneval, mbpp, mbpp-sanitized, or a JSONL file."""
+    """Task sets by name: generated:<split>, repair:<split>, humaneval, mbpp, mbpp-test, mbpp-sanitized, or a JSONL file."""
     from verifiers import load_tasks
 
     if name.startswith("generated:"):

@@ -1,7 +1,7 @@
 """Outside causal LMs (Llama family, e.g. SmolLM2-135M-Instruct) behind the sampler's model interface.
 
 The sampler drives a model with one call shape, `model(input_ids, attention_mask, position_ids,
-block_ids, past_key_values, use_cache)` returning `.logits` and `.past_key_values`, and reads
+block_ids, past_key_values, use_cache, logits_to_keep)` returning `.logits` and `.past_key_values`, and reads
 `model.config.attention`. Our `DiffusionTransformer` has it natively; `CausalLMAdapter` gives it to a
 transformers causal LM, so an outside baseline is decoded by the one sampler (block size 1, one
 cached forward per token) and scored by the same harness as our checkpoints.
