@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from verifiers.base import Task, Verdict
 from verifiers.sandbox import Limits, Sandbox
 
@@ -17,11 +15,11 @@ class PythonTestVerifier:
         self._own = sandbox is None
         self.sandbox = sandbox or Sandbox(workers=workers, limits=limits, unsafe=unsafe)
 
-    def verify(self, tasks: list[Task], completions: list[str], progress: Callable[[int], None] | None = None) -> list[Verdict]:
+    def verify(self, tasks: list[Task], completions: list[str]) -> list[Verdict]:
         if len(tasks) != len(completions):
             raise ValueError(f"{len(tasks)} tasks but {len(completions)} completions")
         programs = [t.program(c) for t, c in zip(tasks, completions)]
-        results = self.sandbox.run_many(programs, progress=progress)
+        results = self.sandbox.run_many(programs)
         return [
             Verdict(t.task_id, r.status == "passed", 1.0 if r.status == "passed" else 0.0, r.status, r.detail, round(r.seconds, 4))
             for t, r in zip(tasks, results)

@@ -256,14 +256,9 @@ class Sandbox:
         finally:
             self._free.put(worker)
 
-    def run_many(self, programs: list[str], limits: Limits | None = None, progress=None) -> list[RunResult]:
+    def run_many(self, programs: list[str], limits: Limits | None = None) -> list[RunResult]:
         futures = [self._pool.submit(self.run, p, limits) for p in programs]
-        results = []
-        for f in futures:
-            results.append(f.result())
-            if progress is not None:
-                progress(1)
-        return results
+        return [f.result() for f in futures]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
