@@ -28,7 +28,7 @@ def training_cost(run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     t = cfg["train"]
     tokens = summary["steps"] * t["micro_batch_size"] * t.get("grad_accum", 1) * cfg["data"]["seq_len"]
-    passes = 2 if cfg["model"]["attention"] == "block_causal" and cfg["diffusion"]["objective"] == "mask" else 1
+    passes = 2 if cfg["model"]["attention"] == "block_causal" else 1
     times = [json.loads(line).get("time", 0.0) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"steps": summary["steps"], "tokens": tokens, "flops": 6.0 * summary["params"] * tokens * passes,
             "seconds": max(times, default=0.0), "val_loss_end": summary["val_loss_end"]}
@@ -36,7 +36,8 @@ def training_cost(run: Path) -> dict:
 
 def main() -> int:
     from onpolicy.checkpoint import load_model
-    from onpolicy.evaluation import evaluate_checkpoint, load_task_set
+    from onpolicy.data.tasks import load_task_set
+    from onpolicy.evaluation import evaluate_checkpoint
     from onpolicy.sampling import SamplerConfig
     from verifiers import PythonTestVerifier
 

@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from onpolicy import engine as eng  # noqa: E402
 from onpolicy.config import load_config  # noqa: E402
-from onpolicy.trainers.mask import (  # noqa: E402
+from onpolicy.trainers.common import (  # noqa: E402
     autocast,
     batch_rows,
     build_model,
     make_scheduler,
     noise_generator,
     prepare_data,
-    stage1_loss,
 )
+from onpolicy.trainers.pretrain import stage1_loss  # noqa: E402
 
 
 class Bare:

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from onpolicy.evaluation import completion_text, encode_prompt
-from onpolicy.sampling import SamplerConfig, generate
-from onpolicy.tokenizer import SpecialTokens
+from onpolicy.rollout import Decoded, decode_tasks
+from onpolicy.sampling import SamplerConfig
 
 
 @dataclass
@@ -31,52 +30,59 @@ class Setting:
     sampler: SamplerConfig
 
 
-def settings(block_sizes: list[int], thresholds: list[float], max_new_tokens: int, with_ar: bool) -> list[Setting]:
+def settings(block_sizes: list[int], thresholds: list[float], max_new_tokens: int, with_ar: bool,
+             steps: list[int] | tuple[int, ...] = ()) -> list[Setting]:
+    """The decoder grid: AR (block 1), then per block size one token per step, each threshold, each
+    fixed number of steps per block."""
     out = [Setting("ar", "ar", SamplerConfig(max_new_tokens=max_new_tokens))] if with_ar else []
     for b in block_sizes:
         out.append(Setting(f"diffusion B={b} 1 tok/step", "diffusion", SamplerConfig(max_new_tokens=max_new_tokens, block_size=b)))
         for t in thresholds:
             out.append(Setting(f"diffusion B={b} p>={t}", "diffusion",
                                SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, threshold=t)))
+        for k in steps:
+            if k < b:
+                out.append(Setting(f"diffusion B={b} {k} steps", "diffusion",
+                                   SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, steps_per_block=k)))
     return out
 
 
 def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None, progress=None) -> dict:
-    """models: {"diffusion": model, "ar": model}; tasks: verifiers Task list. Returns per-setting stats."""
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    encoded = [encode_prompt(tokenizer, t.prompt) for t in tasks]
-    prompts = [ids for ids, _ in encoded]
-    acc = {s.name: {"tokens": 0, "forwards": 0, "seconds": 0.0, "model_seconds": 0.0, "completions": []} for s in grid}
+    """models: {"diffusion": model, "ar": model}; tasks: verifiers Task list. Returns per-setting stats.
+
+    Every setting decodes every task alone (batch 1) through `rollout.decode_tasks`; settings take turns
+    task by task. Forwards per token is the rollout path's one definition (the rows' own forwards)."""
+    runs = {s.name: Decoded() for s in grid}
     for s in grid:  # warm-up, untimed
-        generate(models[s.model], prompts[:1], special, s.sampler)
-    for p, (_, held_back) in zip(prompts, encoded):
+        decode_tasks(models[s.model], tokenizer, tasks[:1], s.sampler, batch_size=1)
+    for task in tasks:
         for s in grid:
-            traj = generate(models[s.model], [p], special, s.sampler)
-            a = acc[s.name]
-            a["tokens"] += len(traj.tokens[0])
-            a["forwards"] += traj.forwards
-            a["seconds"] += traj.seconds
-            a["model_seconds"] += traj.model_seconds
-            a["completions"].append(completion_text(tokenizer, traj.tokens[0], held_back))
+            one = decode_tasks(models[s.model], tokenizer, [task], s.sampler, batch_size=1)
+            acc = runs[s.name]
+            acc.rollouts += one.rollouts
+            acc.seconds += one.seconds
+            acc.model_seconds += one.model_seconds
             if progress:
                 progress(1)
     results = {}
     for s in grid:
-        a = acc[s.name]
+        run = runs[s.name]
         passed = None
         if verifier is not None:
-            verdicts = verifier.verify(list(tasks), a["completions"])
+            verdicts = verifier.verify(list(tasks), [r.completion for r in run.rollouts])
             passed = sum(v.passed for v in verdicts) / len(verdicts)
         results[s.name] = {
             "model": s.model,
             "block_size": s.sampler.block_size if s.model == "diffusion" else 1,
             "threshold": s.sampler.threshold,
-            "tokens": a["tokens"],
-            "tokens_per_s": a["tokens"] / a["seconds"],
-            "forwards_per_token": a["forwards"] / max(1, a["tokens"]),
-            "tokens_per_forward": a["tokens"] / max(1, a["forwards"]),
-            "latency_s": a["seconds"] / len(prompts),
-            "sampler_overhead": 1.0 - a["model_seconds"] / a["seconds"],
+            "steps_per_block": s.sampler.steps_per_block,
+            "tokens": run.tokens,
+            "tokens_per_s": run.tokens / run.seconds,
+            "forwards_per_token": run.forwards_per_token,
+            "tokens_per_forward": run.tokens_per_forward,
+            "ms_per_forward": 1000 * run.model_seconds / max(1, sum(r.forwards for r in run.rollouts)),
+            "latency_s": run.seconds / len(tasks),
+            "sampler_overhead": 1.0 - run.model_seconds / run.seconds,
             "pass_at_1": passed,
         }
     if "ar" in results:
@@ -110,19 +116,20 @@ def plot(results: dict, path: Path, title: str) -> None:
 def main(args) -> int:
     from tqdm.auto import tqdm
 
-    from onpolicy.checkpoint import load_pretrained
-    from verifiers import PythonTestVerifier, load_tasks
+    from onpolicy.checkpoint import load_model
+    from onpolicy.data.tasks import load_task_set
+    from verifiers import PythonTestVerifier
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    diffusion, tokenizer = load_pretrained(args.checkpoint, args.device)
+    diffusion, tokenizer = load_model(args.checkpoint, args.device)
     models = {"diffusion": diffusion}
     if args.ar:
-        ar, ar_tok = load_pretrained(args.ar, args.device)
+        ar, ar_tok = load_model(args.ar, args.device)
         if ar_tok.get_vocab() != tokenizer.get_vocab():
             raise ValueError("the AR and diffusion checkpoints must share a tokenizer")
         models["ar"] = ar
-    tasks = load_tasks(args.tasks)[: args.limit]
-    grid = settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=bool(args.ar))
+    tasks = load_task_set(args.tasks, args.limit, args.seed)
+    grid = settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=bool(args.ar), steps=args.steps)
     with PythonTestVerifier() as verifier, tqdm(total=len(grid) * len(tasks), desc="bench", unit="gen") as bar:
         results = run_bench(models, tokenizer, tasks, grid, verifier, progress=bar.update)
     report = {

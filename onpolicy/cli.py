@@ -22,9 +22,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)  # fail fast, before any process is launched
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch(args, cfg)
-    from onpolicy.trainers.mask import train
+    from onpolicy.config import stage_trainer
 
-    train(cfg)
+    stage_trainer(cfg.stage)(cfg)
     return 0
 
 
@@ -49,9 +49,8 @@ def _relaunch(args: argparse.Namespace, cfg) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
-
     from onpolicy.checkpoint import load_pretrained
+    from onpolicy.config import ConfigError
     from onpolicy.sampling import SamplerConfig, generate
     from onpolicy.tokenizer import SpecialTokens
 
@@ -68,13 +67,14 @@ def _sample(args: argparse.Namespace) -> int:
         remask_threshold=args.remask,
         use_cache=not args.no_cache,
     )
+    if (args.show or args.html) and args.remask is not None:
+        raise ConfigError("--show/--html replay the trajectory from its record, which self-correction (--remask) makes inexact")
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
-    picture = args.show or args.html
-    traj = generate(model, prompts, special, cfg, generator=torch.Generator().manual_seed(args.seed), record_states=bool(picture))
-    if picture:
+    traj = generate(model, prompts, special, cfg, seeds=[args.seed + i for i in range(len(prompts))])
+    if args.show or args.html:
         from onpolicy.visualize import frames, show, trajectory_html
 
-        steps = frames(traj.states, 0, tokenizer, special.mask, special.eos)
+        steps = frames(traj.row(0), tokenizer, special.mask, special.eos)
         if args.show:
             show(args.prompt[0], steps)
         if args.html:
@@ -92,7 +92,8 @@ def _eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from onpolicy.checkpoint import load_model
-    from onpolicy.evaluation import evaluate_checkpoint, load_task_set, markdown_table
+    from onpolicy.data.tasks import load_task_set
+    from onpolicy.evaluation import evaluate_checkpoint, markdown_table
     from onpolicy.sampling import SamplerConfig
     from verifiers import PythonTestVerifier
 
@@ -159,12 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("bench", help="AR vs block diffusion: tokens/s, forwards per token, pass@1 (JSON + PNG)")
-    p.add_argument("checkpoint", help="diffusion model folder (or run folder)")
-    p.add_argument("--ar", default=None, help="the same-size AR baseline (same tokenizer)")
-    p.add_argument("--tasks", default="humaneval", help="task set for pass@1: humaneval | mbpp | mbpp-sanitized | FILE.jsonl")
-    p.add_argument("--limit", type=int, default=16, help="first N tasks")
+    p.add_argument("checkpoint", help="diffusion model folder (or run folder), or an outside causal LM as `eval` takes")
+    p.add_argument("--ar", default=None, help="the same-size AR baseline (same tokenizer): our folder or an outside causal LM")
+    p.add_argument("--tasks", default="humaneval",
+                   help="task set for pass@1: generated:<split> | repair:<split> | humaneval | mbpp | mbpp-test | mbpp-sanitized | FILE.jsonl")
+    p.add_argument("--limit", type=int, default=16, help="first N tasks (generated: how many to generate)")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated task sets")
     p.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    p.add_argument("--steps", type=int, nargs="*", default=[], help="also fixed steps per block (e.g. 1 2: whole blocks per step)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--threads", type=int, default=None)

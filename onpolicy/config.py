@@ -1,14 +1,20 @@
-"""One typed config schema per stage. YAML files and `key=value` overrides only fill it in.
+"""One typed config schema per stage, and the STAGES registry. YAML files and `key=value` overrides
+only fill a schema in.
 
     cfg = load_config("recipes/tiny/stage1_mask.yaml", ["train.max_steps=10"])
+    train = stage_trainer(cfg.stage)      # the stage's train(cfg), imported only when run
 
-An unknown key is an error naming the key and the valid ones; impossible combinations are checked
-in `validate`. Nothing in a config is executed (no resolvers that run code, no chdir).
+Every recipe names its stage (`stage: pretrain`). An unknown key is an error naming the key and the
+valid ones (sections defined in other modules, such as the sampler's, included); each stage schema
+checks its own impossible combinations (`validate`). Nothing in a config is executed (no resolvers
+that run code, no chdir).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +22,6 @@ from typing import Any
 from omegaconf import OmegaConf
 
 ATTENTION_MODES = ("bidirectional", "block_causal", "causal")
-OBJECTIVES = ("mask", "causal")
 SCHEDULES = ("linear", "cosine")
 T_SAMPLING = ("stratified", "antithetic", "iid")
 PRECISIONS = ("bf16", "fp32")
@@ -37,7 +42,7 @@ class ModelConfig:
     intermediate_size: int | None = None  # SwiGLU width; None = 8/3 * hidden, rounded up to 64
     max_position_embeddings: int = 4096  # longest sequence RoPE is prepared for
     rope_theta: float = 10000.0  # RoPE base
-    attention: str = "block_causal"  # bidirectional | block_causal | causal (the AR baseline)
+    attention: str = "block_causal"  # bidirectional | block_causal | causal (the AR baseline: next-token objective)
     block_size: int = 32  # tokens per diffusion block (block_causal only)
     init_from: str | None = None  # an HF folder written by onpolicy to start from
     shift_logits: bool = False  # diffusion predicts position i from the hidden state at i - 1 (Dream's
@@ -72,9 +77,9 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The training objective (PAPER.md section 1)."""
+    """The masked-diffusion objective (PAPER.md section 1). Which objective trains follows
+    `model.attention`: causal models learn next-token prediction, the others the mask ELBO."""
 
-    objective: str = "mask"  # mask (masked-diffusion ELBO) | causal (next-token, the AR baseline)
     schedule: str = "linear"  # gamma_t: linear | cosine
     t_eps: float = 1e-3  # t is drawn from [t_eps, 1] so the 1/t weight stays finite
     t_sampling: str = "stratified"  # stratified | antithetic | iid draws of t across a batch
@@ -118,19 +123,66 @@ class LoggingConfig:
 
 
 @dataclass
-class Stage1Config:
-    """Pre-training: mask diffusion (stage 1) or the same-size AR baseline, one trainer."""
+class LoraConfig:
+    """LoRA adapters (PEFT) on the model, for any stage; r = 0 trains all weights."""
 
-    stage: str = "mask"  # which trainer reads this config
+    r: int = 0  # adapter rank; 0 = off
+    alpha: float = 16.0  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] | None = None  # module names to adapt; None = every linear layer but the head
+
+
+@dataclass
+class PretrainConfig:
+    """Pre-training: stage 1 mask diffusion (bidirectional or block_causal) or the same-size AR baseline
+    (model.attention=causal), one trainer."""
+
+    stage: str = "pretrain"  # which trainer reads this config (see STAGES)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self) -> None:
+        """Reject combinations that cannot train, with the reason."""
+        check_common(self)
+        m, d, diff = self.model, self.data, self.diffusion
+        _one_of(diff.schedule, SCHEDULES, "diffusion.schedule")
+        _one_of(diff.t_sampling, T_SAMPLING, "diffusion.t_sampling")
+        if m.attention == "block_causal" and d.seq_len % m.block_size:
+            raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of model.block_size={m.block_size}")
+        if d.seq_len > m.max_position_embeddings:
+            raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+        if not 0.0 <= d.task_fraction < 1.0:
+            raise ConfigError(f"data.task_fraction={d.task_fraction} must be in [0, 1)")
+        if not 0.0 < d.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+        if not 0.0 < diff.t_eps < 1.0:
+            raise ConfigError(f"diffusion.t_eps={diff.t_eps} must be in (0, 1)")
 
 
-SCHEMAS: dict[str, type] = {"mask": Stage1Config}
+# stage name -> (schema, "module:function" of its trainer; imported only when the stage runs)
+STAGES: dict[str, tuple[type, str]] = {
+    "pretrain": (PretrainConfig, "onpolicy.trainers.pretrain:train"),
+}
+# keys that existed once, and what replaced them
+REMOVED_KEYS = {
+    "diffusion.objective": "the objective follows model.attention (causal: next-token; bidirectional or block_causal: mask diffusion)",
+}
+
+
+def register_stage(name: str, schema: type, trainer: str) -> None:
+    """Add a stage: its config dataclass (with a `validate` method) and its trainer as "module:function"."""
+    STAGES[name] = (schema, trainer)
+
+
+def stage_trainer(name: str):
+    """The train(cfg) function of a stage."""
+    module, _, func = STAGES[name][1].partition(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def _check_keys(data: Any, schema: type, where: str) -> None:
@@ -138,7 +190,10 @@ def _check_keys(data: Any, schema: type, where: str) -> None:
     if not isinstance(data, dict):
         return
     valid = {f.name: f for f in fields(schema)}
+    hints = typing.get_type_hints(schema)
     for key, value in data.items():
+        if f"{where}{key}" in REMOVED_KEYS:
+            raise ConfigError(f"config key '{where}{key}' was removed: {REMOVED_KEYS[f'{where}{key}']}")
         if key not in valid:
             hint = difflib.get_close_matches(str(key), valid, n=1)
             maybe = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -146,15 +201,9 @@ def _check_keys(data: Any, schema: type, where: str) -> None:
                 f"unknown config key '{where}{key}'{maybe}; valid keys under '{where or '<top>'}': "
                 + ", ".join(sorted(valid))
             )
-        sub = _dataclass_type(valid[key].type, schema)
-        if sub is not None:
+        sub = hints.get(key)
+        if isinstance(sub, type) and is_dataclass(sub):
             _check_keys(value, sub, f"{where}{key}.")
-
-
-def _dataclass_type(annotation: Any, owner: type) -> type | None:
-    if isinstance(annotation, str):  # `from __future__ import annotations` leaves strings
-        annotation = globals().get(annotation)
-    return annotation if isinstance(annotation, type) and is_dataclass(annotation) else None
 
 
 def _dotlist_to_dict(overrides: list[str]) -> dict:
@@ -182,10 +231,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, sta
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     over = _dotlist_to_dict(overrides or [])
-    stage = stage or over.get("stage") or raw.get("stage") or "mask"
-    if stage not in SCHEMAS:
-        raise ConfigError(f"unknown stage '{stage}'; valid stages: {', '.join(SCHEMAS)}")
-    schema = SCHEMAS[stage]
+    stage = stage or over.get("stage") or raw.get("stage")
+    if stage is None:
+        raise ConfigError(f"{path or 'config'}: no stage; did you forget `stage: ...` at the top? (one of: {', '.join(STAGES)})")
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'; valid stages: {', '.join(STAGES)}")
+    schema = STAGES[stage][0]
     _check_keys(raw, schema, "")
     _check_keys(over, schema, "")
     try:
@@ -193,7 +244,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, sta
     except Exception as e:  # type errors: "train.max_steps=ten"
         raise ConfigError(f"{path or 'config'}: {e}") from None
     cfg = OmegaConf.to_object(merged)
-    validate(cfg)
+    cfg.validate()
     return cfg
 
 
@@ -202,37 +253,22 @@ def _one_of(value: str, options: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"{key}='{value}' is not one of: {', '.join(options)}")
 
 
-def validate(cfg: Stage1Config) -> None:
-    """Reject combinations that cannot train, with the reason."""
-    m, d, t, diff = cfg.model, cfg.data, cfg.train, cfg.diffusion
+def check_common(cfg) -> None:
+    """Checks of the sections every stage shares (model, train, logging, lora)."""
+    m, t = cfg.model, cfg.train
     _one_of(m.attention, ATTENTION_MODES, "model.attention")
-    _one_of(diff.objective, OBJECTIVES, "diffusion.objective")
-    _one_of(diff.schedule, SCHEDULES, "diffusion.schedule")
-    _one_of(diff.t_sampling, T_SAMPLING, "diffusion.t_sampling")
     _one_of(t.precision, PRECISIONS, "train.precision")
     _one_of(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
     if (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("RoPE needs an even head size (model.hidden_size / model.num_attention_heads)")
-    if diff.objective == "causal" and m.attention != "causal":
-        raise ConfigError("diffusion.objective=causal needs model.attention=causal (next-token prediction)")
-    if diff.objective == "mask" and m.attention == "causal":
-        raise ConfigError("diffusion.objective=mask cannot train a causal model: use bidirectional or block_causal")
     if m.shift_logits and m.attention == "causal":
         raise ConfigError("model.shift_logits is for diffusion models (a causal model's loss shifts already)")
-    if m.attention == "block_causal" and d.seq_len % m.block_size:
-        raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of model.block_size={m.block_size}")
-    if d.seq_len > m.max_position_embeddings:
-        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
-    if not 0.0 <= d.task_fraction < 1.0:
-        raise ConfigError(f"data.task_fraction={d.task_fraction} must be in [0, 1)")
-    if not 0.0 < d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-    if not 0.0 < diff.t_eps < 1.0:
-        raise ConfigError(f"diffusion.t_eps={diff.t_eps} must be in (0, 1)")
     for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
     if len(t.betas) != 2:
         raise ConfigError("train.betas must have two values")
+    if cfg.lora.r < 0 or not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError("lora.r must be >= 0 (0 = off) and lora.dropout in [0, 1)")

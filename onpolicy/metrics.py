@@ -49,6 +49,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        metrics = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}  # tensors are read here, once
         row = {"step": step, "time": round(time.perf_counter() - self._t0, 3), **metrics}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()

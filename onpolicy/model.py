@@ -14,7 +14,7 @@ model works with PEFT and DeepSpeed like any HF model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -72,20 +72,41 @@ class DiffusionTransformerConfig(PretrainedConfig):
 class KVCache:
     """Keys and values of finished (clean) tokens, per layer, plus what masking needs about them.
 
-    The sampler appends a block once all of its tokens are committed; queries of the next block
-    attend to everything here. Tensors are [batch, heads, cached_len, head_dim].
+    Preallocated and written in place (no copy of the past per forward): the first `length` slots
+    hold the cache; a forward writes its new tokens into the slots after them and attends to
+    everything up to its own tokens. With `use_cache` the first `cache_len` new tokens (default all)
+    then join the cache; the others were scratch and are overwritten by the next forward. That is
+    what lets the sampler write a finished block into the cache in the same forward as the next
+    block's first step. Buffers are [batch, heads, capacity, head_dim]; they grow (a copy) only
+    when a write would not fit.
     """
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    positions: torch.Tensor  # [B, T] RoPE position of each cached token
-    block_ids: torch.Tensor  # [B, T] block index of each cached token
-    valid: torch.Tensor  # [B, T] False for padding
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    positions: torch.Tensor | None = None  # [B, capacity] RoPE position of each slot
+    block_ids: torch.Tensor | None = None  # [B, capacity] block index of each slot
+    valid: torch.Tensor | None = None  # [B, capacity] False for padding
+    length: int = 0  # slots that hold cached tokens
+    capacity: int = 0  # slots to allocate at the first write (grown as needed)
     last_logits: torch.Tensor | None = None  # [B, 1, V] raw logits of the last cached token (shift_logits)
+    mask_memo: tuple | None = None  # (key, mask): a query shape repeated at the same length reuses its mask
 
-    @property
-    def length(self) -> int:
-        return self.positions.shape[1]
+    def reserve(self, batch: int, needed: int, layers: int, heads: int, head_dim: int, dtype, device) -> None:
+        """Make room for `needed` slots (allocating at first use, copying only to grow)."""
+        have = self.keys[0].shape[2] if self.keys else 0
+        if needed <= have:
+            return
+        size = max(needed, self.capacity, 2 * have)
+        kv = lambda: torch.zeros(batch, heads, size, head_dim, dtype=dtype, device=device)  # noqa: E731
+        meta = lambda d: torch.zeros(batch, size, dtype=d, device=device)  # noqa: E731
+        old = (self.keys, self.values, self.positions, self.block_ids, self.valid)
+        self.keys, self.values = [kv() for _ in range(layers)], [kv() for _ in range(layers)]
+        self.positions, self.block_ids, self.valid = meta(torch.long), meta(torch.long), meta(torch.bool)
+        if have:
+            for new, prev in zip(self.keys + self.values, old[0] + old[1]):
+                new[:, :, :have] = prev
+            for new, prev in zip((self.positions, self.block_ids, self.valid), old[2:]):
+                new[:, :have] = prev
 
 
 @dataclass
@@ -133,10 +154,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # computed in fp32 whatever the autocast dtype; F.rms_norm is one kernel (the per-forward
+        # cost of this small model at batch 1 is mostly the number of kernels launched)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -163,15 +183,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, allowed, past_k=None, past_v=None, is_causal=False):
+    def forward(self, x, cos, sin, allowed, cache: KVCache | None = None, layer: int = 0, is_causal=False):
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, L, D]
-        new_k, new_v = k, v
-        if past_k is not None:
-            k, v = torch.cat([past_k.to(k.dtype), k], dim=2), torch.cat([past_v.to(v.dtype), v], dim=2)
+        if cache is not None:  # write the new keys after the cached ones, attend to both (no copy)
+            end = cache.length + n
+            cache.keys[layer][:, :, cache.length : end] = k.detach()
+            cache.values[layer][:, :, cache.length : end] = v.detach()
+            k, v = cache.keys[layer][:, :, :end].to(q.dtype), cache.values[layer][:, :, :end].to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), new_k, new_v
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class SwiGLU(nn.Module):
@@ -193,10 +215,9 @@ class Layer(nn.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, allowed, past_k=None, past_v=None, is_causal=False):
-        h, k, v = self.self_attn(self.input_norm(x), cos, sin, allowed, past_k, past_v, is_causal)
-        x = x + h
-        return x + self.mlp(self.post_attention_norm(x)), k, v
+    def forward(self, x, cos, sin, allowed, cache=None, layer=0, is_causal=False):
+        x = x + self.self_attn(self.input_norm(x), cos, sin, allowed, cache, layer, is_causal)
+        return x + self.mlp(self.post_attention_norm(x))
 
 
 class DiffusionTransformer(PreTrainedModel):
@@ -223,6 +244,10 @@ class DiffusionTransformer(PreTrainedModel):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
+    def allocate_cache(self, capacity: int) -> KVCache:
+        """An empty KV cache for up to `capacity` tokens (allocated at its first write)."""
+        return KVCache(capacity=capacity)
+
     def get_input_embeddings(self):
         return self.embed_tokens
 
@@ -245,6 +270,7 @@ class DiffusionTransformer(PreTrainedModel):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        cache_len: int | None = None,
         **unused,
     ) -> DiffusionOutput:
         """Logits for `input_ids` [B, L].
@@ -255,8 +281,12 @@ class DiffusionTransformer(PreTrainedModel):
         clean_input_ids: block_causal training only (BD3-LM): the clean sequence x0 [B, L]. It is
                         appended after the noisy `input_ids` and logits are returned for the noisy
                         half only.
-        past_key_values: a KVCache of clean prefix tokens; with `use_cache` the new tokens are
-                        appended to it (returned in the output; the input cache is not modified).
+        past_key_values: a KVCache of clean prefix tokens (written in place, see KVCache); with
+                        `use_cache` and no cache given, a new one is made. The cache is returned.
+        use_cache:      the first `cache_len` input tokens (default: all) join the cache. Queries
+                        follow the model's attention rule, so with block_causal a finished block
+                        and the next (noisy) block can share one forward: the noisy block sees the
+                        finished one, never the reverse.
         logits_to_keep: > 0 computes the head only for the last that many tokens (what a causal
                         decoder needs), as in transformers; not with BD3 training or shift_logits.
         """
@@ -264,64 +294,73 @@ class DiffusionTransformer(PreTrainedModel):
         b, n = input_ids.shape
         device = input_ids.device
         valid = torch.ones(b, n, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        past = past_key_values
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(capacity=n)
         if position_ids is None:
-            start = (past.positions.max(dim=1).values + 1)[:, None] if past is not None and past.length else 0
+            start = (cache.positions[:, : cache.length].max(dim=1).values + 1)[:, None] if cache is not None and cache.length else 0
             position_ids = (valid.long().cumsum(1) - 1).clamp(min=0) + start
         if block_ids is None:
             block_ids = position_ids // cfg.block_size
         noisy = None
         if clean_input_ids is not None:
-            if cfg.attention != "block_causal" or past is not None:
+            if cfg.attention != "block_causal" or cache is not None:
                 raise ValueError("clean_input_ids is for block_causal training, without a cache")
             input_ids = torch.cat([input_ids, clean_input_ids], dim=1)
             position_ids, block_ids, valid = (torch.cat([t, t], dim=1) for t in (position_ids, block_ids, valid))
             noisy = torch.arange(2 * n, device=device)[None].expand(b, -1) < n
-
-        k_pos, k_block, k_valid, k_noisy = position_ids, block_ids, valid, noisy
-        if past is not None and past.length:
-            k_pos = torch.cat([past.positions, position_ids], dim=1)
-            k_block = torch.cat([past.block_ids, block_ids], dim=1)
-            k_valid = torch.cat([past.valid, valid], dim=1)
-        # A pure causal pass with no padding and no cache takes SDPA's fused causal path.
-        fast_causal = cfg.attention == "causal" and past is None and bool(valid.all())
-        fast_full = cfg.attention == "bidirectional" and bool(k_valid.all())
-        allowed = None
-        if not (fast_causal or fast_full):
-            allowed = attention_allowed(cfg.attention, position_ids, k_pos, block_ids, k_block, k_valid, noisy, k_noisy)
-            # A padding query may see nothing at all; let it see itself so softmax stays finite.
-            self_idx = torch.arange(input_ids.shape[1], device=device) + (k_pos.shape[1] - input_ids.shape[1])
-            allowed = allowed.clone()
-            allowed[:, 0, torch.arange(input_ids.shape[1], device=device), self_idx] = True
-
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, x.dtype)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            pk = past.keys[i] if past is not None and past.length else None
-            pv = past.values[i] if past is not None and past.length else None
-            x, k, v = layer(x, cos, sin, allowed, pk, pv, is_causal=fast_causal)
-            new_keys.append(k)
-            new_values.append(v)
         if logits_to_keep and (noisy is not None or cfg.shift_logits):
             raise ValueError("logits_to_keep is for plain forwards (not BD3 training, not shift_logits)")
+
+        x = self.embed_tokens(input_ids)
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        past_len = 0
+        k_pos, k_block, k_valid, k_noisy = position_ids, block_ids, valid, noisy
+        if cache is not None:
+            past_len, end = cache.length, cache.length + n
+            cache.reserve(b, end, cfg.num_hidden_layers, cfg.num_attention_heads, head_dim, x.dtype, device)
+            cache.positions[:, past_len:end], cache.block_ids[:, past_len:end], cache.valid[:, past_len:end] = position_ids, block_ids, valid
+            k_pos, k_block, k_valid = cache.positions[:, :end], cache.block_ids[:, :end], cache.valid[:, :end]
+        allowed = self._attention_mask(position_ids, block_ids, noisy, k_pos, k_block, k_valid, k_noisy, cache)
+        # A pure causal pass with no padding and no cache takes SDPA's fused causal path.
+        fast_causal = allowed is None and cfg.attention == "causal"
+
+        cos, sin = rope_cos_sin(position_ids, head_dim, cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, allowed, cache, i, is_causal=fast_causal)
         raw = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
         logits = raw[:, :n]
         if cfg.shift_logits:
-            logits = shift_to_previous(raw, n, block_ids[:, :n], past)
+            logits = shift_to_previous(raw, n, block_ids[:, :n], cache if past_len else None)
 
-        cache = None
-        if use_cache:
-            last = raw[:, -1:].detach()
-            if past is not None and past.length:
-                cache = KVCache(
-                    [torch.cat([pk, k.detach()], dim=2) for pk, k in zip(past.keys, new_keys)],
-                    [torch.cat([pv, v.detach()], dim=2) for pv, v in zip(past.values, new_values)],
-                    k_pos, k_block, k_valid, last,
-                )
-            else:
-                cache = KVCache([k.detach() for k in new_keys], [v.detach() for v in new_values], position_ids, block_ids, valid, last)
+        if cache is not None:
+            if use_cache:
+                kept = n if cache_len is None else cache_len
+                if kept:
+                    cache.length = past_len + kept
+                    cache.last_logits = raw[:, kept - 1 : kept].detach() if not logits_to_keep else raw[:, -1:].detach()
         return DiffusionOutput(logits=logits, past_key_values=cache)
+
+    def _attention_mask(self, q_pos, q_block, q_noisy, k_pos, k_block, k_valid, k_noisy, cache) -> torch.Tensor | None:
+        """The boolean attention mask [B, 1, Lq, Lk], or None when SDPA needs none (no padding, no
+        cache: full attention, or its own fused causal path). A query repeated at the same cache length
+        (every step inside a block) reuses the mask built at its first step."""
+        mode = self.config.attention
+        if cache is None and bool(k_valid.all()) and mode in ("causal", "bidirectional"):
+            return None
+        q_valid = k_valid[:, -q_pos.shape[1] :]
+        if cache is not None and cache.mask_memo is not None:
+            length, pos, block, valid, allowed = cache.mask_memo
+            if length == cache.length and pos.shape == q_pos.shape and torch.equal(pos, q_pos) and torch.equal(block, q_block) \
+                    and torch.equal(valid, q_valid):
+                return allowed
+        allowed = attention_allowed(mode, q_pos, k_pos, q_block, k_block, k_valid, q_noisy, k_noisy)
+        # A padding query may see nothing at all; let it see itself so softmax stays finite.
+        lq, lk = q_pos.shape[1], k_pos.shape[1]
+        allowed[:, 0, torch.arange(lq, device=q_pos.device), torch.arange(lq, device=q_pos.device) + (lk - lq)] = True
+        if cache is not None:
+            cache.mask_memo = (cache.length, q_pos.clone(), q_block.clone(), q_valid.clone(), allowed)
+        return allowed
 
 
 def shift_to_previous(raw: torch.Tensor, n: int, block_ids: torch.Tensor, past: KVCache | None) -> torch.Tensor:

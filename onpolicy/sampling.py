@@ -14,8 +14,15 @@ commits EOS.
 - causal models (the AR baseline): block size 1; the logits of the last committed token predict the
   next one, so each token costs exactly one cached forward.
 
-Prompts of different lengths share a batch by left padding; positions skip the padding, so a
-sequence decodes the same alone or in a batch. Other stages consume the returned `Trajectory`.
+Forwards: with the cache, a finished block (and first the prompt) enters the KV cache in the same
+forward as the next block's first step (as Fast-dLLM does), so a block of k steps costs k forwards;
+a causal model costs one forward per token. Each row counts its own forwards (those it would have
+run decoded alone), and every commit records the row's forward that made it.
+
+Prompts of different lengths share a batch by left padding; positions skip the padding, and each
+row draws from its own seeded generator, so a row decodes the same alone or in a batch (greedy or
+sampled). The returned `Trajectory` is replayable: `replay_states` rebuilds the state before every
+step, and `onpolicy.rollout.replay_logprobs` recomputes the commits' log-probabilities with gradient.
 """
 
 from __future__ import annotations
@@ -47,25 +54,63 @@ class SamplerConfig:
 
 
 @dataclass
-class Trajectory:
-    """What one `generate` call did, per prompt; stages 3 and 4 consume it."""
+class TrajectoryRow:
+    """One decoded row: everything needed to rebuild what the model saw at every step."""
 
-    tokens: list[list[int]]  # generated ids per prompt, cut before the first EOS
-    commit_step: list[list[int]]  # per generated token: the forward pass (1-based) that last committed it
-    finished: list[bool]  # True if the sequence emitted EOS
-    forwards: int  # model forward passes for the whole batch (cache writes included)
+    prompt: list[int]  # the prompt ids (no padding)
+    canvas: torch.Tensor  # [G] long: the decoded canvas up to the end of its last block (EOS block included)
+    commit_forward: torch.Tensor  # [G] long: the row's own forward (1-based) that committed each position
+    commit_logprob: torch.Tensor  # [G] float: log p(token) under the model at commit time (temperature 1)
+    forwards: int  # forwards this row needed (prompt and cache writes included)
+    seed: int  # the seed of this row's sampling generator
+    finished: bool  # emitted EOS
+    tokens: list[int]  # generated ids, cut before the first EOS (and at max_new_tokens)
+    block_size: int
+    canvas_len: int  # the full canvas length of the call (bidirectional models see all of it)
+    replayable: bool = True  # False when self-correction re-opened tokens (replay would not be exact)
+
+
+@dataclass
+class Trajectory:
+    """What one `generate` call did; `row(i)` gives a row's own record."""
+
+    prompts: list[list[int]]
+    canvas: torch.Tensor  # [B, G] the whole canvas (positions never decoded hold EOS or MASK)
+    commit_forward: torch.Tensor  # [B, G] long, 0 = never committed
+    commit_logprob: torch.Tensor  # [B, G] float
+    row_forwards: list[int]  # per row: its own forward count
+    row_lengths: list[int]  # per row: end of its last decoded block
+    seeds: list[int]
+    tokens: list[list[int]]  # per row, cut before the first EOS
+    finished: list[bool]
+    block_size: int
+    forwards: int  # forwards the batch ran (a row's own count is in row_forwards)
     seconds: float = 0.0  # wall-clock time of the whole call
     model_seconds: float = 0.0  # of which inside model forwards (the rest is sampler overhead)
     remasked: int = 0  # tokens re-opened by self-correction
-    states: list[torch.Tensor] = field(default_factory=list)  # [B, G] canvas after each step, if recorded
+    self_correcting: bool = False
+    # record_states=True: per batch step, (canvas before the step [B, G], rows that stepped [B], logits [B, block, V])
+    states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def row(self, i: int) -> TrajectoryRow:
+        n = self.row_lengths[i]
+        return TrajectoryRow(self.prompts[i], self.canvas[i, :n].clone(), self.commit_forward[i, :n].clone(),
+                             self.commit_logprob[i, :n].clone(), self.row_forwards[i], self.seeds[i], self.finished[i],
+                             self.tokens[i], self.block_size, self.canvas.shape[1], not self.self_correcting)
 
     @property
     def tokens_per_forward(self) -> float:
-        return sum(len(t) for t in self.tokens) / max(1, self.forwards * len(self.tokens))
+        return tokens_per_forward([len(t) for t in self.tokens], self.row_forwards)
 
     @property
     def overhead_fraction(self) -> float:
         return 1.0 - self.model_seconds / self.seconds if self.seconds > 0 else 0.0
+
+
+def tokens_per_forward(tokens: list[int], forwards: list[int]) -> float:
+    """THE speed measure: generated tokens before EOS / the rows' own forwards (prompt and cache
+    writes included), summed over rows. Its inverse is forwards per token."""
+    return sum(tokens) / max(1, sum(forwards))
 
 
 def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,31 +124,60 @@ def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor,
     return ids, valid
 
 
-def _propose(logits: torch.Tensor, special: SpecialTokens, cfg: SamplerConfig, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Candidate token, its confidence, and the model's distribution: [B, L, V] -> [B, L], [B, L], [B, L, V].
+def layout(prompt_valid: torch.Tensor, gen_len: int, block: int) -> tuple[torch.Tensor, ...]:
+    """Positions and block ids of a left-padded prompt [B, P] and a canvas of gen_len tokens.
+
+    Generated blocks are numbered 0, 1, ... from the end of each prompt; the prompt's own tokens fall
+    in blocks < 0 (floor division), so every row's first block starts right after its prompt. The
+    sampler and the replay share this, so they place every token identically.
+    Returns prompt_pos, prompt_blocks [B, P], gen_pos, gen_blocks [B, G].
+    """
+    device = prompt_valid.device
+    prompt_pos = (prompt_valid.long().cumsum(1) - 1).clamp(min=0)
+    lengths = prompt_valid.sum(1)
+    prompt_blocks = torch.div(prompt_pos - lengths[:, None], block, rounding_mode="floor")
+    gen_pos = lengths[:, None] + torch.arange(gen_len, device=device)
+    gen_blocks = torch.arange(gen_len, device=device).div(block, rounding_mode="floor").expand(prompt_valid.shape[0], -1)
+    return prompt_pos, prompt_blocks, gen_pos, gen_blocks
+
+
+def proposal_logits(logits: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
+    """The model's logits with the noise token and padding excluded (never proposed, never scored):
+    the distribution the sampler commits from and the replay scores. A new float tensor."""
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    banned[[special.mask, special.pad]] = True
+    return logits.float().masked_fill(banned, -float("inf"))
+
+
+def _propose(logits: torch.Tensor, special: SpecialTokens, cfg: SamplerConfig, generators: list[torch.Generator | None],
+             rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidate token, its confidence, and its log-probability: [B, L, V] -> [B, L] x 3.
 
     Confidence is the model's own probability of the candidate (temperature 1, unfiltered), so the
-    commit order does not depend on how the candidate was drawn.
+    commit order does not depend on how the candidate was drawn. With temperature > 0 each row in
+    `rows` (bool [B]: rows that step now) draws from its own generator, so its samples do not depend
+    on its batch-mates; other rows draw nothing.
     """
-    logits = logits.float()
-    logits[..., special.mask] = -float("inf")  # never propose the noise token or padding
-    logits[..., special.pad] = -float("inf")
-    probs = logits.softmax(-1)
+    logp = proposal_logits(logits, special).log_softmax(-1)
     if cfg.temperature <= 0:
-        conf, token = probs.max(-1)
-        return token, conf, probs
-    scaled = logits / cfg.temperature
-    if cfg.top_k is not None:
-        kth = scaled.topk(min(cfg.top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, -float("inf"))
-    if cfg.top_p is not None:
-        sorted_logits, order = scaled.sort(-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # keep the smallest prefix reaching top_p
-        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
-    draw = scaled.softmax(-1)
-    token = torch.multinomial(draw.flatten(0, 1).cpu(), 1, generator=generator).view(draw.shape[:2]).to(logits.device)
-    return token, probs.gather(-1, token[..., None])[..., 0], probs
+        token = logp.argmax(-1)
+    else:
+        scaled = logp / cfg.temperature
+        if cfg.top_k is not None:
+            kth = scaled.topk(min(cfg.top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
+            scaled = scaled.masked_fill(scaled < kth, -float("inf"))
+        if cfg.top_p is not None:
+            sorted_logits, order = scaled.sort(-1, descending=True)
+            sorted_probs = sorted_logits.softmax(-1)
+            drop = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # keep the smallest prefix reaching top_p
+            scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+        draw = scaled.softmax(-1).cpu()
+        token = torch.zeros(logp.shape[:2], dtype=torch.long)
+        for i in rows.nonzero().flatten().tolist():
+            token[i] = torch.multinomial(draw[i], 1, generator=generators[i])[:, 0]
+        token = token.to(logits.device)
+    token_logp = logp.gather(-1, token[..., None])[..., 0]
+    return token, token_logp.exp(), token_logp
 
 
 def _commit_mask(conf: torch.Tensor, open_: torch.Tensor, n_steps_left: int, threshold: float | None) -> torch.Tensor:
@@ -120,96 +194,122 @@ def _commit_mask(conf: torch.Tensor, open_: torch.Tensor, n_steps_left: int, thr
     return open_ & (rank < k[:, None])
 
 
+def _block_size(model, cfg: SamplerConfig) -> int:
+    mode = model.config.attention
+    if mode == "causal":
+        return 1
+    if cfg.block_size is not None:
+        return cfg.block_size
+    return model.config.block_size if mode == "block_causal" else cfg.max_new_tokens
+
+
 @torch.no_grad()
 def generate(
     model,
     prompts: list[list[int]],
     special: SpecialTokens,
     cfg: SamplerConfig,
-    generator: torch.Generator | None = None,
+    seeds: list[int] | None = None,
     record_states: bool = False,
 ) -> Trajectory:
-    """Decode a batch of prompts (token id lists) with the model's own attention mode."""
+    """Decode a batch of prompts (token id lists) with the model's own attention mode.
+
+    seeds: one per row (default 0, 1, ...); row i samples from `torch.Generator().manual_seed(seeds[i])`.
+    """
     t_start = time.perf_counter()
     mode = model.config.attention
     device = next(model.parameters()).device
-    if mode == "causal":
-        block = 1
-    elif cfg.block_size is not None:
-        block = cfg.block_size
-    else:
-        block = model.config.block_size if mode == "block_causal" else cfg.max_new_tokens
+    block = _block_size(model, cfg)
     steps_per_block = cfg.steps_per_block or block
     self_correct = cfg.remask_threshold is not None and mode != "causal"
     max_steps = (cfg.max_steps_per_block or 2 * block) if self_correct else block
     if block < 1 or steps_per_block < 1 or max_steps < 1:
         raise ValueError("block_size, steps_per_block and max_steps_per_block must be >= 1")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    generators = [torch.Generator().manual_seed(s) for s in seeds] if cfg.temperature > 0 else [None] * len(prompts)
     n_blocks = -(-cfg.max_new_tokens // block)
     gen_len = n_blocks * block
 
     prompt, prompt_valid = _left_pad(prompts, special.pad, device)  # [B, P]
     batch, p_len = prompt.shape
-    prompt_pos = (prompt_valid.long().cumsum(1) - 1).clamp(min=0)  # [B, P]
-    lengths = prompt_valid.sum(1)  # [B]
-    # Generated blocks are numbered 0, 1, ... from the end of each prompt; the prompt's own tokens
-    # fall in blocks < 0 (floor division), so every sequence's first block starts right after it.
-    prompt_blocks = torch.div(prompt_pos - lengths[:, None], block, rounding_mode="floor")
-    gen_pos = lengths[:, None] + torch.arange(gen_len, device=device)  # [B, G]
-    gen_blocks = torch.arange(gen_len, device=device).div(block, rounding_mode="floor").expand(batch, -1)
+    prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(prompt_valid, gen_len, block)
 
     canvas = torch.full((batch, gen_len), special.mask, dtype=torch.long, device=device)  # [B, G]
-    commit_step = torch.zeros((batch, gen_len), dtype=torch.long, device=device)
+    commit_forward = torch.zeros((batch, gen_len), dtype=torch.long, device=device)
+    commit_logprob = torch.zeros((batch, gen_len), dtype=torch.float, device=device)
+    row_fwd = torch.zeros(batch, dtype=torch.long, device=device)  # each row's own forward count
+    row_len = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     stats = {"forwards": 0, "model_s": 0.0, "remasked": 0}
     states = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def forward(**kw):
+    def forward(rows: torch.Tensor, **kw):
+        """One model call; `rows` (bool [B]) are the rows that needed it."""
         sync()
         tic = time.perf_counter()
         out = model(**kw)
         sync()
         stats["model_s"] += time.perf_counter() - tic
         stats["forwards"] += 1
+        row_fwd.add_(rows.long())
         return out
 
     cached = cfg.use_cache and mode in ("block_causal", "causal")
     keep = {"logits_to_keep": 1} if mode == "causal" else {}  # a causal decoder reads only the last logits
-    cache, next_logits = None, None
-    if cached:  # the prompt goes into the cache once
-        out = forward(input_ids=prompt, attention_mask=prompt_valid, position_ids=prompt_pos, block_ids=prompt_blocks, use_cache=True,
-                      **keep)
-        cache, next_logits = out.past_key_values, out.logits[:, -1:]
-
     full_valid = torch.cat([prompt_valid, torch.ones_like(canvas, dtype=torch.bool)], 1)
     full_pos, full_blocks = torch.cat([prompt_pos, gen_pos], 1), torch.cat([prompt_blocks, gen_blocks], 1)
+    cache, next_logits = None, None
+    # Tokens waiting to enter the cache (ids, valid, positions, blocks): first the prompt, then each
+    # finished block. They ride along with the next forward the block needs anyway.
+    pending = (prompt, prompt_valid, prompt_pos, prompt_blocks) if cached else None
+    if cached:
+        cache = model.allocate_cache(p_len + gen_len) if hasattr(model, "allocate_cache") else None
+    if cached and mode == "causal":  # the prompt's forward predicts the first token
+        out = forward(torch.ones_like(done), input_ids=prompt, attention_mask=prompt_valid, position_ids=prompt_pos,
+                      block_ids=prompt_blocks, past_key_values=cache, use_cache=True, **keep)
+        cache, next_logits, pending = out.past_key_values, out.logits[:, -1:], None
 
     for b in range(n_blocks):
         sl = slice(b * block, (b + 1) * block)
         canvas[done, sl] = special.eos  # finished sequences only pad out the batch
+        row_len[~done] = sl.stop
         for step in range(max_steps):  # every step commits >= 1 token per open sequence
             open_ = canvas[:, sl] == special.mask  # [B, block]
-            if not open_.any() and not self_correct:
+            stepping = ~done & (open_.any(1) | self_correct)  # [B] rows that need this forward
+            if not stepping.any():
                 break
             if mode == "causal":
                 if cached:
                     logits = next_logits
                 else:
                     end = p_len + sl.start
-                    logits = forward(input_ids=torch.cat([prompt, canvas], 1)[:, :end], attention_mask=full_valid[:, :end],
+                    logits = forward(stepping, input_ids=torch.cat([prompt, canvas], 1)[:, :end], attention_mask=full_valid[:, :end],
                                      position_ids=full_pos[:, :end], **keep).logits[:, -1:]
+            elif cached and pending is not None:  # cache write + this block's first step, one forward
+                ids, valid, pos, blk = pending
+                out = forward(stepping, input_ids=torch.cat([ids, canvas[:, sl]], 1), attention_mask=torch.cat([valid, full_valid[:, p_len + sl.start : p_len + sl.stop]], 1),
+                              position_ids=torch.cat([pos, gen_pos[:, sl]], 1), block_ids=torch.cat([blk, gen_blocks[:, sl]], 1),
+                              past_key_values=cache, use_cache=True, cache_len=ids.shape[1])
+                cache, pending = out.past_key_values, None
+                logits = out.logits[:, ids.shape[1] :]
             elif cached:
-                logits = forward(input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
+                logits = forward(stepping, input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
                                  past_key_values=cache).logits
             else:
-                logits = forward(input_ids=torch.cat([prompt, canvas], 1), attention_mask=full_valid, position_ids=full_pos,
+                logits = forward(stepping, input_ids=torch.cat([prompt, canvas], 1), attention_mask=full_valid, position_ids=full_pos,
                                  block_ids=full_blocks).logits[:, p_len + sl.start : p_len + sl.stop]
-            token, conf, probs = _propose(logits, special, cfg, generator)  # [B, block]
+            if record_states:
+                states.append((canvas.clone().cpu(), stepping.clone().cpu(), logits.float().cpu()))
+            token, conf, logp = _propose(logits, special, cfg, generators, stepping)  # [B, block] x 3
+            open_ = open_ & stepping[:, None]
             last_step = step == max_steps - 1
             if self_correct and not last_step:
                 current = canvas[:, sl]
-                p_current = probs.gather(-1, current[..., None])[..., 0]
-                reopen = ~open_ & ~done[:, None] & (p_current < cfg.remask_threshold) & (token != current)
+                p_current = proposal_logits(logits, special).softmax(-1).gather(-1, current[..., None])[..., 0]
+                reopen = ~open_ & stepping[:, None] & (p_current < cfg.remask_threshold) & (token != current)
                 if reopen.any():
                     stats["remasked"] += int(reopen.sum())
                     open_ = open_ | reopen
@@ -217,25 +317,39 @@ def generate(
                     break
             chosen = open_ if last_step else _commit_mask(conf, open_, max(1, steps_per_block - step), cfg.threshold)
             canvas[:, sl] = torch.where(chosen, token, canvas[:, sl])
-            commit_step[:, sl] = torch.where(chosen, stats["forwards"], commit_step[:, sl])
-            if record_states:
-                states.append(canvas.clone().cpu())
+            commit_forward[:, sl] = torch.where(chosen, row_fwd[:, None], commit_forward[:, sl])
+            commit_logprob[:, sl] = torch.where(chosen, logp, commit_logprob[:, sl])
         if cfg.stop_at_eos:
             done |= (canvas[:, : sl.stop] == special.eos).any(1)
         if bool(done.all()) or b == n_blocks - 1:
             break
-        if cached:  # the finished block joins the cache; for AR this forward also predicts the next token
-            out = forward(input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
+        if cached and mode == "causal":  # the committed token joins the cache; this forward predicts the next
+            out = forward(~done, input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
                           past_key_values=cache, use_cache=True, **keep)
             cache, next_logits = out.past_key_values, out.logits[:, -1:]
+        elif cached:
+            pending = (canvas[:, sl], full_valid[:, p_len + sl.start : p_len + sl.stop], gen_pos[:, sl], gen_blocks[:, sl])
 
-    tokens, steps, finished = [], [], []
+    tokens, finished = [], []
     for i in range(batch):
-        row = canvas[i].tolist()
-        end = row.index(special.eos) if special.eos in row else len(row)
-        end = min(end, cfg.max_new_tokens)
+        row = canvas[i, : int(row_len[i])].tolist()
+        end = min(row.index(special.eos) if special.eos in row else len(row), cfg.max_new_tokens)
         tokens.append(row[:end])
-        steps.append(commit_step[i, :end].tolist())
         finished.append(special.eos in row[: cfg.max_new_tokens])
-    return Trajectory(tokens, steps, finished, stats["forwards"], time.perf_counter() - t_start, stats["model_s"],
-                      stats["remasked"], states)
+    return Trajectory(list(map(list, prompts)), canvas.cpu(), commit_forward.cpu(), commit_logprob.cpu(), row_fwd.tolist(),
+                      row_len.tolist(), seeds, tokens, finished, block, stats["forwards"], time.perf_counter() - t_start,
+                      stats["model_s"], stats["remasked"], self_correct, states)
+
+
+def replay_states(row: TrajectoryRow, mask_id: int) -> list[torch.Tensor]:
+    """The canvas [G] before each of the row's steps, rebuilt from its record alone (pure).
+
+    A step is one of the row's forwards that committed tokens; before it, every position committed by
+    an earlier forward shows its token and every other position is MASK (blocks not yet started
+    included). Needs an exactly replayable row (no self-correction)."""
+    if not row.replayable:
+        raise ValueError("self-correction re-opened tokens in this trajectory; its states cannot be replayed exactly "
+                         "(decode without remask_threshold where replay is needed)")
+    committed = row.commit_forward > 0
+    steps = row.commit_forward[committed].unique().tolist()  # sorted
+    return [torch.where(committed & (row.commit_forward < f), row.canvas, torch.full_like(row.canvas, mask_id)) for f in steps]

@@ -11,16 +11,17 @@ import json
 import sys
 import time
 
-import torch
+from onpolicy.sampling import TrajectoryRow, replay_states
 
 MASK_GLYPH = "\u2591"  # light shade: a still-masked position
 
 
-def frames(states: list[torch.Tensor], row: int, tokenizer, mask_id: int, eos_id: int) -> list[list[tuple[str, str]]]:
-    """Per step, the generated canvas of sequence `row` as (text, kind) pieces; kind is mask | new | done."""
+def frames(row: TrajectoryRow, tokenizer, mask_id: int, eos_id: int) -> list[list[tuple[str, str]]]:
+    """Per step, the row's generated canvas after the step as (text, kind) pieces; kind is mask | new | done.
+    Rebuilt from the trajectory record (`replay_states`), so any decoded row can be pictured."""
     out, previous = [], None
-    for state in states:
-        ids = state[row].tolist()
+    for state in [*replay_states(row, mask_id)[1:], row.canvas]:
+        ids = state.tolist()
         if eos_id in ids and mask_id not in ids[: ids.index(eos_id)]:
             ids = ids[: ids.index(eos_id)]  # cut once everything before EOS is settled
         pieces = []

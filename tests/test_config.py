@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from onpolicy.config import ConfigError, Stage1Config, load_config
+from onpolicy.config import STAGES, ConfigError, load_config
 
 from .conftest import ROOT, run_cli
 
@@ -12,7 +12,7 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_recipe_loads_into_its_schema(recipe):
     cfg = load_config(recipe)
-    assert isinstance(cfg, Stage1Config)
+    assert isinstance(cfg, STAGES[cfg.stage][0])
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# onpolicy train ") or first.startswith("# deepspeed "), "recipes start with their command"
     assert (ROOT / cfg.train.deepspeed).is_file()
@@ -27,31 +27,31 @@ def test_overrides_apply_and_type_check():
     cfg = load_config(ROOT / "recipes/tiny/stage1_mask.yaml", ["train.max_steps=7", "model.block_size=16"])
     assert cfg.train.max_steps == 7 and cfg.model.block_size == 16
     with pytest.raises(ConfigError, match="max_steps"):
-        load_config(None, ["train.max_steps=ten"])
+        load_config(None, stage="pretrain", overrides=["train.max_steps=ten"])
 
 
 def test_unknown_key_names_key_and_valid_ones(tmp_path):
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["train.max_step=3"])
+        load_config(None, stage="pretrain", overrides=["train.max_step=3"])
     msg = str(e.value)
     assert "train.max_step" in msg and "did you mean 'max_steps'" in msg and "micro_batch_size" in msg
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  hidden: 3\n")
+    bad.write_text("stage: pretrain\nmodel:\n  hidden: 3\n")
     with pytest.raises(ConfigError, match=r"'model\.hidden'.*hidden_size"):
         load_config(bad)
     with pytest.raises(ConfigError, match="valid keys under '<top>'"):
-        load_config(None, ["trian.lr=1"])
+        load_config(None, stage="pretrain", overrides=["trian.lr=1"])
 
 
 def test_impossible_combinations_fail_clearly():
-    with pytest.raises(ConfigError, match="objective=causal needs model.attention=causal"):
-        load_config(None, ["diffusion.objective=causal"])
+    with pytest.raises(ConfigError, match="diffusion.objective' was removed: the objective follows model.attention"):
+        load_config(None, stage="pretrain", overrides=["diffusion.objective=causal"])
     with pytest.raises(ConfigError, match="multiple of model.block_size"):
-        load_config(None, ["data.seq_len=100", "model.block_size=32"])
+        load_config(None, stage="pretrain", overrides=["data.seq_len=100", "model.block_size=32"])
     with pytest.raises(ConfigError, match="model.attention='sideways'"):
-        load_config(None, ["model.attention=sideways"])
+        load_config(None, stage="pretrain", overrides=["model.attention=sideways"])
     with pytest.raises(ConfigError, match="divisible"):
-        load_config(None, ["model.hidden_size=100", "model.num_attention_heads=3"])
+        load_config(None, stage="pretrain", overrides=["model.hidden_size=100", "model.num_attention_heads=3"])
 
 
 def test_missing_config_file_names_path():
@@ -67,3 +67,32 @@ def test_cli_reports_bad_key_and_missing_corpus_without_traceback(tmp_path):
     r = run_cli("train", "recipes/tiny/stage1_mask.yaml", f"data.source={missing}", f"logging.output_dir={tmp_path}/run")
     assert r.returncode == 2
     assert str(missing) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_recipe_must_name_its_stage(tmp_path):
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("train:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match="did you forget `stage: ...`"):
+        load_config(bare)
+    with pytest.raises(ConfigError, match="unknown stage 'mask'; valid stages: pretrain"):
+        load_config(None, ["stage=mask"])
+
+
+def test_sections_from_other_modules_keep_the_unknown_key_check():
+    from dataclasses import dataclass, field
+
+    from onpolicy.config import PretrainConfig, register_stage
+    from onpolicy.sampling import SamplerConfig
+
+    @dataclass
+    class WithSampler(PretrainConfig):
+        sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    register_stage("test-sampler", WithSampler, "onpolicy.trainers.pretrain:train")
+    try:
+        cfg = load_config(None, ["stage=test-sampler", "sampler.threshold=0.9"])
+        assert isinstance(cfg.sampler, SamplerConfig) and cfg.sampler.threshold == 0.9
+        with pytest.raises(ConfigError, match=r"'sampler\.treshold' \(did you mean 'threshold'\?\)"):
+            load_config(None, ["stage=test-sampler", "sampler.treshold=0.9"])
+    finally:
+        STAGES.pop("test-sampler")

@@ -76,7 +76,7 @@ def test_pass_at_k_hand_values():
 
 
 def test_truncate_completion_and_task_sets():
-    from onpolicy.evaluation import load_task_set, truncate_completion
+    from onpolicy.data.tasks import load_task_set, truncate_completion
 
     assert truncate_completion("    return 1\n\ndef other():\n    pass") == "    return 1\n"
     assert truncate_completion("    return 1\n") == "    return 1\n"
@@ -85,7 +85,7 @@ def test_truncate_completion_and_task_sets():
 
 
 def test_prompt_is_cut_before_trailing_whitespace_and_the_model_writes_it():
-    from onpolicy.evaluation import completion_text, encode_prompt
+    from onpolicy.data.tasks import completion_text, encode_prompt
     from onpolicy.tokenizer import train_tokenizer
 
     tok = train_tokenizer(['def f(xs):\n    """Doc."""\n    xs = xs[:3]\n    return xs\n' * 30], vocab_size=300)
@@ -112,17 +112,30 @@ def test_evaluate_checkpoint_aggregates_pass_at_k():
     model = DiffusionTransformer(DiffusionTransformerConfig(vocab_size=special.vocab_size, hidden_size=32, num_hidden_layers=1,
                                                             num_attention_heads=2, attention="block_causal", block_size=4)).eval()
 
-    class EverySecond:  # passes sample 1 of each task, fails sample 0
-        def verify(self, tasks, completions):
-            return [Verdict(t.task_id, i % 2 == 1, float(i % 2), "passed" if i % 2 else "failed", "", 0.0)
-                    for i, t in enumerate(tasks)]
+    def level(task):
+        return task.task_id.split("/")[2]
 
-    tasks = generate_tasks("validation", 3)
-    result = evaluate_checkpoint(model, tok, tasks, SamplerConfig(max_new_tokens=8), samples=2, verifier=EverySecond(), batch_size=4)
-    assert result["pass@1"] == pytest.approx(0.5) and result["pass@2"] == pytest.approx(1.0)
-    assert result["status_counts"] == {"failed": 3, "passed": 3}
-    assert set(result["pass@1_by_level"]) <= {"L1", "L2", "L3", "L4"}
-    assert result["forwards_per_token"] > 0
+    class ByLevel:  # passes both samples of L1/L2 tasks, only sample 1 of the others
+        def verify(self, tasks, completions):
+            out, seen = [], {}
+            for t in tasks:
+                sample = seen.get(t.task_id, 0)
+                seen[t.task_id] = sample + 1
+                ok = level(t) in ("L1", "L2") or sample == 1
+                out.append(Verdict(t.task_id, ok, float(ok), "passed" if ok else "failed", "", 0.0))
+            return out
+
+    tasks = generate_tasks("validation", 8)
+    result = evaluate_checkpoint(model, tok, tasks, SamplerConfig(max_new_tokens=8), samples=2, verifier=ByLevel(), batch_size=4)
+    easy = sum(level(t) in ("L1", "L2") for t in tasks)
+    assert 0 < easy < len(tasks)  # the pinned values below cover both kinds
+    assert result["pass@1"] == pytest.approx((easy + 0.5 * (len(tasks) - easy)) / len(tasks))
+    assert result["pass@2"] == pytest.approx(1.0)
+    assert result["status_counts"] == {"failed": len(tasks) - easy, "passed": len(tasks) + easy}
+    expected = {lvl: 1.0 if lvl in ("L1", "L2") else 0.5 for lvl in {level(t) for t in tasks}}
+    assert result["pass@1_by_level"] == pytest.approx(expected)
+    assert result["forwards_per_token"] == pytest.approx(1 / result["tokens_per_forward"])
+    assert len(result["samples_detail"]) == 2 * len(tasks)
     assert "| pass@2 | 1.000 |" in markdown_table("m", result)
 
 

@@ -8,6 +8,10 @@ from onpolicy.sampling import SamplerConfig, generate
 
 @pytest.fixture
 def llama_folder(tmp_path):
+    return make_llama_folder(tmp_path / "llama")
+
+
+def make_llama_folder(folder):
     """A small random LlamaForCausalLM saved as an HF folder, with a tokenizer whose pad is its EOS
     (as SmolLM2's is) and without a mask token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -23,7 +27,6 @@ def llama_folder(tmp_path):
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
                       bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    folder = tmp_path / "llama"
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -78,7 +81,7 @@ def test_missing_outside_model_names_the_path(tmp_path):
 
 
 def test_chat_prompt_and_code_extraction(llama_folder):
-    from onpolicy.evaluation import chat_prompt, extract_code
+    from onpolicy.data.tasks import chat_prompt, extract_code
     from onpolicy.tokenizer import load_tokenizer
 
     reply = "Here it is:\n```python\ndef f(x):\n    return x + 1\n```\n\nThis adds one."

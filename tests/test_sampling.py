@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from onpolicy.sampling import SamplerConfig, _commit_mask, generate
+from onpolicy.sampling import SamplerConfig, _commit_mask, _propose, generate, proposal_logits, replay_states
 
 PROMPTS = [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [30], [40, 41, 42, 43, 44]]
 
@@ -44,19 +44,20 @@ def test_block_size_one_on_causal_model_is_greedy_next_token(peaked, special):
         ids.append(int(logits.argmax()))
     assert traj.tokens[0] == ids[len(prompt):]
     assert traj.forwards == 10  # one forward per token: the prompt, then 9 cached steps
-    assert traj.commit_step[0] == list(range(1, 11))
+    assert traj.commit_forward[0].tolist() == list(range(1, 11))
 
 
 def test_steps_per_block_and_threshold_control_parallelism(peaked, special):
     model = peaked("block_causal", block_size=8)
     one = generate(model, [PROMPTS[0]], special, SamplerConfig(max_new_tokens=16, stop_at_eos=False))
     two = generate(model, [PROMPTS[0]], special, SamplerConfig(max_new_tokens=16, steps_per_block=2, stop_at_eos=False))
-    # prompt forward + 8 steps per block x 2 blocks + 1 cache write between the blocks
-    assert one.forwards == 1 + 16 + 1
-    assert two.forwards == 1 + 4 + 1
-    assert sorted(set(two.commit_step[0])) == [2, 3, 5, 6]  # 4 tokens committed per step
+    # 8 steps per block x 2 blocks: the prompt and the finished block enter the cache in the forward
+    # of the next block's first step, so no forward is spent on cache writes
+    assert one.forwards == 16 and one.row_forwards == [16]
+    assert two.forwards == 4
+    assert sorted(set(two.commit_forward[0].tolist())) == [1, 2, 3, 4]  # 4 tokens committed per step
     loose = generate(model, [PROMPTS[0]], special, SamplerConfig(max_new_tokens=16, threshold=0.0, stop_at_eos=False))
-    assert loose.forwards == 1 + 2 + 1  # everything above threshold 0: one step per block
+    assert loose.forwards == 2 and loose.tokens_per_forward == 8.0  # everything above threshold 0: one step per block
 
 
 def test_commit_mask_rules():
@@ -82,7 +83,8 @@ def test_stops_at_eos_and_cuts_output(special, make_model):
     model.lm_head = AlwaysEOS()
     traj = generate(model, [PROMPTS[0]], special, SamplerConfig(max_new_tokens=32))
     assert traj.tokens == [[]] and traj.finished == [True]
-    assert traj.forwards == 1 + 4  # the prompt, then one block of 4 steps; no further blocks
+    assert traj.forwards == 4  # one block of 4 steps (the prompt rides in the first); no further blocks
+    assert traj.row_lengths == [4] and traj.row(0).canvas.tolist() == [special.eos] * 4
 
 
 def test_self_correction_reopens_and_terminates(peaked, special):
@@ -94,7 +96,9 @@ def test_self_correction_reopens_and_terminates(peaked, special):
     eager = generate(model, PROMPTS, special, SamplerConfig(**{**base.__dict__, "remask_threshold": 1.01, "max_steps_per_block": 6}))
     assert eager.remasked > 0
     assert all(len(t) == 16 for t in eager.tokens) and 3 not in sum(eager.tokens, [])  # no MASK left behind
-    assert eager.forwards <= 1 + 2 * 6 + 1  # the step budget bounds it
+    assert eager.forwards <= 2 * 6  # the step budget bounds it
+    with pytest.raises(ValueError, match="self-correction"):
+        replay_states(eager.row(0), special.mask)  # re-opened tokens: no exact replay, and it says so
     # a threshold nothing falls below changes no token (it costs one checking forward per block)
     never = generate(model, PROMPTS, special, SamplerConfig(**{**base.__dict__, "remask_threshold": 0.0}))
     assert never.tokens == plain.tokens and never.remasked == 0
@@ -103,19 +107,78 @@ def test_self_correction_reopens_and_terminates(peaked, special):
 def test_top_k_one_is_greedy_and_timing_is_recorded(peaked, special):
     model = peaked("block_causal")
     greedy = generate(model, PROMPTS, special, SamplerConfig(max_new_tokens=8, stop_at_eos=False))
-    top1 = generate(model, PROMPTS, special, SamplerConfig(max_new_tokens=8, stop_at_eos=False, temperature=1.0, top_k=1),
-                    generator=torch.Generator().manual_seed(0))
+    top1 = generate(model, PROMPTS, special, SamplerConfig(max_new_tokens=8, stop_at_eos=False, temperature=1.0, top_k=1))
     assert top1.tokens == greedy.tokens
-    nucleus = generate(model, PROMPTS, special, SamplerConfig(max_new_tokens=8, stop_at_eos=False, temperature=1.0, top_p=1e-6),
-                       generator=torch.Generator().manual_seed(0))
+    nucleus = generate(model, PROMPTS, special, SamplerConfig(max_new_tokens=8, stop_at_eos=False, temperature=1.0, top_p=1e-6))
     assert nucleus.tokens == greedy.tokens
     assert greedy.seconds >= greedy.model_seconds > 0 and 0 <= greedy.overhead_fraction < 1
 
 
-def test_record_states_replays_commits(peaked, special):
+def test_record_states_are_the_states_before_each_step(peaked, special):
     model = peaked("block_causal", block_size=4)
     traj = generate(model, [PROMPTS[0]], special, SamplerConfig(max_new_tokens=8, stop_at_eos=False, steps_per_block=2), record_states=True)
     assert len(traj.states) == 4  # 2 steps x 2 blocks
-    masked = [int((s == special.mask).sum()) for s in traj.states]
-    assert masked == [6, 4, 2, 0]
-    assert traj.states[-1][0].tolist() == traj.tokens[0]
+    masked = [int((canvas == special.mask).sum()) for canvas, _, _ in traj.states]
+    assert masked == [8, 6, 4, 2]
+    assert traj.canvas[0].tolist() == traj.tokens[0]
+
+
+def test_sampler_leaves_the_callers_logits_alone(special):
+    logits = torch.randn(2, 4, special.vocab_size)
+    before = logits.clone()
+    token, conf, logp = _propose(logits, special, SamplerConfig(), [None, None], torch.ones(2, dtype=torch.bool))
+    assert torch.equal(logits, before)
+    assert not (token == special.mask).any() and torch.allclose(conf, logp.exp())
+
+
+SETTINGS = [dict(), dict(threshold=0.3), dict(steps_per_block=2), dict(temperature=1.0, threshold=0.5), dict(temperature=0.8, top_k=5)]
+
+
+@pytest.mark.parametrize("attention,block", [("block_causal", 1), ("block_causal", 4), ("block_causal", 32), ("causal", 1),
+                                             ("bidirectional", 8)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_replay_matches_the_sampler_exactly(peaked, special, attention, block, use_cache):
+    """Replayed logits equal the sampler's own at every step (1e-5), batch 1 and 4; replay_states
+    equals the recorded states; each row decodes the same alone as in its batch, sampled or greedy."""
+    from onpolicy.rollout import replay_logprobs, replay_step_logits
+
+    model = peaked(attention, block_size=block)
+    for setting in SETTINGS:
+        cfg = SamplerConfig(max_new_tokens=24, block_size=block, use_cache=use_cache, **setting)
+        for prompts, seeds in ((PROMPTS[:1], [7]), (PROMPTS, [7, 8, 9, 10])):
+            traj = generate(model, prompts, special, cfg, seeds=seeds, record_states=True)
+            rows = [traj.row(i) for i in range(len(prompts))]
+            # the sampler's logits at each row's steps, in order
+            seen = [[logits[i] for _, stepped, logits in traj.states if stepped[i]] for i in range(len(prompts))]
+            for i, row in enumerate(rows):
+                recorded = [canvas[i, : traj.row_lengths[i]] for canvas, stepped, _ in traj.states if stepped[i]]
+                replayed = replay_states(row, special.mask)
+                assert len(replayed) == len(recorded) == row.forwards  # every forward of a row is one of its steps
+                assert all(torch.equal(a, b) for a, b in zip(replayed, recorded))
+            # replay: for every committed position, the logits of the step that committed it [B, G, V]
+            at_commit = sum(torch.where(target[..., None], logits, 0.0) for logits, target in replay_step_logits(model, rows, special))
+            for i, row in enumerate(rows):
+                steps = row.commit_forward[row.commit_forward > 0].unique().tolist()
+                for k, f in enumerate(steps):
+                    where = (row.commit_forward == f).nonzero().flatten()
+                    sampler = proposal_logits(seen[i][k], special)[where % block]  # the block's logits at that step
+                    assert torch.allclose(at_commit[i, where], sampler, atol=1e-5), (setting, i, k)
+            logp, committed = replay_logprobs(model, rows, special)
+            for i, row in enumerate(rows):
+                n = len(row.canvas)
+                assert torch.equal(committed[i, :n], row.commit_forward > 0)
+                assert torch.allclose(logp[i, :n], row.commit_logprob, atol=1e-5)
+            if len(prompts) > 1:  # a row is the same alone as in its batch
+                for i, p in enumerate(prompts):
+                    alone = generate(model, [p], special, cfg, seeds=[seeds[i]])
+                    assert alone.tokens[0] == traj.tokens[i] and alone.row_forwards[0] == traj.row_forwards[i]
+
+
+def test_replay_logprobs_carry_gradient(peaked, special):
+    from onpolicy.rollout import replay_logprobs
+
+    model = peaked("block_causal", block_size=4)
+    traj = generate(model, PROMPTS, special, SamplerConfig(max_new_tokens=12, threshold=0.5, temperature=1.0))
+    logp, committed = replay_logprobs(model, [traj.row(i) for i in range(4)], special)
+    (-(logp * committed).sum()).backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0

