@@ -35,9 +35,9 @@ def training_cost(run: Path) -> dict:
 
 
 def main() -> int:
-    from onpolicy.checkpoint import load_model
     from onpolicy.data.tasks import load_task_set
     from onpolicy.evaluation import evaluate_checkpoint
+    from onpolicy.loading import load_model
     from onpolicy.sampling import SamplerConfig
     from verifiers import PythonTestVerifier
 

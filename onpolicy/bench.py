@@ -116,11 +116,12 @@ def plot(results: dict, path: Path, title: str) -> None:
 def main(args) -> int:
     from tqdm.auto import tqdm
 
-    from onpolicy.checkpoint import load_model
     from onpolicy.data.tasks import load_task_set
+    from onpolicy.loading import load_model
     from verifiers import PythonTestVerifier
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     diffusion, tokenizer = load_model(args.checkpoint, args.device)
     models = {"diffusion": diffusion}
     if args.ar:

@@ -1,48 +1,84 @@
-"""Loading the HF folders that training exports (model + tokenizer side by side)."""
+"""Resumable checkpoints: DeepSpeed's own format (sharded optimizer state included), plus a manifest
+of SHA-256 digests written last. No manifest = incomplete (skipped on resume); a digest mismatch =
+corrupt (reported by file name, nothing loaded). The one home of `CheckpointError`."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
-from onpolicy.engine import CheckpointError
+from onpolicy.errors import CheckpointError
+
+MANIFEST = "MANIFEST.json"
+__all__ = ["CheckpointError", "MANIFEST", "save_checkpoint", "complete_checkpoints", "latest_checkpoint", "verify_checkpoint",
+           "load_checkpoint"]
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """Accept a model folder, or a run folder holding final/."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
-        path = path / "final"
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
-    return path
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
-def load_pretrained(path: str | Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer) from an exported folder; a corrupt folder raises CheckpointError."""
-    from onpolicy.model import DiffusionTransformer
-    from onpolicy.tokenizer import load_tokenizer
-
-    folder = resolve_model_dir(path)
-    try:
-        model = DiffusionTransformer.from_pretrained(str(folder))
-    except Exception as e:  # truncated safetensors, missing tensors, shape mismatches
-        raise CheckpointError(f"{folder}: cannot load weights ({type(e).__name__}: {e})") from e
-    return model.to(device).eval(), load_tokenizer(folder)
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def load_model(spec: str | Path, device: str = "cpu"):
-    """(model, tokenizer) for the sampler: our exported folder (or run folder), or an outside causal LM
-    ("smollm2", a .gguf file, or an HF Llama-family folder) wrapped by `onpolicy.hf_causal`."""
-    import json
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, is_main: bool) -> Path:
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    _barrier()
+    if is_main:
+        folder = ckpt_dir / tag
+        files = {str(p.relative_to(folder)): _digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+        tmp = folder / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+        tmp.replace(folder / MANIFEST)
+        done = complete_checkpoints(ckpt_dir)
+        for old in done[: max(0, len(done) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return ckpt_dir / tag
 
-    from onpolicy.hf_causal import SMOLLM2, load_causal_lm
-    from onpolicy.model import DiffusionTransformerConfig
 
-    if str(spec) == SMOLLM2 or str(spec).endswith(".gguf"):
-        return load_causal_lm(spec, device)
-    folder = resolve_model_dir(spec)
-    if json.loads((folder / "config.json").read_text()).get("model_type") != DiffusionTransformerConfig.model_type:
-        return load_causal_lm(folder, device)
-    return load_pretrained(folder, device)
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoints whose save finished (they have a manifest), oldest first."""
+    return sorted(p for p in ckpt_dir.glob("step_*") if (p / MANIFEST).exists())
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (an interrupted save has no manifest and is skipped)."""
+    done = complete_checkpoints(ckpt_dir)
+    return done[-1] if done else None
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """Check every file against the manifest before anything is loaded."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{folder}: no {MANIFEST}; the save did not finish")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest["files"].items():
+        path = folder / name
+        if not path.exists():
+            raise CheckpointError(f"{folder}: missing file {name}")
+        if _digest(path) != digest:
+            raise CheckpointError(f"{folder}: {name} is corrupt (SHA-256 differs from {MANIFEST})")
+    return manifest
+
+
+def load_checkpoint(engine, folder: Path) -> dict:
+    verify_checkpoint(folder)
+    path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if path is None:
+        raise CheckpointError(f"{folder}: DeepSpeed could not load it")
+    return client_state
+
+

@@ -49,8 +49,8 @@ def _relaunch(args: argparse.Namespace, cfg) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from onpolicy.checkpoint import load_pretrained
-    from onpolicy.config import ConfigError
+    from onpolicy.errors import ConfigError
+    from onpolicy.loading import load_pretrained
     from onpolicy.sampling import SamplerConfig, generate
     from onpolicy.tokenizer import SpecialTokens
 
@@ -91,9 +91,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from onpolicy.checkpoint import load_model
     from onpolicy.data.tasks import load_task_set
     from onpolicy.evaluation import evaluate_checkpoint, markdown_table
+    from onpolicy.loading import load_model
     from onpolicy.sampling import SamplerConfig
     from verifiers import PythonTestVerifier
 
@@ -122,12 +122,6 @@ def _bench(args: argparse.Namespace) -> int:
     from onpolicy.bench import main as bench_main
 
     return bench_main(args)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--steps", type=int, nargs="*", default=[], help="also fixed steps per block (e.g. 1 2: whole blocks per step)")
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="bench.json")
     p.add_argument("--png", default=None, help="write the speed-quality frontier here")
@@ -212,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train" or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    from onpolicy.config import ConfigError
-    from onpolicy.engine import CheckpointError
+    from onpolicy.errors import CheckpointError, ConfigError
     from verifiers.sandbox import SandboxUnavailable
 
     try:

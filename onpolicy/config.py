@@ -21,15 +21,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from onpolicy.errors import ConfigError
+
 ATTENTION_MODES = ("bidirectional", "block_causal", "causal")
 SCHEDULES = ("linear", "cosine")
 T_SAMPLING = ("stratified", "antithetic", "iid")
 PRECISIONS = ("bf16", "fp32")
 WANDB_MODES = ("disabled", "offline", "online")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be run, with a message that says how to fix it."""
 
 
 @dataclass

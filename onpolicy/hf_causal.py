@@ -71,10 +71,10 @@ def smollm2_folder() -> Path:
 
 
 def load_causal_lm(spec: str | Path, device: str = "cpu"):
-    """(adapter in eval mode, tokenizer) for "smollm2", a .gguf file, or an HF causal-LM folder."""
+    """(adapter in eval mode, tokenizer) for "smollm2", a .gguf file, or an HF causal-LM folder (resolved
+    by the caller, `onpolicy.loading.load_model`)."""
     from transformers import AutoModelForCausalLM
 
-    from onpolicy.checkpoint import resolve_model_dir
     from onpolicy.tokenizer import load_tokenizer
 
     spec = str(spec)
@@ -85,7 +85,9 @@ def load_causal_lm(spec: str | Path, device: str = "cpu"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"GGUF file not found: {spec}")
     else:
-        folder, gguf = resolve_model_dir(spec), None
+        folder, gguf = Path(spec), None
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
     kw = {"gguf_file": gguf} if gguf else {}
     tokenizer = load_tokenizer(folder, **kw)
     lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kw)

@@ -389,3 +389,6 @@ def register_auto_classes() -> None:
     AutoConfig.register(DiffusionTransformerConfig.model_type, DiffusionTransformerConfig, exist_ok=True)
     AutoModel.register(DiffusionTransformerConfig, DiffusionTransformer, exist_ok=True)
     AutoModelForMaskedLM.register(DiffusionTransformerConfig, DiffusionTransformer, exist_ok=True)
+
+
+register_auto_classes()  # importing the model makes AutoConfig / AutoModel know it

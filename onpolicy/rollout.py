@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 import torch
 
 from onpolicy.data.tasks import completion_text, encode_prompt
-from onpolicy.sampling import SamplerConfig, TrajectoryRow, generate, layout, proposal_logits, tokens_per_forward
+from onpolicy.sampling import (
+    SamplerConfig,
+    TrajectoryRow,
+    generate,
+    layout,
+    proposal_logits,
+    tokens_per_forward,
+)
 from onpolicy.tokenizer import SpecialTokens
 from verifiers.base import Task
 

@@ -7,6 +7,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed JIT-compiles its CPU comm op (~40 s) into TORCH_EXTENSIONS_DIR: one folder for the whole
+# suite (and later runs), not one per test's cache folder. Subprocesses inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "onpolicy" / "torch_extensions"))
 
 
 @pytest.fixture(autouse=True)

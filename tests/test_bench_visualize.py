@@ -118,7 +118,7 @@ def test_eval_and_bench_agree_and_bench_shows_a_pass(tokenizer):
 def test_bench_takes_generated_task_sets_and_outside_models(tmp_path):
     """`onpolicy bench --tasks generated:validation` and a transformers Llama as the AR side."""
     from onpolicy.bench import main
-    from onpolicy.checkpoint import load_model
+    from onpolicy.loading import load_model
 
     from .test_hf_causal import make_llama_folder
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import onpolicy  # noqa: F401
+import onpolicy.model  # noqa: F401  (registers the Auto classes)
 
 from .conftest import run_cli
 from .test_train import TINY

@@ -33,8 +33,8 @@ def make_llama_folder(folder):
 
 
 def test_load_model_wraps_a_llama_folder_and_gives_it_its_own_pad(llama_folder):
-    from onpolicy.checkpoint import load_model
     from onpolicy.hf_causal import CausalLMAdapter
+    from onpolicy.loading import load_model
     from onpolicy.tokenizer import SpecialTokens
 
     model, tok = load_model(llama_folder)
@@ -45,7 +45,7 @@ def test_load_model_wraps_a_llama_folder_and_gives_it_its_own_pad(llama_folder):
 
 
 def test_sampler_on_adapter_equals_transformers_greedy(llama_folder):
-    from onpolicy.checkpoint import load_model
+    from onpolicy.loading import load_model
     from onpolicy.tokenizer import SpecialTokens
 
     model, tok = load_model(llama_folder)
@@ -62,7 +62,7 @@ def test_sampler_on_adapter_equals_transformers_greedy(llama_folder):
 
 
 def test_tokens_the_model_never_saw_are_never_proposed(llama_folder):
-    from onpolicy.checkpoint import load_model
+    from onpolicy.loading import load_model
 
     model, tok = load_model(llama_folder)
     ids = torch.tensor([[len(tok) - 1, 5, 6]])  # an added special id in the input is fed as EOS, not an error

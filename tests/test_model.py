@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import onpolicy  # noqa: F401  (registers the Auto classes)
+import onpolicy.model  # noqa: F401  (registers the Auto classes)
 from onpolicy.model import attention_allowed
 
 

@@ -54,7 +54,9 @@ HOSTILE = {
     "exit_zero_before_tests": ("import os\nos._exit(0)\nassert False\n", {"failed"}),
     "sys_exit_zero": ("import sys\nsys.exit(0)\n", {"failed"}),
     "print_fake_proof": ("print('passed')\nprint('D')\nimport os\nos.write(1, b'D' * 32)\nos._exit(0)\n", {"failed"}),
-    "forge_on_fd3": ("import os\nos.write(3, b'D')\nos.write(3, b'0' * 32)\nos._exit(0)\n", {"failed"}),
+    # a forged write on a worker descriptor either reads as a failure or breaks the worker's protocol
+    # (seen about once in 200 runs under load: "the program killed the sandbox worker"); never a pass
+    "forge_on_fd3": ("import os\nos.write(3, b'D')\nos.write(3, b'0' * 32)\nos._exit(0)\n", {"failed", "error"}),
     "read_host_env": ("import os\nassert 'ONPOLICY_TEST_SECRET' in os.environ, sorted(os.environ)\n", {"failed"}),
     "read_host_secret_file": ("print(open('{secret_file}').read())\n", {"failed"}),
     "read_proc_of_host": ("import os\nassert len([p for p in os.listdir('/proc') if p.isdigit()]) > 5\n", {"failed"}),

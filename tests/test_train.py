@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import onpolicy  # noqa: F401
+import onpolicy.model  # noqa: F401  (registers the Auto classes)
 
 from .conftest import run_cli
 
@@ -86,8 +86,8 @@ def test_corrupt_checkpoint_is_detected_not_loaded(tmp_path, code_dir):
 
 
 def test_truncated_export_is_detected(tmp_path, make_model):
-    from onpolicy.checkpoint import load_pretrained
-    from onpolicy.engine import CheckpointError
+    from onpolicy.errors import CheckpointError
+    from onpolicy.loading import load_pretrained
 
     make_model().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from onpolicy import checkpoint as ckpt
 from onpolicy import engine as eng
 from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
 from onpolicy.tokenizer import SpecialTokens
@@ -65,7 +66,7 @@ def build_model(cfg, special: SpecialTokens, ds_config: dict) -> torch.nn.Module
     `model.*`; under ZeRO-3 built partitioned; with `lora.r > 0` wrapped in PEFT LoRA adapters."""
     m = cfg.model
     if m.init_from:
-        from onpolicy.checkpoint import load_pretrained
+        from onpolicy.loading import load_pretrained
 
         model, _ = load_pretrained(m.init_from)
         model.train()
@@ -123,8 +124,8 @@ def make_engine(cfg, model: torch.nn.Module, ds_config: dict):
 
 def resume(engine, out: Path, enabled: bool) -> dict:
     """Load the newest complete checkpoint under out/checkpoints (if any, and if enabled); its client state."""
-    latest = eng.latest_checkpoint(out / "checkpoints") if enabled else None
-    return eng.load_checkpoint(engine, latest) if latest is not None else {}
+    latest = ckpt.latest_checkpoint(out / "checkpoints") if enabled else None
+    return ckpt.load_checkpoint(engine, latest) if latest is not None else {}
 
 
 def export(engine, tokenizer, out_dir: Path, is_main: bool) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from onpolicy import checkpoint as ckpt
 from onpolicy import engine as eng
 from onpolicy.config import DiffusionConfig, PretrainConfig
 from onpolicy.diffusion.corruption import mask_tokens
@@ -28,8 +29,18 @@ from onpolicy.diffusion.losses import causal_lm_loss, masked_diffusion_loss
 from onpolicy.diffusion.schedules import elbo_weight, mask_rate, sample_times
 from onpolicy.metrics import MetricsLogger
 from onpolicy.tokenizer import SpecialTokens
-from onpolicy.trainers.common import (autocast, batch_rows, build_model, export, make_engine, noise_generator, prepare_data,
-                                      resume, unwrap, write_summary)
+from onpolicy.trainers.common import (
+    autocast,
+    batch_rows,
+    build_model,
+    export,
+    make_engine,
+    noise_generator,
+    prepare_data,
+    resume,
+    unwrap,
+    write_summary,
+)
 
 
 def stage1_loss(
@@ -135,7 +146,7 @@ def train(cfg: PretrainConfig) -> dict:
             log.log(step, {"val/loss": history[-1]["val_loss"]})
             log.write(f"[onpolicy] step {step}: val loss {history[-1]['val_loss']:.4f}")
         if (t.save_every and step % t.save_every == 0) or step == stop:
-            eng.save_checkpoint(engine, ckpt_dir, step, {"step": step, "val_history": history}, t.keep_checkpoints, dist.is_main)
+            ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "val_history": history}, t.keep_checkpoints, dist.is_main)
 
     # 5. Export the final model as an HF folder with its tokenizer.
     if step == t.max_steps:

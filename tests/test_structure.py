@@ -1,0 +1,102 @@
+"""The house rules of ARCHITECTURE.md, held by a test: who may import whom.
+
+Every import in a module counts, function-level ones included (an import deferred into a function is
+still a dependency)."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import ROOT
+
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+
+
+def imports_of(path: Path, package: str) -> set[str]:
+    """Absolute names of every module `path` imports (relative imports resolved against `package`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from onpolicy import engine` imports onpolicy.engine
+    return found
+
+
+def module_name(path: Path, root: Path) -> str:
+    return ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+
+
+def violations(root: Path) -> list[str]:
+    """Each broken rule as 'module imports name: rule'."""
+    out = []
+    trainers = {module_name(p, root) for p in (root / "onpolicy" / "trainers").glob("*.py")} - {
+        "onpolicy.trainers", "onpolicy.trainers.common"}
+    for path in sorted([*root.glob("onpolicy/**/*.py"), *root.glob("verifiers/**/*.py")]):
+        mod = module_name(path, root)
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for name in sorted(imports_of(path, package)):
+            top = name.split(".")[0]
+            rule = None
+            if mod.startswith("onpolicy.diffusion") and top not in STDLIB | {"torch"} and not name.startswith("onpolicy.diffusion"):
+                rule = "the math (onpolicy.diffusion) imports torch only"
+            elif mod.startswith("verifiers") and top == "onpolicy":
+                rule = "verifiers import nothing from onpolicy"
+            elif mod in ("onpolicy.sampling", "onpolicy.rollout") and name.startswith("onpolicy.trainers"):
+                rule = "the sampler and the rollout path never import trainers"
+            elif mod in trainers and any(name == t or name.startswith(t + ".") for t in trainers - {mod}):
+                rule = "no trainer imports another trainer"
+            elif mod == "onpolicy.model" and (top in ("deepspeed", "omegaconf") or name.startswith(("onpolicy.engine", "onpolicy.config",
+                                                                                              "onpolicy.trainers"))):
+                rule = "the model knows nothing of training, config or DeepSpeed"
+            elif mod.startswith("onpolicy.data") and (name.startswith(("onpolicy.model", "onpolicy.trainers", "onpolicy.sampling"))
+                                                      or top == "deepspeed"):
+                rule = "data knows no model"
+            if rule and not any(o.startswith(f"{mod} imports ") and o.endswith(rule) for o in out):
+                out.append(f"{mod} imports {name}: {rule}")  # once per module and rule
+    return out
+
+
+def test_the_import_rules_hold():
+    assert violations(ROOT) == []
+
+
+def test_the_import_rule_check_catches_a_forbidden_import(tmp_path):
+    """Copy the tree, add one forbidden import per rule, and see each reported."""
+    import shutil
+
+    for pkg in ("onpolicy", "verifiers"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    shutil.copytree(ROOT / "onpolicy" / "data", tmp_path / "onpolicy" / "data", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "onpolicy" / "trainers" / "other.py").write_text("def train(cfg):\n    pass\n")
+    planted = {
+        "onpolicy/diffusion/losses.py": "from onpolicy.config import TrainConfig\n",
+        "verifiers/base.py": "import onpolicy.sampling\n",
+        "onpolicy/rollout.py": "def f():\n    from onpolicy.trainers.pretrain import train\n",
+        "onpolicy/trainers/pretrain.py": "from onpolicy.trainers import other\n",
+        "onpolicy/model.py": "import deepspeed\n",
+        "onpolicy/data/generated.py": "from ..model import DiffusionTransformer\n",
+    }
+    for rel, line in planted.items():
+        path = tmp_path / rel
+        path.write_text(path.read_text() + "\n" + line)
+    found = violations(tmp_path)
+    assert len(found) == len(planted), found
+    for expected in ("onpolicy.diffusion.losses imports onpolicy.config", "verifiers.base imports onpolicy.sampling",
+                     "onpolicy.rollout imports onpolicy.trainers.pretrain", "onpolicy.trainers.pretrain imports onpolicy.trainers.other",
+                     "onpolicy.model imports deepspeed", "onpolicy.data.generated imports onpolicy.model"):
+        assert any(f.startswith(expected) for f in found), (expected, found)
+
+
+def test_light_entry_points_do_not_load_torch():
+    """Generated tasks and `onpolicy verify` work where torch is not even installed."""
+    for code in ("import sys; sys.modules['torch'] = None; import onpolicy.data.generated, onpolicy.data.tasks",
+                 "import sys; sys.modules['torch'] = None; from onpolicy.cli import main; main(['verify', '--help'])"):
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
