@@ -33,7 +33,8 @@ def _relaunch(args: argparse.Namespace, cfg) -> int:
     from onpolicy.engine import free_port
 
     # torchrun leaves torchelastic_* folders in the temp dir: give it one the run owns.
-    tmp = Path(cfg.data.cache_dir, "tmp", f"torchrun-{os.getpid()}").resolve()
+    cache = cfg.data.cache_dir if hasattr(cfg, "data") else ".cache/onpolicy"
+    tmp = Path(cache, "tmp", f"torchrun-{os.getpid()}").resolve()
     tmp.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from onpolicy.errors import ConfigError
+from onpolicy.sampling import SamplerConfig
 
 ATTENTION_MODES = ("bidirectional", "block_causal", "causal")
 SCHEDULES = ("linear", "cosine")
@@ -162,9 +163,104 @@ class PretrainConfig:
             raise ConfigError(f"diffusion.t_eps={diff.t_eps} must be in (0, 1)")
 
 
+def _rollout_sampler() -> SamplerConfig:
+    return SamplerConfig(max_new_tokens=96, threshold=0.9, temperature=1.0, commit_temperature=0.05)
+
+
+@dataclass
+class RolloutConfig:
+    """What the on-policy stage samples and who judges it."""
+
+    tasks: str = "generated:train"  # task set or JSONL file the prompts come from (onpolicy.data.tasks)
+    n_tasks: int = 5000  # tasks in the pool (generated sets: how many to generate)
+    prompts_per_step: int = 8  # prompts per optimizer step (over all ranks)
+    group_size: int = 8  # G samples per prompt (the group of group-relative advantages)
+    batch_size: int = 32  # rows the sampler decodes together
+    sampler: SamplerConfig = field(default_factory=_rollout_sampler)  # rollout decoding; temperature 1 = the policy itself
+    verifier: str = "python-tests"  # a name, package.module:Class, entry point, or package.module:reward_function (TRL)
+    verifier_timeout: float = 120.0  # seconds one verify call may take; past it its samples are excluded
+
+
+@dataclass
+class RewardConfig:
+    """Paper Eq. 10: correctness V and trajectory length K (forwards) over L (decoded tokens)."""
+
+    form: str = "multiplicative"  # multiplicative: V * ((L - K + 1) / L)^alpha | additive: V - lam * K / L
+    alpha: float = 0.5  # exponent of the multiplicative form (0 = accuracy only)
+    lam: float = 0.5  # weight of K / L in the additive form (0 = accuracy only)
+    scale_rewards: str = "group"  # group | batch | none: what the centred rewards are divided by
+
+
+@dataclass
+class LossConfig:
+    """The terms of the stage-4 loss (each a pure function in onpolicy.diffusion.policy)."""
+
+    loss_type: str = "dapo"  # grpo | dr_grpo | dapo: how policy-gradient terms are averaged
+    epsilon: float = 0.2  # PPO clip below 1
+    epsilon_high: float = 0.28  # PPO clip above 1 (DAPO's clip-higher)
+    pg_weight: float = 1.0  # weight of the policy-gradient term (0 = surrogates only)
+    commit_actions: bool = True  # soft commits: the commit decisions' log-probability joins the policy term
+    surrogate: str = "jump"  # none | progress | jump | both: the edit-distance surrogate(s) of Eq. 11
+    progress_lambda: float = 0.5  # progress cost: step k costs lambda / max(p_k, 1) on passing trajectories
+    jump_weight: float = 1.0  # verified jump distillation weight
+    jump_gap_start: int = 2  # steps jumped at the start (from s_j straight to s_j+gap) ...
+    jump_gap_end: int = 8  # ... growing linearly to this at the last step
+    certainty: float = 0.3  # entropy of correct predictions (dParallel's certainty forcing)
+    beta: float = 0.0  # KL to the frozen start (with LoRA: the base, adapters off); 0 = none
+
+
+@dataclass
+class ValidationConfig:
+    """Validation pass@1 on a schedule, the best checkpoint, early stopping."""
+
+    tasks: str = "generated:validation"  # task set for validation
+    n_tasks: int = 100  # tasks per validation
+    every: int = 10  # steps between validations (0 = start and end only)
+    fast_threshold: float = 0.5  # the fast decoding validated beside one token per step (greedy threshold)
+    quality_tolerance: float = 0.02  # best = most tokens per forward (fast) with both pass@1 within this of the start
+    patience: int = 0  # stop after this many validations without a new best (0 = never stop early)
+
+
+@dataclass
+class OnPolicyConfig:
+    """Stage 4: the model samples, the sandbox judges, the loss makes correct paths short."""
+
+    stage: str = "onpolicy"
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the stage's starting model (required)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # unused: the tokenizer comes with init_from
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self) -> None:
+        check_common(self)
+        r, rw, loss = self.rollout, self.reward, self.loss
+        if not self.model.init_from:
+            raise ConfigError("stage onpolicy starts from a trained model: set model.init_from=FOLDER")
+        _one_of(rw.form, ("multiplicative", "additive"), "reward.form")
+        _one_of(rw.scale_rewards, ("group", "batch", "none"), "reward.scale_rewards")
+        _one_of(loss.loss_type, ("grpo", "dr_grpo", "dapo"), "loss.loss_type")
+        _one_of(loss.surrogate, ("none", "progress", "jump", "both"), "loss.surrogate")
+        if r.group_size < 2:
+            raise ConfigError("rollout.group_size must be >= 2 (advantages are relative to the group)")
+        if r.sampler.remask_threshold is not None:
+            raise ConfigError("rollout.sampler.remask_threshold: self-correction makes trajectories unreplayable; leave it unset")
+        if loss.commit_actions and r.sampler.commit_temperature is None:
+            raise ConfigError("loss.commit_actions needs soft commits: set rollout.sampler.commit_temperature (and threshold)")
+        if r.sampler.commit_temperature is not None and r.sampler.threshold is None:
+            raise ConfigError("rollout.sampler.commit_temperature needs rollout.sampler.threshold")
+        if self.train.micro_batch_size < 1 or loss.jump_gap_start < 1 or loss.jump_gap_end < loss.jump_gap_start:
+            raise ConfigError("loss.jump_gap_start must be >= 1 and <= loss.jump_gap_end")
+
+
 # stage name -> (schema, "module:function" of its trainer; imported only when the stage runs)
 STAGES: dict[str, tuple[type, str]] = {
     "pretrain": (PretrainConfig, "onpolicy.trainers.pretrain:train"),
+    "onpolicy": (OnPolicyConfig, "onpolicy.trainers.onpolicy:train"),
 }
 # keys that existed once, and what replaced them
 REMOVED_KEYS = {

@@ -323,7 +323,7 @@ class DiffusionTransformer(PreTrainedModel):
             k_pos, k_block, k_valid = cache.positions[:, :end], cache.block_ids[:, :end], cache.valid[:, :end]
         allowed = self._attention_mask(position_ids, block_ids, noisy, k_pos, k_block, k_valid, k_noisy, cache)
         # A pure causal pass with no padding and no cache takes SDPA's fused causal path.
-        fast_causal = allowed is None and cfg.attention == "causal"
+        fast_causal = allowed is None and cfg.attention == "causal" and cache is None
 
         cos, sin = rope_cos_sin(position_ids, head_dim, cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
@@ -346,8 +346,13 @@ class DiffusionTransformer(PreTrainedModel):
         cache: full attention, or its own fused causal path). A query repeated at the same cache length
         (every step inside a block) reuses the mask built at its first step."""
         mode = self.config.attention
-        if cache is None and bool(k_valid.all()) and mode in ("causal", "bidirectional"):
-            return None
+        if bool(k_valid.all()):  # no padding: the common unbatched cases need no mask at all
+            if cache is None and mode in ("causal", "bidirectional"):
+                return None
+            if cache is not None and q_pos.shape[1] == 1 and mode == "causal":  # one new token sees everything
+                return None
+            if cache is not None and mode == "block_causal" and bool((q_block == k_block[:, -1:]).all()):
+                return None  # one block after its prefix sees everything (a step inside a block)
         q_valid = k_valid[:, -q_pos.shape[1] :]
         if cache is not None and cache.mask_memo is not None:
             length, pos, block, valid, allowed = cache.mask_memo

@@ -77,9 +77,11 @@ def rollout_seed(seed: int, step: int, task_index: int, sample: int) -> int:
 
 def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig, samples: int = 1, seed: int = 0,
                  batch_size: int = 8, chat: bool = False, step: int = 0,
-                 progress: Callable[[int], None] | None = None) -> Decoded:
+                 progress: Callable[[int], None] | None = None,
+                 on_batch: Callable[[list[Rollout]], None] | None = None) -> Decoded:
     """Decode `samples` completions of every task through the one sampler, in batches of `batch_size`
-    rows. Records come back in (task, sample) order."""
+    rows. Records come back in (task, sample) order; `on_batch` sees each batch's records as soon as
+    they exist (the on-policy stage starts verifying them while the next batch decodes)."""
     special = SpecialTokens.from_tokenizer(tokenizer)
     encoded = [encode_prompt(tokenizer, t.prompt, chat) for t in tasks]
     jobs = [(i, s) for i in range(len(tasks)) for s in range(samples)]
@@ -88,10 +90,13 @@ def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig
         chunk = jobs[start : start + batch_size]
         traj = generate(model, [encoded[i][0] for i, _ in chunk], special, sampler_cfg,
                         seeds=[rollout_seed(seed, step, i, s) for i, s in chunk])
+        new = []
         for row, (i, s) in enumerate(chunk):
             record = traj.row(row)
-            text = completion_text(tokenizer, record.tokens, encoded[i][1], chat)
-            out.rollouts.append(Rollout(i, s, tasks[i], text, record))
+            new.append(Rollout(i, s, tasks[i], completion_text(tokenizer, record.tokens, encoded[i][1], chat), record))
+        out.rollouts += new
+        if on_batch:
+            on_batch(new)
         out.seconds += traj.seconds
         out.model_seconds += traj.model_seconds
         if progress:
@@ -156,17 +161,29 @@ def _pack(rows: list[TrajectoryRow], special: SpecialTokens, mode: str, device) 
     return _Packed(prompt, prompt_valid, canvas.to(device), valid.to(device), step.to(device), block)
 
 
-def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """For every step index j: (logits [B, G, V] the model gives the canvas positions in the state
-    before step j, bool [B, G] the positions committed at step j). Logits are the sampler's proposal
-    logits (noise token and padding excluded), with gradient if enabled.
+@dataclass
+class ReplayStep:
+    """The model's view of one step index j of a batch of recorded trajectories."""
+
+    index: int  # j
+    logits: torch.Tensor  # [B, G, V] proposal logits of the canvas positions in the state before step j
+    now: torch.Tensor  # [B, G] bool: positions committed at step j
+    step_index: torch.Tensor  # [B, G] the step (0-based, within the block for block_causal) of every position, -1 = none
+    canvas: torch.Tensor  # [B, G] the final tokens
+    block: int
+
+
+def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens) -> Iterator[ReplayStep]:
+    """For every step index j: the logits the model gives the canvas positions in the state before step
+    j, and which positions step j committed (see ReplayStep). Logits are the sampler's proposal logits
+    (noise token and padding excluded), with gradient if enabled.
 
     block_causal: the BD3 training layout, noisy canvas then clean canvas, one forward per step
     index for every block at once: block b's noisy copy holds its state before its j-th step and
     reads earlier blocks from the clean copy, which is exactly what the KV cache held at sampling
     time. bidirectional: one forward per step over the whole canvas. causal: one teacher-forced
     forward (position t - 1 predicts t)."""
-    mode = model.config.attention
+    mode = getattr(model, "module", model).config.attention  # a DeepSpeed engine keeps its model in .module
     device = next(model.parameters()).device
     p = _pack(rows, special, mode, device)
     prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(p.prompt_valid, p.canvas.shape[1], p.block)
@@ -176,7 +193,7 @@ def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens)
     if mode == "causal":
         ids = torch.cat([p.prompt, p.canvas], 1)
         logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks).logits
-        yield proposal_logits(logits[:, p_len - 1 : -1], special), p.step_index >= 0
+        yield ReplayStep(0, proposal_logits(logits[:, p_len - 1 : -1], special), p.step_index >= 0, p.step_index, p.canvas, p.block)
         return
     for j in range(int(p.step_index.max()) + 1):
         shown = (p.step_index >= 0) & (p.step_index < j)
@@ -187,7 +204,7 @@ def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens)
             logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks, clean_input_ids=clean).logits
         else:
             logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks).logits
-        yield proposal_logits(logits[:, p_len:], special), p.step_index == j
+        yield ReplayStep(j, proposal_logits(logits[:, p_len:], special), p.step_index == j, p.step_index, p.canvas, p.block)
 
 
 def replay_logprobs(model, rows: list[TrajectoryRow], special: SpecialTokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,10 +212,98 @@ def replay_logprobs(model, rows: list[TrajectoryRow], special: SpecialTokens) ->
     gradient; bool [B, G] committed positions). Equals the sampler's `commit_logprob` when the
     weights are those that decoded (the importance ratio of the on-policy stage starts at 1)."""
     total, mask = None, None
-    for logits, target in replay_step_logits(model, rows, special):
-        canvas = torch.stack([torch.nn.functional.pad(r.canvas, (0, logits.shape[1] - len(r.canvas)), value=special.mask)
-                              for r in rows]).to(logits.device)
-        logp = logits.log_softmax(-1).gather(-1, canvas[..., None])[..., 0].masked_fill(~target, 0.0)  # [B, G]
+    for step in replay_step_logits(model, rows, special):
+        logp = step.logits.log_softmax(-1).gather(-1, step.canvas[..., None])[..., 0].masked_fill(~step.now, 0.0)  # [B, G]
         total = logp if total is None else total + logp
-        mask = target if mask is None else mask | target
+        mask = step.now if mask is None else mask | step.now
     return total, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification in the background: a crashing or hanging verifier costs its samples, never the run.
+# ---------------------------------------------------------------------------------------------
+
+
+class VerifierPool:
+    """Runs `verifier.verify` on chunks of rollouts in a background thread, so the sandbox works while the
+    sampler decodes the next batch. `results()` waits for every chunk and returns one Verdict per
+    rollout, in order. A chunk whose call raises, returns the wrong number of verdicts, or runs past
+    `timeout_s` comes back as status "excluded" with the reason. A hung call keeps its (daemon) thread,
+    which can never be killed; the chunks queued behind it move to a fresh thread, so the run waits at
+    most the timeout per chunk and exits normally.
+    """
+
+    def __init__(self, verifier, timeout_s: float = 120.0):
+        self.verifier, self.timeout_s = verifier, timeout_s
+        self._jobs: list[dict] = []
+        self._queue = self._start_worker()
+
+    def _start_worker(self):
+        import queue
+        import threading
+
+        jobs: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            while True:
+                job = jobs.get()
+                try:
+                    job["result"] = self.verifier.verify(job["tasks"], job["completions"])
+                except Exception as e:  # reported by results(), with the reason
+                    job["error"] = e
+                job["done"].set()
+
+        threading.Thread(target=work, name="verify", daemon=True).start()
+        return jobs
+
+    def submit(self, rollouts: list[Rollout]) -> None:
+        self._put([r.task for r in rollouts], [r.completion for r in rollouts])
+
+    def _put(self, tasks: list[Task], completions: list[str]) -> None:
+        import threading
+
+        job = {"tasks": tasks, "completions": completions, "done": threading.Event()}
+        self._jobs.append(job)
+        self._queue.put(job)
+
+    def results(self) -> list:
+        import queue
+
+        from verifiers.base import Verdict
+
+        def excluded(tasks, why):
+            return [Verdict(t.task_id, False, 0.0, "excluded", why, 0.0) for t in tasks]
+
+        out = []
+        for job in self._jobs:
+            if not job["done"].wait(self.timeout_s):
+                out += excluded(job["tasks"], f"verifier timeout after {self.timeout_s:g} s")
+                stuck, self._queue = self._queue, self._start_worker()  # later chunks move to a fresh thread
+                while True:
+                    try:
+                        self._queue.put(stuck.get_nowait())
+                    except queue.Empty:
+                        break
+            elif "error" in job:
+                e = job["error"]
+                out += excluded(job["tasks"], f"verifier raised {type(e).__name__}: {e}")
+            elif len(job["result"]) != len(job["tasks"]):
+                out += excluded(job["tasks"], f"verifier returned {len(job['result'])} verdicts for {len(job['tasks'])} completions")
+            else:
+                out += job["result"]
+        self._jobs = []
+        return out
+
+    def verify(self, tasks: list[Task], completions: list[str]) -> list:
+        """The Verifier protocol, with this pool's protection (for evaluation inside a training run)."""
+        self._put(list(tasks), list(completions))
+        return self.results()
+
+    def close(self) -> None:
+        """Nothing to join: worker threads are daemons and idle ones block on an empty queue."""
+
+
+def excluded_reason(detail: str) -> str:
+    """A short key for metrics: 'verifier timeout', 'verifier raised ValueError', 'sandbox failure', ..."""
+    head = detail.split(":")[0].strip()
+    return head.split(" after ")[0][:40] or "unknown"

@@ -49,6 +49,8 @@ class SamplerConfig:
     remask_threshold: float | None = None  # self-correction: re-open a committed token of the current
     #                                        block when its probability falls below this and the model prefers another
     max_steps_per_block: int | None = None  # step budget per block with self-correction (default 2 x block)
+    commit_temperature: float | None = None  # with threshold: soft commits, each open position commits with
+    #                                          probability sigmoid((top prob - threshold) / this) (on-policy rollouts)
     use_cache: bool = True  # exact KV cache of finished blocks (block_causal and causal models)
     stop_at_eos: bool = True  # stop a sequence after the block in which it commits EOS
 
@@ -146,7 +148,9 @@ def proposal_logits(logits: torch.Tensor, special: SpecialTokens) -> torch.Tenso
     the distribution the sampler commits from and the replay scores. A new float tensor."""
     banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     banned[[special.mask, special.pad]] = True
-    return logits.float().masked_fill(banned, -float("inf"))
+    # the most negative finite float, not -inf: probability exactly 0, yet p * log p stays 0 (not NaN) in
+    # the entropy terms of the losses, forward and backward
+    return logits.float().masked_fill(banned, torch.finfo(torch.float32).min)
 
 
 def _propose(logits: torch.Tensor, special: SpecialTokens, cfg: SamplerConfig, generators: list[torch.Generator | None],
@@ -194,6 +198,21 @@ def _commit_mask(conf: torch.Tensor, open_: torch.Tensor, n_steps_left: int, thr
     return open_ & (rank < k[:, None])
 
 
+def _soft_commit_mask(score: torch.Tensor, open_: torch.Tensor, cfg: SamplerConfig, generators, rows: torch.Tensor) -> torch.Tensor:
+    """Soft threshold: each open position commits with probability sigmoid((score - threshold) /
+    commit_temperature), score = the model's top probability there; if a row draws none, its
+    top-scoring open position commits (>= 1 per step). Each stepping row draws from its own generator.
+    `onpolicy.diffusion.policy.soft_commit_logprob` scores these decisions."""
+    q = torch.sigmoid((score.float() - cfg.threshold) / cfg.commit_temperature).cpu()  # [B, L]
+    draw = torch.zeros_like(q, dtype=torch.bool)
+    for i in rows.nonzero().flatten().tolist():
+        draw[i] = torch.rand(q.shape[1], generator=generators[i]) < q[i]
+    chosen = draw.to(open_.device) & open_
+    top = score.masked_fill(~open_, -1.0).argmax(-1, keepdim=True)
+    fallback = ~chosen.any(-1, keepdim=True) & open_.gather(1, top)
+    return chosen.scatter(1, top, chosen.gather(1, top) | fallback)
+
+
 def _block_size(model, cfg: SamplerConfig) -> int:
     mode = model.config.attention
     if mode == "causal":
@@ -228,7 +247,11 @@ def generate(
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    generators = [torch.Generator().manual_seed(s) for s in seeds] if cfg.temperature > 0 else [None] * len(prompts)
+    soft = cfg.commit_temperature is not None
+    if soft and (cfg.threshold is None or cfg.commit_temperature <= 0):
+        raise ValueError("commit_temperature (soft commits) needs a threshold and a positive temperature")
+    random = cfg.temperature > 0 or soft
+    generators = [torch.Generator().manual_seed(s) for s in seeds] if random else [None] * len(prompts)
     n_blocks = -(-cfg.max_new_tokens // block)
     gen_len = n_blocks * block
 
@@ -315,7 +338,12 @@ def generate(
                     open_ = open_ | reopen
                 if not open_.any():
                     break
-            chosen = open_ if last_step else _commit_mask(conf, open_, max(1, steps_per_block - step), cfg.threshold)
+            if last_step:
+                chosen = open_
+            elif soft:
+                chosen = _soft_commit_mask(proposal_logits(logits, special).softmax(-1).amax(-1), open_, cfg, generators, stepping)
+            else:
+                chosen = _commit_mask(conf, open_, max(1, steps_per_block - step), cfg.threshold)
             canvas[:, sl] = torch.where(chosen, token, canvas[:, sl])
             commit_forward[:, sl] = torch.where(chosen, row_fwd[:, None], commit_forward[:, sl])
             commit_logprob[:, sl] = torch.where(chosen, logp, commit_logprob[:, sl])

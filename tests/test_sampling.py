@@ -156,7 +156,7 @@ def test_replay_matches_the_sampler_exactly(peaked, special, attention, block, u
                 assert len(replayed) == len(recorded) == row.forwards  # every forward of a row is one of its steps
                 assert all(torch.equal(a, b) for a, b in zip(replayed, recorded))
             # replay: for every committed position, the logits of the step that committed it [B, G, V]
-            at_commit = sum(torch.where(target[..., None], logits, 0.0) for logits, target in replay_step_logits(model, rows, special))
+            at_commit = sum(torch.where(st.now[..., None], st.logits, 0.0) for st in replay_step_logits(model, rows, special))
             for i, row in enumerate(rows):
                 steps = row.commit_forward[row.commit_forward > 0].unique().tolist()
                 for k, f in enumerate(steps):

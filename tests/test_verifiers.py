@@ -87,12 +87,12 @@ def test_trl_reward_function_as_verifier_and_back():
 
     verdicts = RewardFunctionVerifier(length_reward).verify([ADD] * 3, ["12345", "1234567890123", "x"])
     assert [v.score for v in verdicts] == [0.5, 1.0, 0.0]
-    assert [v.status for v in verdicts] == ["failed", "passed", "error"]
+    assert [v.status for v in verdicts] == ["failed", "passed", "excluded"]
 
     def crashing(prompts, completions, **kw):
         raise RuntimeError("boom")
 
-    assert {v.status for v in RewardFunctionVerifier(crashing).verify([ADD], ["x"])} == {"error"}
+    assert {v.status for v in RewardFunctionVerifier(crashing).verify([ADD], ["x"])} == {"excluded"}
 
     reward = as_reward_function(FixedVerifier(), {"t/add": ADD})
     assert reward(prompts=["p"], completions=["c"], completion_ids=None, task_id=["t/add"]) == [1.0]
@@ -124,7 +124,7 @@ def test_remote_client_against_local_server_and_dead_server():
         port = s.getsockname()[1]
     start = time.monotonic()
     (dead,) = RemoteVerifier(f"http://127.0.0.1:{port}", retries=1, request_timeout_s=2).verify([ADD], ["    return a + b\n"])
-    assert dead.status == "error" and "unreachable" in dead.detail and dead.score == 0.0
+    assert dead.status == "excluded" and "unreachable" in dead.detail and dead.score == 0.0
     assert time.monotonic() - start < 10
 
 

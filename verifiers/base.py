@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
-STATUSES = ("passed", "failed", "timeout", "error")
+# passed | failed | timeout | error: what the program did (error: it crashed the runner, e.g. killed it);
+# excluded: no verdict on the program (infrastructure failure: the sandbox broke, a server was down, a
+# reward function raised or returned None). Trainers leave excluded samples out of every statistic.
+STATUSES = ("passed", "failed", "timeout", "error", "excluded")
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Verdict:
     task_id: str
     passed: bool
     score: float  # in [0, 1]
-    status: str  # passed | failed | timeout | error
+    status: str  # one of STATUSES
     detail: str
     seconds: float
 

@@ -2,6 +2,7 @@
 
     get_verifier("python-tests", workers=4)
     get_verifier("my_pkg.checks:StyleVerifier")
+    get_verifier("my_pkg.rewards:format_reward")   # a TRL reward function f(prompts, completions, **kw)
     # pyproject.toml of a plugin:  [project.entry-points."onpolicy.verifiers"]  style = "my_pkg.checks:StyleVerifier"
 """
 
@@ -34,6 +35,17 @@ def _import(path: str):
     return obj
 
 
+def _is_reward_function(obj) -> bool:
+    import inspect
+
+    if isinstance(obj, type) or hasattr(obj, "verify") or not callable(obj):
+        return False
+    try:
+        return "completions" in inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def available() -> dict[str, str]:
     found = dict(BUILTIN)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -50,7 +62,12 @@ def get_verifier(spec: str, **kwargs) -> Verifier:
         target = _import(spec)
     else:
         raise ValueError(f"unknown verifier '{spec}'; known: {', '.join(sorted(known))}, or give package.module:Class")
-    # a class or factory is called with kwargs; an object that already verifies is used as it is
+    # a TRL reward function f(prompts, completions, ...) is wrapped; a class or factory is called with
+    # kwargs; an object that already verifies is used as it is
+    if _is_reward_function(target):
+        from verifiers.trl import RewardFunctionVerifier
+
+        return RewardFunctionVerifier(target, **kwargs)
     verifier = target if hasattr(target, "verify") and not isinstance(target, type) else target(**kwargs)
     if not isinstance(verifier, Verifier):
         raise TypeError(f"'{spec}' gave {type(verifier).__name__}, which has no verify(tasks, completions) method")

@@ -52,7 +52,7 @@ class RemoteVerifier:
                 last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
                 if attempt < self.retries:
                     time.sleep(min(2.0, 0.2 * 2**attempt))
-        return Verdict(task.task_id, False, 0.0, "error", f"verifier server unreachable after {self.retries + 1} tries ({last_error})",
+        return Verdict(task.task_id, False, 0.0, "excluded", f"verifier server unreachable after {self.retries + 1} tries ({last_error})",
                        round(time.monotonic() - start, 4))
 
     @staticmethod
@@ -64,7 +64,8 @@ class RemoteVerifier:
             detail = reply.get("onpolicy_detail", "")
         else:
             passed = run.get("status") == "Finished" and run.get("return_code") == 0 and (run.get("stdout") or "").rstrip().endswith(marker)
-            status = "passed" if passed else {"TimeLimitExceeded": "timeout", "Finished": "failed"}.get(run.get("status"), "error")
+            status = "passed" if passed else {"TimeLimitExceeded": "timeout", "Finished": "failed",
+                                                   "SandboxError": "excluded"}.get(run.get("status"), "error")
             detail = "" if passed else ((run.get("stderr") or "").strip().splitlines() or [reply.get("message", "")])[-1]
         return Verdict(task.task_id, passed, 1.0 if passed else 0.0, status, detail[:500], round(seconds, 4))
 
@@ -73,7 +74,7 @@ class RemoteVerifier:
             return list(pool.map(self._one, tasks, completions))
 
 
-_RUN_STATUS = {"passed": "Finished", "failed": "Finished", "timeout": "TimeLimitExceeded", "error": "Error"}
+_RUN_STATUS = {"passed": "Finished", "failed": "Finished", "timeout": "TimeLimitExceeded", "error": "Error", "excluded": "SandboxError"}
 
 
 def make_server(host: str, port: int, sandbox: Sandbox) -> ThreadingHTTPServer:

@@ -252,7 +252,7 @@ class Sandbox:
             return worker.run(program, limits or self.limits)
         except Exception as e:  # a broken worker costs this program, never the caller
             worker.stop()
-            return RunResult("error", f"sandbox failure: {type(e).__name__}: {e}", 0.0)
+            return RunResult("excluded", f"sandbox failure: {type(e).__name__}: {e}", 0.0)
         finally:
             self._free.put(worker)
 

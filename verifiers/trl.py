@@ -50,7 +50,8 @@ def _text(x) -> str:
 
 class RewardFunctionVerifier:
     """Any TRL reward function as a verifier. Scores are clipped to [0, 1]; `None` (the function's
-    'not applicable') and exceptions become a zero score with status 'error' and the reason."""
+    'not applicable') and exceptions become status 'excluded' with the reason (no verdict: trainers
+    leave them out, as TRL does with None)."""
 
     def __init__(self, fn: Callable, pass_threshold: float = 1.0):
         self.fn, self.pass_threshold = fn, pass_threshold
@@ -65,13 +66,13 @@ class RewardFunctionVerifier:
         try:
             scores = list(self.fn(prompts=[t.prompt for t in tasks], completions=list(completions), completion_ids=None, **columns))
         except Exception as e:  # a crashing reward function costs these samples, not the run
-            return [Verdict(t.task_id, False, 0.0, "error", f"{self.name} raised {type(e).__name__}: {e}", 0.0) for t in tasks]
+            return [Verdict(t.task_id, False, 0.0, "excluded", f"{self.name} raised {type(e).__name__}: {e}", 0.0) for t in tasks]
         if len(scores) != len(tasks):
-            return [Verdict(t.task_id, False, 0.0, "error", f"{self.name} returned {len(scores)} scores for {len(tasks)}", 0.0) for t in tasks]
+            return [Verdict(t.task_id, False, 0.0, "excluded", f"{self.name} returned {len(scores)} scores for {len(tasks)}", 0.0) for t in tasks]
         out = []
         for t, s in zip(tasks, scores):
             if s is None:
-                out.append(Verdict(t.task_id, False, 0.0, "error", f"{self.name} returned None", 0.0))
+                out.append(Verdict(t.task_id, False, 0.0, "excluded", f"{self.name} returned None", 0.0))
                 continue
             score = min(1.0, max(0.0, float(s)))
             passed = score >= self.pass_threshold

@@ -61,9 +61,10 @@ def prepare_data(cfg, is_main: bool):
     return tokenizer, corpus, SpecialTokens.from_tokenizer(tokenizer)
 
 
-def build_model(cfg, special: SpecialTokens, ds_config: dict) -> torch.nn.Module:
-    """The stage's model: from `model.init_from` (its attention switched to the recipe's) or fresh from
-    `model.*`; under ZeRO-3 built partitioned; with `lora.r > 0` wrapped in PEFT LoRA adapters."""
+def build_model(cfg, special: SpecialTokens, ds_config: dict, adapt_attention: bool = True) -> torch.nn.Module:
+    """The stage's model: from `model.init_from` or fresh from `model.*`; under ZeRO-3 built partitioned;
+    with `lora.r > 0` wrapped in PEFT LoRA adapters. adapt_attention: give an init_from model the
+    recipe's attention, block size and shift (pre-training); False keeps the model's own (later stages)."""
     m = cfg.model
     if m.init_from:
         from onpolicy.loading import load_pretrained
@@ -72,9 +73,10 @@ def build_model(cfg, special: SpecialTokens, ds_config: dict) -> torch.nn.Module
         model.train()
         if model.config.vocab_size != special.vocab_size:
             raise ValueError(f"model.init_from has vocab {model.config.vocab_size}, tokenizer has {special.vocab_size}")
-        # AR-to-diffusion adaptation (Dream, DiffuCoder, SDAR): the same weights, with the attention
-        # pattern this recipe trains (e.g. a causal baseline continued as block-causal diffusion).
-        model.config.attention, model.config.block_size, model.config.shift_logits = m.attention, m.block_size, m.shift_logits
+        if adapt_attention:
+            # AR-to-diffusion adaptation (Dream, DiffuCoder, SDAR): the same weights, with the attention
+            # pattern this recipe trains (e.g. a causal baseline continued as block-causal diffusion).
+            model.config.attention, model.config.block_size, model.config.shift_logits = m.attention, m.block_size, m.shift_logits
     else:
         mcfg = DiffusionTransformerConfig(
             vocab_size=special.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
@@ -129,13 +131,21 @@ def resume(engine, out: Path, enabled: bool) -> dict:
 
 
 def export(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
-    """The final model as an HF folder with its tokenizer. With LoRA the adapters are merged first, so
-    the folder is a plain model (loads without PEFT)."""
+    """The model as an HF folder with its tokenizer. With LoRA the adapters are merged into a copy, so
+    the folder is a plain model (loads without PEFT) and training can go on."""
     module = engine.module
     if hasattr(module, "merge_and_unload"):
         if engine.zero_optimization_stage() == 3:
             raise NotImplementedError("exporting a LoRA model trained under ZeRO-3 is not supported; use ZeRO-0/1/2")
-        engine.module = module.merge_and_unload()
+        import copy
+
+        if is_main:
+            merged = copy.deepcopy(module).merge_and_unload()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            merged.save_pretrained(str(out_dir), state_dict={k: v.detach().cpu() for k, v in merged.state_dict().items()})
+            tokenizer.save_pretrained(str(out_dir))
+        eng.barrier()
+        return
     eng.export_hf(engine, tokenizer, out_dir, is_main)
 
 

@@ -1,0 +1,387 @@
+"""Stage 4, on-policy diffusion learning (PAPER.md section 4): the model samples, the sandbox judges,
+and the loss makes correct paths short.
+
+    onpolicy train recipes/tiny/stage4_onpolicy.yaml
+    onpolicy train recipes/tiny/stage4_onpolicy.yaml --nproc 2 train.deepspeed=recipes/deepspeed/zero2.json
+
+One step, top to bottom (`train` below):
+  1. rollout: G samples of each prompt through the one sampler (`rollout.decode_tasks`), seeds from
+     (seed, step, prompt, sample); each finished batch goes to the verifier in a background thread
+     while the next one decodes;
+  2. verify: a failing or timed-out program scores 0; an infrastructure failure (the plugin raises or
+     hangs, a server is down) is excluded from every statistic, with its reason in the metrics;
+  3. reward (Eq. 10): V * ((L - K + 1) / L)^alpha, or V - lam * K / L; group-relative advantages;
+  4. loss over the replayed states (`rollout.replay_step_logits`: what the model saw at each step):
+     the clipped policy gradient on the committed tokens and on the commit decisions, plus the
+     edit-distance surrogate(s) of Eq. 11 on passing trajectories, plus an optional KL;
+  5. a DeepSpeed step; metrics; validation, best checkpoint and early stopping on a schedule.
+
+Simplifications, stated: one optimizer step per rollout batch (so the importance ratio is 1 at the
+step and clipping guards only against stale recorded log-probs); the policy is the model at
+temperature 1 (rollouts should use temperature 1); soft commits score a position by its top
+probability; validation counts excluded samples as failures; each rank decodes and verifies its own
+share of the prompts (groups never span ranks).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from onpolicy import checkpoint as ckpt
+from onpolicy import engine as eng
+from onpolicy.config import OnPolicyConfig
+from onpolicy.data.tasks import load_task_set
+from onpolicy.diffusion.policy import (
+    clipped_policy_loss,
+    group_advantages,
+    jump_distillation_loss,
+    kl_penalty,
+    progress_cost_loss,
+    soft_commit_logprob,
+    trajectory_reward,
+)
+from onpolicy.loading import resolve_model_dir
+from onpolicy.metrics import MetricsLogger
+from onpolicy.rollout import VerifierPool, decode_tasks, excluded_reason, replay_step_logits
+from onpolicy.sampling import SamplerConfig
+from onpolicy.tokenizer import SpecialTokens, load_tokenizer
+from onpolicy.trainers.common import (
+    autocast,
+    build_model,
+    export,
+    make_engine,
+    noise_generator,
+    resume,
+    unwrap,
+    write_summary,
+)
+
+
+def step_prompts(n_tasks: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Task indices of a step's prompts: consecutive slices of seeded permutations (epochs), so a resumed
+    run draws exactly what the uninterrupted one would."""
+    first = step * per_step
+    out = []
+    for i in range(first, first + per_step):
+        perm = torch.randperm(n_tasks, generator=noise_generator(seed, -3, i // n_tasks))
+        out.append(int(perm[i % n_tasks]))
+    return out
+
+
+def jump_gap(cfg: OnPolicyConfig, step: int) -> int:
+    loss = cfg.loss
+    frac = step / max(1, cfg.train.max_steps - 1)
+    return round(loss.jump_gap_start + frac * (loss.jump_gap_end - loss.jump_gap_start))
+
+
+def rollout_phase(engine, tokenizer, tasks, cfg: OnPolicyConfig, step: int, pool: VerifierPool):
+    """Decode G samples of each task; verification runs in the background as batches finish."""
+    module = engine.module
+    module.eval()
+    params = list(module.parameters())
+    gather = engine.zero_optimization_stage() == 3
+    if gather:  # ZeRO-3: gather the weights once for the whole rollout, not once per forward
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        decoded = decode_tasks(module, tokenizer, tasks, cfg.rollout.sampler, cfg.rollout.group_size, cfg.train.seed,
+                               cfg.rollout.batch_size, step=step, on_batch=pool.submit)
+    module.train()
+    return decoded
+
+
+def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
+                     cfg: OnPolicyConfig, gap: int, device) -> tuple[torch.Tensor, dict]:
+    """The stage-4 loss of one micro-batch of recorded trajectories, over their replayed states.
+
+    adv: [B] advantages; passed: [B] bool (verified correct). Every term is a pure function of
+    `onpolicy.diffusion.policy`; this function only gathers their inputs from the replay.
+    """
+    lc, sc = cfg.loss, cfg.rollout.sampler
+    token_logp = old_token = committed = None
+    decisions, decision_mask = [], []
+    jump_total, progress_total = torch.zeros((), device=device), torch.zeros((), device=device)
+    stats: dict[str, torch.Tensor] = {}
+    entropy_sum, entropy_n = torch.zeros(()), 0
+    for st in replay_step_logits(model, rows, special):
+        logp_all = st.logits.float().log_softmax(-1)  # [B, T, V]
+        tok = logp_all.gather(-1, st.canvas[..., None])[..., 0]  # [B, T] log p(final token | state before step j)
+        token_logp = torch.where(st.now, tok, 0.0) if token_logp is None else torch.where(st.now, tok, token_logp)
+        committed = st.now if committed is None else committed | st.now
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+            entropy_sum, entropy_n = entropy_sum + ent[st.now].sum().cpu(), entropy_n + int(st.now.sum())
+        open_ = st.step_index >= st.index  # still masked before step j (block_causal: within each block)
+        if lc.commit_actions and sc.commit_temperature is not None:
+            b, t = open_.shape
+            blocks = t // st.block
+            score = logp_all.max(-1).values.exp()  # the top probability: the soft commit's score
+            dec = soft_commit_logprob(score.reshape(b * blocks, st.block), open_.reshape(b * blocks, st.block),
+                                      st.now.reshape(b * blocks, st.block), sc.threshold, sc.commit_temperature)
+            decisions.append(dec.view(b, blocks))
+            decision_mask.append(open_.view(b, blocks, st.block).any(-1))
+        if passed.any() and lc.surrogate in ("jump", "both"):
+            jump = open_ & (st.step_index < st.index + gap)  # committed between s_j and s_j+gap
+            jl, js = jump_distillation_loss(st.logits, st.canvas, jump, passed.float(), lc.certainty)
+            jump_total = jump_total + jl
+            stats = {**stats, **{k: stats.get(k, 0) + v for k, v in js.items()}}
+        if passed.any() and lc.surrogate in ("progress", "both"):
+            b, t = open_.shape
+            per_block = st.now.view(b, -1, st.block).sum(-1, keepdim=True).expand(-1, -1, st.block).reshape(b, t)  # p_k per position
+            pl, ps = progress_cost_loss(-tok, open_, per_block.float(), passed, lc.progress_lambda)
+            progress_total = progress_total + pl
+            stats["progress_cost"] = stats.get("progress_cost", 0) + ps["progress_cost"]
+    n_steps = st.index + 1
+    # the policy-gradient terms: each committed token at its step, and each step's commit decisions
+    old_token = torch.stack([torch.nn.functional.pad(r.commit_logprob, (0, token_logp.shape[1] - len(r.commit_logprob)))
+                             for r in rows]).to(device)
+    terms, old, mask = [token_logp], [old_token], [committed]
+    if decisions:
+        dec = torch.cat(decisions, 1)
+        terms.append(dec)
+        old.append(dec.detach())  # one update per rollout: the decisions' old log-prob is the current one
+        mask.append(torch.cat(decision_mask, 1))
+    logp, old_logp, term_mask = torch.cat(terms, 1), torch.cat(old, 1), torch.cat(mask, 1)
+    pg, pg_stats = clipped_policy_loss(logp, old_logp, adv, term_mask, lc.epsilon, lc.epsilon_high, lc.loss_type,
+                                       max_tokens=term_mask.shape[1])
+    loss = lc.pg_weight * pg + lc.jump_weight * jump_total / n_steps + progress_total / n_steps
+    kl = torch.zeros(())
+    if lc.beta > 0:
+        with torch.no_grad():
+            ref_logp = torch.zeros_like(token_logp)
+            for st in replay_step_logits(ref_model, rows, special):
+                ref_tok = st.logits.float().log_softmax(-1).gather(-1, st.canvas[..., None])[..., 0]
+                ref_logp = torch.where(st.now, ref_tok, ref_logp)
+        per_term = kl_penalty(token_logp, ref_logp, committed)
+        kl_term = per_term.sum() / committed.sum().clamp(min=1)
+        loss = loss + lc.beta * kl_term
+        kl = kl_term.detach()
+    stats = {k: v / n_steps for k, v in stats.items()}
+    stats.update(pg_stats)
+    stats["pg_loss"] = pg.detach()
+    stats["kl"] = kl
+    stats["entropy"] = entropy_sum / max(1, entropy_n)
+    return loss, stats
+
+
+class _Reference:
+    """The frozen reference of the KL term: the base with adapters off (LoRA, no second copy), or a
+    frozen copy of the starting weights."""
+
+    def __init__(self, module, beta: float):
+        self.copy = None
+        self.lora = hasattr(module, "disable_adapter")
+        if beta > 0 and not self.lora:
+            self.copy = copy.deepcopy(unwrap(module)).eval().requires_grad_(False)
+
+    def model(self, module):
+        return self.copy if self.copy is not None else module
+
+
+def validate(engine, tokenizer, tasks, cfg: OnPolicyConfig, pool: VerifierPool) -> dict:
+    """pass@1 and tokens per forward on the validation tasks, one token per step and the fast setting."""
+    from onpolicy.evaluation import evaluate_checkpoint
+
+    module = engine.module
+    module.eval()
+    base = SamplerConfig(max_new_tokens=cfg.rollout.sampler.max_new_tokens, block_size=cfg.rollout.sampler.block_size)
+    out = {}
+    with torch.no_grad():
+        for name, sampler in (("slow", base), ("fast", replace(base, threshold=cfg.validation.fast_threshold))):
+            r = evaluate_checkpoint(module, tokenizer, tasks, sampler, samples=1, verifier=pool, batch_size=cfg.rollout.batch_size,
+                                    seed=cfg.train.seed)
+            out[name] = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"], "tokens_per_forward": r["tokens_per_forward"]}
+    module.train()
+    return out
+
+
+def is_better(val: dict, best: dict | None, bar: float, tolerance: float) -> bool:
+    """The best-checkpoint rule: both pass@1 (one token per step and fast) within `tolerance` of the bar
+    (the starting model's one-token-per-step pass@1), then the most tokens per forward at the fast
+    setting; ties go to the higher fast pass@1."""
+    ok = val["slow"]["pass@1"] >= bar - tolerance and val["fast"]["pass@1"] >= bar - tolerance
+    if not ok:
+        return False
+    if best is None:
+        return True
+    key = (val["fast"]["tokens_per_forward"], val["fast"]["pass@1"])
+    return key > (best["fast"]["tokens_per_forward"], best["fast"]["pass@1"])
+
+
+def train(cfg: OnPolicyConfig) -> dict:
+    """Run stage 4 to `train.max_steps` (or an early stop); returns the summary (also summary.json)."""
+    from verifiers.registry import get_verifier
+
+    out = Path(cfg.logging.output_dir)
+    dist = eng.setup_distributed(".cache/onpolicy", cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    t, r = cfg.train, cfg.rollout
+
+    # 1. The starting model, its tokenizer, the prompts, the verifier.
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.model.init_from))
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    if r.prompts_per_step % dist.world_size:
+        raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {dist.world_size} ranks")
+    rows_per_rank = r.prompts_per_step // dist.world_size * r.group_size
+    grad_accum = math.ceil(rows_per_rank / t.micro_batch_size)
+    ds_config = eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip)
+    model = build_model(cfg, special, ds_config, adapt_attention=False)
+    reference = _Reference(model, cfg.loss.beta)
+    engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)
+    pool_tasks = load_task_set(r.tasks, r.n_tasks, t.seed)
+    val_tasks = load_task_set(cfg.validation.tasks, cfg.validation.n_tasks, t.seed)
+    verifier = get_verifier(r.verifier)
+    pool = VerifierPool(verifier, r.verifier_timeout)
+
+    # 2. Resume.
+    state = resume(engine, out, t.resume)
+    step, history, best, bar = state.get("step", 0), state.get("val_history", []), state.get("best"), state.get("bar")
+    since_best = state.get("since_best", 0)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    log = MetricsLogger(out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
+                        config=asdict(cfg), progress=cfg.logging.progress)
+    log.write(f"[onpolicy] stage 4 from {cfg.model.init_from}: {len(pool_tasks)} prompts ({r.tasks}), {r.prompts_per_step} x "
+              f"{r.group_size} samples per step, ZeRO-{eng.zero_stage(ds_config)}, world={dist.world_size}, "
+              f"LoRA r={cfg.lora.r}, surrogate={cfg.loss.surrogate}, reward={cfg.reward.form}"
+              + (f", resumed at step {step}" if step else ""))
+    if bar is None:  # the starting model sets the quality bar
+        start = validate(engine, tokenizer, val_tasks, cfg, pool)
+        bar, best = start["slow"]["pass@1"], start
+        history.append({"step": 0, **start})
+        log.log(0, flat_validation(start))
+        log.write(f"[onpolicy] start: {describe(start)}")
+        export(engine, tokenizer, out / "best", dist.is_main)
+
+    # 3. The loop.
+    stop = min(t.max_steps, t.stop_at_step or t.max_steps)
+    while step < stop:
+        tic = time.perf_counter()
+        # 3a. rollout (verification starts in the background as batches finish)
+        mine = step_prompts(len(pool_tasks), step, r.prompts_per_step, t.seed)[dist.rank :: dist.world_size]
+        decoded = rollout_phase(engine, tokenizer, [pool_tasks[i] for i in mine], cfg, step, pool)
+        t_rollout = time.perf_counter() - tic
+        verdicts = pool.results()
+        t_verify = time.perf_counter() - tic - t_rollout
+
+        # 3b. rewards and group-relative advantages
+        rollouts = decoded.rollouts
+        valid = torch.tensor([v.status != "excluded" for v in verdicts])
+        passed = torch.tensor([v.passed for v in verdicts])
+        score = torch.tensor([v.score if v.status != "excluded" else 0.0 for v in verdicts])
+        steps_k = torch.tensor([ro.forwards for ro in rollouts])
+        length = torch.tensor([len(ro.trajectory.canvas) for ro in rollouts])
+        rewards = trajectory_reward(score, steps_k, length, cfg.reward.form, cfg.reward.alpha, cfg.reward.lam)
+        adv, adv_stats = group_advantages(rewards.view(-1, r.group_size), valid.view(-1, r.group_size), cfg.reward.scale_rewards)
+        adv = adv.flatten()
+
+        # 3c. loss over the replayed states, in micro-batches; rows that carry no signal are skipped
+        useful = ((adv != 0) | (passed & valid)).nonzero().flatten()
+        chunks = torch.tensor_split(useful, grad_accum)
+        gap = jump_gap(cfg, step)
+        step_stats: dict[str, float] = {}
+        for chunk in chunks:
+            if len(chunk) == 0:  # keep DeepSpeed's accumulation count: a zero loss on the same graph
+                loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+                engine.backward(loss)
+                engine.step()
+                continue
+            rows = [rollouts[i].trajectory for i in chunk.tolist()]
+            with autocast(dist.device, t.precision):
+                loss, stats = micro_batch_loss(engine, reference.model(engine.module), rows, special, adv[chunk].to(dist.device),
+                                               (passed & valid)[chunk].to(dist.device), cfg, gap, dist.device)
+            engine.backward(loss * len(chunk) / max(1, len(useful)) * grad_accum)  # each row weighs the same
+            engine.step()
+            for k, v in stats.items():
+                step_stats[k] = step_stats.get(k, 0.0) + float(v) * len(chunk) / len(useful)
+        step += 1
+        t_train = time.perf_counter() - tic - t_rollout - t_verify
+
+        # 3d. metrics (TRL's names where they exist)
+        tokens = sum(ro.n_tokens for ro in rollouts)
+        forwards = sum(ro.forwards for ro in rollouts)
+        excluded: dict[str, int] = {}
+        for v in verdicts:
+            if v.status == "excluded":
+                key = f"verifier/excluded/{excluded_reason(v.detail)}"
+                excluded[key] = excluded.get(key, 0) + 1
+        metrics = {
+            **{k: float(v) for k, v in adv_stats.items()},
+            **{k: v for k, v in step_stats.items()},
+            "rollout/pass_rate": float(passed[valid].float().mean()) if valid.any() else 0.0,
+            "rollout/tokens_per_forward": tokens / max(1, forwards),
+            "rollout/forwards_per_token": forwards / max(1, tokens),
+            "rollout/tokens_per_step": tokens / max(1, forwards),  # every forward of a row is one of its steps
+            "completions/mean_length": tokens / max(1, len(rollouts)),
+            "verifier/excluded": int((~valid).sum()),
+            **excluded,
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/jump_gap": gap,
+            "train/rows_trained": len(useful),
+            "time/rollout": t_rollout,
+            "time/verify": t_verify,
+            "time/train": t_train,
+            "time/verifier_share": t_verify / max(1e-9, t_rollout + t_verify + t_train),
+        }
+        log.log(step, metrics)
+        log.progress(step, {"reward": f"{metrics['reward']:.3f}", "pass": f"{metrics['rollout/pass_rate']:.2f}",
+                            "tok/fwd": f"{metrics['rollout/tokens_per_forward']:.2f}"})
+
+        # 3e. validation, best checkpoint, early stop; resumable checkpoint
+        stop_now = False
+        if (cfg.validation.every and step % cfg.validation.every == 0) or step == stop:
+            val = validate(engine, tokenizer, val_tasks, cfg, pool)
+            history.append({"step": step, **val})
+            log.log(step, flat_validation(val))
+            if is_better(val, best, bar, cfg.validation.quality_tolerance):
+                best, since_best = {"step": step, **val}, 0
+                export(engine, tokenizer, out / "best", dist.is_main)
+            else:
+                since_best += 1
+            log.write(f"[onpolicy] step {step}: {describe(val)}; best so far: step {best.get('step', 0)}")
+            stop_now = bool(cfg.validation.patience) and since_best >= cfg.validation.patience
+            if stop_now:
+                log.write(f"[onpolicy] early stop: no new best in {since_best} validations")
+        if (t.save_every and step % t.save_every == 0) or step == stop or stop_now:
+            client = {"step": step, "val_history": history, "best": best, "bar": bar, "since_best": since_best}
+            ckpt.save_checkpoint(engine, out / "checkpoints", step, client, t.keep_checkpoints, dist.is_main)
+        if stop_now:
+            break
+
+    # 4. Export the last model (final/) beside the best (best/).
+    finished = step == t.max_steps or (cfg.validation.patience and since_best >= cfg.validation.patience)
+    if finished:
+        export(engine, tokenizer, out / "final", dist.is_main)
+    pool.close()
+    summary = {"output_dir": str(out), "final_model": str(out / "final") if finished else None, "best_model": str(out / "best"),
+               "steps": step, "bar": bar, "best": best, "val_history": history}
+    write_summary(out, summary, dist.is_main)
+    if dist.is_main:
+        log.write(f"[onpolicy] done at step {step}; best (step {best.get('step', 0)}): {describe(best)}")
+        (out / "best" / "validation.json").write_text(json.dumps(best, indent=1))
+    log.close()
+    eng.shutdown()
+    return summary
+
+
+def flat_validation(val: dict) -> dict:
+    return {f"val/{name}/{k}": v for name, r in val.items() if isinstance(r, dict) for k, v in r.items() if not isinstance(v, list)}
+
+
+def describe(val: dict) -> str:
+    return ", ".join(f"{name} pass@1 {r['pass@1']:.3f} at {r['tokens_per_forward']:.2f} tokens/forward"
+                     for name, r in val.items() if isinstance(r, dict))
