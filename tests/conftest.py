@@ -39,18 +39,31 @@ def make_model(special):
     return make
 
 
-@pytest.fixture
-def code_dir(tmp_path):
-    """A small folder of real Python files (from the standard library) as a corpus."""
+STDLIB_SAMPLE = ["textwrap.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "fnmatch.py",
+                 "shlex.py", "calendar.py", "string.py", "numbers.py", "abc.py", "copy.py", "glob.py", "sched.py"]
+
+
+def _copy_sample(out: Path) -> Path:
     from onpolicy.data.corpus import stdlib_root
 
-    src = stdlib_root()
-    out = tmp_path / "code"
     out.mkdir()
-    for name in ["textwrap.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "fnmatch.py",
-                 "shlex.py", "calendar.py", "string.py", "numbers.py", "abc.py", "copy.py", "glob.py", "sched.py"]:
-        (out / name).write_text((src / name).read_text())
+    for name in STDLIB_SAMPLE:
+        (out / name).write_text((stdlib_root() / name).read_text())
     return out
+
+
+@pytest.fixture
+def code_dir(tmp_path):
+    """A small folder of real Python files (from the standard library) as a corpus (a test may change it)."""
+    return _copy_sample(tmp_path / "code")
+
+
+@pytest.fixture(scope="session")
+def shared_corpus(tmp_path_factory):
+    """(code folder, cache folder) shared by the whole session: the tokenizer and the packed corpus are
+    built once (the cache is keyed by documents, tokenizer and packing) and read by every training test."""
+    root = tmp_path_factory.mktemp("shared")
+    return _copy_sample(root / "code"), root / "cache"
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
