@@ -101,3 +101,14 @@ def test_mbpp_test_split_is_the_papers():
 
     tasks = load_tasks("mbpp-test")
     assert [int(t.task_id.split("/")[1]) for t in tasks] == list(range(11, 511))
+
+
+def test_our_causal_model_converts_to_an_equal_llama(make_model):
+    from onpolicy.convert import to_llama
+
+    ours = make_model("causal", block_size=1)
+    llama = to_llama(ours)
+    x = torch.randint(5, 64, (2, 12))
+    torch.testing.assert_close(llama(x).logits, ours(input_ids=x).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="only a causal model"):
+        to_llama(make_model("block_causal"))

@@ -1,0 +1,129 @@
+"""Stage 4's claim, frontier to frontier: tokens per forward at the same quality, before and after.
+
+    python benchmarks/stage4_frontier.py --model start runs/tiny-tasks-from-ar-b4 --model stage4 runs/tiny-stage4/best \\
+        --run runs/tiny-stage4 --limit 300 --out benchmarks/results/stage4_frontier.json --png benchmarks/results/stage4_frontier.png
+
+Every model is decoded through `onpolicy eval`'s path (`evaluate_checkpoint`: the one sampler, the
+sandbox) on the same held-out generated tasks, greedy, at one token per step, at several commit
+thresholds and at fixed steps per block. The bar is the first model's pass@1 at one token per step;
+for each model, its fastest setting whose pass@1 stays within `--tolerance` of the bar is reported,
+and the ratio of tokens per forward (generated tokens before EOS / all the row's forwards, prompt
+and cache writes included) to the first model's. 95% Wilson intervals on every pass@1. With `--run`,
+a PNG of tokens per forward and pass@1 over the stage-4 steps is drawn from its metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def settings(block: int, thresholds: list[float], steps: list[int]):
+    from onpolicy.sampling import SamplerConfig
+
+    out = [("one token per step", SamplerConfig(max_new_tokens=96))]
+    out += [(f"threshold {t}", SamplerConfig(max_new_tokens=96, threshold=t)) for t in thresholds]
+    out += [(f"{k} steps per block", SamplerConfig(max_new_tokens=96, steps_per_block=k)) for k in steps if k < block]
+    return out
+
+
+def main() -> int:
+    from onpolicy.data.tasks import load_task_set
+    from onpolicy.evaluation import evaluate_checkpoint
+    from onpolicy.loading import load_model
+    from verifiers import PythonTestVerifier
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs=2, action="append", metavar=("NAME", "FOLDER"), required=True)
+    p.add_argument("--tasks", default="generated:heldout")
+    p.add_argument("--limit", type=int, default=300)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3, 0.1])
+    p.add_argument("--steps", type=int, nargs="*", default=[2, 1])
+    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--run", default=None, help="a stage-4 run folder: plot its training curves")
+    p.add_argument("--out", default="benchmarks/results/stage4_frontier.json")
+    p.add_argument("--png", default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = load_task_set(args.tasks, args.limit)
+    rows = []
+    with PythonTestVerifier() as verifier:
+        for name, folder in args.model:
+            model, tokenizer = load_model(folder)
+            block = getattr(model.config, "block_size", 1)
+            for label, cfg in settings(block, args.thresholds, args.steps):
+                r = evaluate_checkpoint(model, tokenizer, tasks, cfg, samples=1, verifier=verifier, batch_size=32)
+                rows.append({"model": name, "folder": folder, "setting": label, "pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"],
+                             "tokens_per_forward": r["tokens_per_forward"], "status_counts": r["status_counts"]})
+                print(f"{name:10s} {label:22s} pass@1 {r['pass@1']:.3f} [{r['pass@1_ci95'][0]:.3f}, {r['pass@1_ci95'][1]:.3f}] "
+                      f"tokens/forward {r['tokens_per_forward']:.2f}", flush=True)
+    first = args.model[0][0]
+    bar = next(r["pass@1"] for r in rows if r["model"] == first and r["setting"] == "one token per step")
+    fastest = {}
+    for name, _ in args.model:
+        ok = [r for r in rows if r["model"] == name and r["pass@1"] >= bar - args.tolerance]
+        fastest[name] = max(ok, key=lambda r: r["tokens_per_forward"]) if ok else None
+    base = fastest[first]["tokens_per_forward"] if fastest[first] else None
+    summary = {name: None if f is None else {**f, "speedup_vs_first": f["tokens_per_forward"] / base if base else None}
+               for name, f in fastest.items()}
+    report = {"tasks": args.tasks, "n_tasks": len(tasks), "bar": bar, "tolerance": args.tolerance, "fastest_within_bar": summary,
+              "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"bar (pass@1 of {first} at one token per step): {bar:.3f}")
+    for name, f in summary.items():
+        print(f"{name:10s} fastest within {args.tolerance:.2f}: " + ("none" if f is None else
+              f"{f['setting']}, pass@1 {f['pass@1']:.3f}, {f['tokens_per_forward']:.2f} tokens/forward (x{f['speedup_vs_first'] or 0:.2f})"))
+    if args.png:
+        plot(rows, bar, args.tolerance, Path(args.png), args.run)
+    return 0
+
+
+def plot(rows: list[dict], bar: float, tolerance: float, path: Path, run: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if run else 1, figsize=(13 if run else 7, 4.8), squeeze=False)
+    ax = axes[0][0]
+    for i, name in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["tokens_per_forward"])
+        x = [r["tokens_per_forward"] for r in mine]
+        y = [r["pass@1"] for r in mine]
+        err = [[r["pass@1"] - r["pass@1_ci95"][0] for r in mine], [r["pass@1_ci95"][1] - r["pass@1"] for r in mine]]
+        ax.errorbar(x, y, yerr=err, marker="os^"[i % 3], capsize=3, label=name)
+    ax.axhspan(bar - tolerance, bar + 1, color="green", alpha=0.06, label=f"within {tolerance:.2f} of the bar")
+    ax.axhline(bar, color="green", lw=0.8, ls="--")
+    ax.set(xlabel="tokens per forward (held-out, greedy)", ylabel="pass@1 (95% interval)", title="speed-quality frontier",
+           ylim=(0, max(r["pass@1_ci95"][1] for r in rows) + 0.05))
+    ax.legend(loc="upper right", fontsize=8)
+    if run:
+        metrics = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+        val = [m for m in metrics if "val/fast/pass@1" in m]
+        ax2 = axes[0][1]
+        ax2.plot([m["step"] for m in val], [m["val/fast/tokens_per_forward"] for m in val], "o-", color="tab:blue",
+                 label="tokens per forward (fast)")
+        steps = [m for m in metrics if "rollout/tokens_per_forward" in m]
+        ax2.plot([m["step"] for m in steps], [m["rollout/tokens_per_forward"] for m in steps], color="tab:blue", alpha=0.3,
+                 label="tokens per forward (rollouts)")
+        ax2.set(xlabel="stage-4 step", ylabel="tokens per forward", title="over the on-policy steps")
+        ax3 = ax2.twinx()
+        ax3.plot([m["step"] for m in val], [m["val/slow/pass@1"] for m in val], "s--", color="tab:red", label="pass@1, 1 token/step")
+        ax3.plot([m["step"] for m in val], [m["val/fast/pass@1"] for m in val], "^--", color="tab:orange", label="pass@1, fast")
+        ax3.set(ylabel="validation pass@1", ylim=(0, 1))
+        lines = ax2.get_legend_handles_labels()
+        more = ax3.get_legend_handles_labels()
+        ax2.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
