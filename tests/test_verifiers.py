@@ -179,3 +179,22 @@ def test_workers_survive_the_threads_that_used_them():
             pid = sb._workers[0].proc.pid
             assert sb.run("assert 2 + 2 == 4").status == "passed"
             assert sb._workers[0].proc.pid == pid, "the worker was restarted"
+
+
+def test_registry_wraps_a_trl_reward_function_and_pool_excludes_failures():
+    from onpolicy.rollout import VerifierPool
+    from verifiers.registry import get_verifier
+    from verifiers.trl import RewardFunctionVerifier
+
+    v = get_verifier("tests.plugins:coin_reward")
+    assert isinstance(v, RewardFunctionVerifier)
+    verdicts = v.verify([ADD, ADD], ["    return a + b\n", "    return a - b\n"])
+    assert [x.status in ("passed", "failed") for x in verdicts] == [True, True]
+
+    class Broken:
+        def verify(self, tasks, completions):
+            raise OSError("server down")
+
+    pool = VerifierPool(Broken(), timeout_s=5)
+    out = pool.verify([ADD], ["x"])
+    assert out[0].status == "excluded" and "raised OSError: server down" in out[0].detail
