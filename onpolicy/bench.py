@@ -31,18 +31,17 @@ class Setting:
 
 
 def settings(block_sizes: list[int], thresholds: list[float], max_new_tokens: int, with_ar: bool,
-             steps: list[int] | tuple[int, ...] = ()) -> list[Setting]:
+             steps: list[int] | tuple[int, ...] = (), model: str = "diffusion") -> list[Setting]:
     """The decoder grid: AR (block 1), then per block size one token per step, each threshold, each
-    fixed number of steps per block."""
+    fixed number of steps per block, for `model` (the key of the diffusion model in run_bench's dict)."""
     out = [Setting("ar", "ar", SamplerConfig(max_new_tokens=max_new_tokens))] if with_ar else []
     for b in block_sizes:
-        out.append(Setting(f"diffusion B={b} 1 tok/step", "diffusion", SamplerConfig(max_new_tokens=max_new_tokens, block_size=b)))
+        out.append(Setting(f"{model} B={b} 1 tok/step", model, SamplerConfig(max_new_tokens=max_new_tokens, block_size=b)))
         for t in thresholds:
-            out.append(Setting(f"diffusion B={b} p>={t}", "diffusion",
-                               SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, threshold=t)))
+            out.append(Setting(f"{model} B={b} p>={t}", model, SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, threshold=t)))
         for k in steps:
             if k < b:
-                out.append(Setting(f"diffusion B={b} {k} steps", "diffusion",
+                out.append(Setting(f"{model} B={b} {k} steps", model,
                                    SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, steps_per_block=k)))
     return out
 
@@ -91,26 +90,40 @@ def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None
     return results
 
 
-def plot(results: dict, path: Path, title: str) -> None:
+def plot(results: dict, path: Path, title: str, names: dict[str, str] | None = None) -> None:
+    """The speed-quality frontier (tokens/s vs pass@1) and parallelism vs speed, one colour and one
+    legend entry per model, the settings of a model joined in order of speed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in results.items():
-        color = "black" if r["model"] == "ar" else plt.cm.viridis(min(1.0, r["block_size"] / 32))
-        marker = "s" if r["model"] == "ar" else ("o" if r["threshold"] is None else "^")
-        axes[0].scatter(r["tokens_per_s"], r["pass_at_1"] or 0.0, color=color, marker=marker)
-        axes[0].annotate(name.replace("diffusion ", ""), (r["tokens_per_s"], r["pass_at_1"] or 0.0), fontsize=7)
-        axes[1].scatter(r["tokens_per_forward"], r["tokens_per_s"], color=color, marker=marker)
-        axes[1].annotate(name.replace("diffusion ", ""), (r["tokens_per_forward"], r["tokens_per_s"]), fontsize=7)
-    axes[0].set(xlabel="tokens / s (batch 1)", ylabel="pass@1", title="speed-quality frontier", ylim=(-0.03, 1.03))
+    names = names or {}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    models = list(dict.fromkeys(r["model"] for r in results.values()))
+    for i, model in enumerate(models):
+        mine = sorted((r for r in results.values() if r["model"] == model), key=lambda r: r["tokens_per_s"])
+        style = {"color": "black", "marker": "s"} if model == "ar" else {"color": plt.cm.tab10(i), "marker": "o"}
+        label = names.get(model, model)
+        axes[0].plot([r["tokens_per_s"] for r in mine], [r["pass_at_1"] or 0.0 for r in mine], ls="-" if model != "ar" else "",
+                     label=label, **style)
+        axes[1].plot([r["tokens_per_forward"] for r in mine], [r["tokens_per_s"] for r in mine], ls="", label=label, **style)
+    top = max((r["pass_at_1"] or 0.0) for r in results.values())
+    axes[0].set(xlabel="tokens / s (batch 1)", ylabel="pass@1", title="speed-quality frontier", ylim=(0, min(1.0, top + 0.1)))
     axes[1].set(xlabel="tokens per forward", ylabel="tokens / s", title="parallelism vs speed")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def run_name(path: str) -> str:
+    """A model's name for people: its run folder's name, not "final" or "best"."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name in ("final", "best") else p.name
 
 
 def main(args) -> int:
@@ -124,6 +137,11 @@ def main(args) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     diffusion, tokenizer = load_model(args.checkpoint, args.device)
     models = {"diffusion": diffusion}
+    if args.before:  # the same model before a stage: both decoded in this run, side by side
+        before, before_tok = load_model(args.before, args.device)
+        if before_tok.get_vocab() != tokenizer.get_vocab():
+            raise ValueError("the --before checkpoint must share the tokenizer")
+        models["before"] = before
     if args.ar:
         ar, ar_tok = load_model(args.ar, args.device)
         if ar_tok.get_vocab() != tokenizer.get_vocab():
@@ -131,12 +149,15 @@ def main(args) -> int:
         models["ar"] = ar
     tasks = load_task_set(args.tasks, args.limit, args.seed)
     grid = settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=bool(args.ar), steps=args.steps)
+    if args.before:
+        grid += settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=False, steps=args.steps, model="before")
     with PythonTestVerifier() as verifier, tqdm(total=len(grid) * len(tasks), desc="bench", unit="gen") as bar:
         results = run_bench(models, tokenizer, tasks, grid, verifier, progress=bar.update)
     report = {
         "benchmark": "sampler",
         "checkpoint": str(args.checkpoint),
         "ar_checkpoint": str(args.ar) if args.ar else None,
+        "before_checkpoint": str(args.before) if args.before else None,
         "tasks": args.tasks,
         "n_tasks": len(tasks),
         "max_new_tokens": args.max_new_tokens,
@@ -148,10 +169,12 @@ def main(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     if args.png:
-        plot(results, Path(args.png), f"{Path(args.checkpoint).name} vs AR on {args.tasks} ({len(tasks)} prompts, {report['device']})")
-    print(f"{'setting':<28} {'tok/s':>8} {'vs AR':>6} {'fwd/tok':>8} {'tok/fwd':>8} {'latency':>8} {'overhead':>8} {'pass@1':>7}")
+        names = {"diffusion": run_name(args.checkpoint), "before": f"{run_name(args.before)} (before)" if args.before else "",
+                 "ar": f"AR: {run_name(args.ar)}" if args.ar else ""}
+        plot(results, Path(args.png), f"{args.tasks}, {len(tasks)} prompts, batch 1, {report['device']}", names)
+    print(f"{'setting':<30} {'tok/s':>8} {'vs AR':>6} {'fwd/tok':>8} {'tok/fwd':>8} {'latency':>8} {'overhead':>8} {'pass@1':>7}")
     for name, r in results.items():
-        print(f"{name:<28} {r['tokens_per_s']:>8.1f} {r.get('speed_vs_ar', float('nan')):>6.2f} {r['forwards_per_token']:>8.2f} "
+        print(f"{name:<30} {r['tokens_per_s']:>8.1f} {r.get('speed_vs_ar', float('nan')):>6.2f} {r['forwards_per_token']:>8.2f} "
               f"{r['tokens_per_forward']:>8.2f} {r['latency_s']:>7.2f}s {r['sampler_overhead']:>8.1%} {r['pass_at_1'] or 0:>7.3f}")
     print(f"wrote {out}" + (f" and {args.png}" if args.png else ""))
     return 0

@@ -3,7 +3,7 @@
     onpolicy train RECIPE.yaml [key=value ...] [--nproc N]
     onpolicy sample CHECKPOINT --prompt "def add(a, b):"
     onpolicy verify TASKS.jsonl COMPLETIONS.jsonl --out RESULTS.jsonl
-    onpolicy bench DIFFUSION_CKPT --ar AR_CKPT --out bench.json --png bench.png
+    onpolicy bench DIFFUSION_CKPT --ar AR_CKPT [--before CKPT] --out bench.json --png bench.png
     onpolicy eval CHECKPOINT --tasks generated:validation --samples 4 --out eval.json --md eval.md
 """
 
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="AR vs block diffusion: tokens/s, forwards per token, pass@1 (JSON + PNG)")
     p.add_argument("checkpoint", help="diffusion model folder (or run folder), or an outside causal LM as `eval` takes")
     p.add_argument("--ar", default=None, help="the same-size AR baseline (same tokenizer): our folder or an outside causal LM")
+    p.add_argument("--before", default=None, help="the same diffusion model before a stage (e.g. stage 4), decoded beside it")
     p.add_argument("--tasks", default="humaneval",
                    help="task set for pass@1: generated:<split> | repair:<split> | humaneval | mbpp | mbpp-test | mbpp-sanitized | FILE.jsonl")
     p.add_argument("--limit", type=int, default=16, help="first N tasks (generated: how many to generate)")

@@ -125,7 +125,7 @@ def test_bench_takes_generated_task_sets_and_outside_models(tmp_path):
     folder = make_llama_folder(tmp_path / "llama")
     model, tok = load_model(folder)
     assert model.config.attention == "causal"
-    args = type("Args", (), dict(checkpoint=str(folder), ar=str(folder), tasks="generated:validation", limit=2, seed=0,
+    args = type("Args", (), dict(checkpoint=str(folder), ar=str(folder), before=None, tasks="generated:validation", limit=2, seed=0,
                                  block_sizes=[4], thresholds=[], steps=[], max_new_tokens=6, device="cpu", threads=1,
                                  out=str(tmp_path / "b.json"), png=None))
     if shutil.which("bwrap") is None:

@@ -17,8 +17,9 @@ One step, top to bottom (`train` below):
   5. a DeepSpeed step; metrics; validation, best checkpoint and early stopping on a schedule.
 
 Simplifications, stated: one optimizer step per rollout batch (so the importance ratio is 1 at the
-step and clipping guards only against stale recorded log-probs); the policy is the model at
-temperature 1 (rollouts should use temperature 1); soft commits score a position by its top
+step and clipping guards only against stale recorded log-probs); the policy terms use the model's
+temperature-1 log-probabilities even when rollouts sample cooler (the tiny recipe samples at 0.6 to
+get enough passing samples: a biased but common approximation); soft commits score a position by its top
 probability; validation counts excluded samples as failures; each rank decodes and verifies its own
 share of the prompts (groups never span ranks).
 """
