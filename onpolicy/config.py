@@ -207,6 +207,8 @@ class LossConfig:
     jump_gap_end: int = 8  # ... growing linearly to this at the last step
     certainty: float = 0.3  # entropy of correct predictions (dParallel's certainty forcing)
     beta: float = 0.0  # KL to the frozen start (with LoRA: the base, adapters off); 0 = none
+    buffer_size: int = 0  # verified trajectories kept for the surrogates (mode filtering); 0 = current step only
+    buffer_rows: int = 16  # of them replayed per step (surrogate terms only: they are off-policy)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from onpolicy import checkpoint as ckpt
 from onpolicy import engine as eng
 from onpolicy.config import OnPolicyConfig
 from onpolicy.data.tasks import load_task_set
+from onpolicy.errors import ConfigError
 from onpolicy.diffusion.policy import (
     clipped_policy_loss,
     group_advantages,
@@ -52,7 +53,7 @@ from onpolicy.diffusion.policy import (
 from onpolicy.loading import resolve_model_dir
 from onpolicy.metrics import MetricsLogger
 from onpolicy.rollout import VerifierPool, decode_tasks, excluded_reason, replay_step_logits
-from onpolicy.sampling import SamplerConfig
+from onpolicy.sampling import SamplerConfig, TrajectoryRow
 from onpolicy.tokenizer import SpecialTokens, load_tokenizer
 from onpolicy.trainers.common import (
     autocast,
@@ -105,10 +106,11 @@ def rollout_phase(engine, tokenizer, tasks, cfg: OnPolicyConfig, step: int, pool
 
 
 def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
-                     cfg: OnPolicyConfig, gap: int, device) -> tuple[torch.Tensor, dict]:
+                     cfg: OnPolicyConfig, gap: int, device, on_policy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The stage-4 loss of one micro-batch of recorded trajectories, over their replayed states.
 
-    adv: [B] advantages; passed: [B] bool (verified correct). Every term is a pure function of
+    adv: [B] advantages; passed: [B] bool (verified correct); on_policy: [B] bool, False for buffer rows
+    (decoded by older weights: surrogate terms only). Every term is a pure function of
     `onpolicy.diffusion.policy`; this function only gathers their inputs from the replay.
     """
     lc, sc = cfg.loss, cfg.rollout.sampler
@@ -156,6 +158,8 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
         old.append(dec.detach())  # one update per rollout: the decisions' old log-prob is the current one
         mask.append(torch.cat(decision_mask, 1))
     logp, old_logp, term_mask = torch.cat(terms, 1), torch.cat(old, 1), torch.cat(mask, 1)
+    if on_policy is not None:
+        term_mask = term_mask & on_policy[:, None]
     pg, pg_stats = clipped_policy_loss(logp, old_logp, adv, term_mask, lc.epsilon, lc.epsilon_high, lc.loss_type,
                                        max_tokens=term_mask.shape[1])
     loss = lc.pg_weight * pg + lc.jump_weight * jump_total / n_steps + progress_total / n_steps
@@ -244,13 +248,18 @@ def train(cfg: OnPolicyConfig) -> dict:
     engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)
     pool_tasks = load_task_set(r.tasks, r.n_tasks, t.seed)
     val_tasks = load_task_set(cfg.validation.tasks, cfg.validation.n_tasks, t.seed)
-    verifier = get_verifier(r.verifier)
+    try:
+        verifier = get_verifier(r.verifier)
+    except (ValueError, TypeError) as e:  # a plugin that cannot be found or built: say so in one line
+        raise ConfigError(f"rollout.verifier: {e}") from None
     pool = VerifierPool(verifier, r.verifier_timeout)
 
     # 2. Resume.
     state = resume(engine, out, t.resume)
     step, history, best, bar = state.get("step", 0), state.get("val_history", []), state.get("best"), state.get("bar")
     since_best = state.get("since_best", 0)
+    buffer = [TrajectoryRow(**{k: torch.tensor(v) if k.startswith(("canvas", "commit")) and k != "canvas_len" else v
+                               for k, v in row.items()}) for row in state.get("buffer", [])]
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -290,25 +299,34 @@ def train(cfg: OnPolicyConfig) -> dict:
         adv, adv_stats = group_advantages(rewards.view(-1, r.group_size), valid.view(-1, r.group_size), cfg.reward.scale_rewards)
         adv = adv.flatten()
 
-        # 3c. loss over the replayed states, in micro-batches; rows that carry no signal are skipped
-        useful = ((adv != 0) | (passed & valid)).nonzero().flatten()
-        chunks = torch.tensor_split(useful, grad_accum)
+        # 3c. loss over the replayed states, in micro-batches; rows that carry no signal are skipped. Verified
+        # trajectories of earlier steps (the buffer) join for the surrogate terms only (they are off-policy).
+        useful = ((adv != 0) | (passed & valid)).nonzero().flatten().tolist()
+        items = [(rollouts[i].trajectory, float(adv[i]), bool(passed[i] & valid[i]), True) for i in useful]
+        if buffer and cfg.loss.buffer_rows:
+            pick = torch.randperm(len(buffer), generator=noise_generator(t.seed, -4, step))[: cfg.loss.buffer_rows].tolist()
+            items += [(buffer[i], 0.0, True, False) for i in pick]
         gap = jump_gap(cfg, step)
         step_stats: dict[str, float] = {}
-        for chunk in chunks:
-            if len(chunk) == 0:  # keep DeepSpeed's accumulation count: a zero loss on the same graph
+        for chunk in (items[k::grad_accum] for k in range(grad_accum)):
+            if not chunk:  # keep DeepSpeed's accumulation count: a zero loss on the same graph
                 loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
                 engine.backward(loss)
                 engine.step()
                 continue
-            rows = [rollouts[i].trajectory for i in chunk.tolist()]
+            rows = [it[0] for it in chunk]
             with autocast(dist.device, t.precision):
-                loss, stats = micro_batch_loss(engine, reference.model(engine.module), rows, special, adv[chunk].to(dist.device),
-                                               (passed & valid)[chunk].to(dist.device), cfg, gap, dist.device)
-            engine.backward(loss * len(chunk) / max(1, len(useful)) * grad_accum)  # each row weighs the same
+                loss, stats = micro_batch_loss(engine, reference.model(engine.module), rows, special,
+                                               torch.tensor([it[1] for it in chunk], device=dist.device),
+                                               torch.tensor([it[2] for it in chunk], device=dist.device), cfg, gap, dist.device,
+                                               on_policy=torch.tensor([it[3] for it in chunk], device=dist.device))
+            engine.backward(loss * len(chunk) / len(items) * grad_accum)  # each row weighs the same
             engine.step()
             for k, v in stats.items():
-                step_stats[k] = step_stats.get(k, 0.0) + float(v) * len(chunk) / len(useful)
+                step_stats[k] = step_stats.get(k, 0.0) + float(v) * len(chunk) / len(items)
+        if cfg.loss.buffer_size:
+            buffer += [rollouts[i].trajectory for i in (passed & valid).nonzero().flatten().tolist()]
+            buffer = buffer[-cfg.loss.buffer_size :]
         step += 1
         t_train = time.perf_counter() - tic - t_rollout - t_verify
 
@@ -332,7 +350,8 @@ def train(cfg: OnPolicyConfig) -> dict:
             **excluded,
             "train/lr": scheduler.get_last_lr()[0],
             "train/jump_gap": gap,
-            "train/rows_trained": len(useful),
+            "train/rows_trained": len(items),
+            "train/buffer": len(buffer),
             "time/rollout": t_rollout,
             "time/verify": t_verify,
             "time/train": t_train,
@@ -358,7 +377,8 @@ def train(cfg: OnPolicyConfig) -> dict:
             if stop_now:
                 log.write(f"[onpolicy] early stop: no new best in {since_best} validations")
         if (t.save_every and step % t.save_every == 0) or step == stop or stop_now:
-            client = {"step": step, "val_history": history, "best": best, "bar": bar, "since_best": since_best}
+            client = {"step": step, "val_history": history, "best": best, "bar": bar, "since_best": since_best,
+                      "buffer": [{k: v.tolist() if torch.is_tensor(v) else v for k, v in vars(row).items()} for row in buffer]}
             ckpt.save_checkpoint(engine, out / "checkpoints", step, client, t.keep_checkpoints, dist.is_main)
         if stop_now:
             break
