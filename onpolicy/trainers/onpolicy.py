@@ -40,7 +40,6 @@ from onpolicy import checkpoint as ckpt
 from onpolicy import engine as eng
 from onpolicy.config import OnPolicyConfig
 from onpolicy.data.tasks import load_task_set
-from onpolicy.errors import ConfigError
 from onpolicy.diffusion.policy import (
     clipped_policy_loss,
     group_advantages,
@@ -50,6 +49,7 @@ from onpolicy.diffusion.policy import (
     soft_commit_logprob,
     trajectory_reward,
 )
+from onpolicy.errors import ConfigError
 from onpolicy.loading import resolve_model_dir
 from onpolicy.metrics import MetricsLogger
 from onpolicy.rollout import VerifierPool, decode_tasks, excluded_reason, replay_step_logits
