@@ -9,6 +9,9 @@ sees them), the same group size, completion length, learning rate and sampling t
 recipes/tiny/stage4_onpolicy.yaml; the reward is `verifiers.trl.as_reward_function` over
 `PythonTestVerifier`, with the completion cut as `onpolicy eval` cuts it. pass@1 before and after on
 held-out generated tasks through `onpolicy eval`'s path (greedy).
+
+Status (2026-11-29): written and its TRL configuration checked against trl 1.16, not yet run end to
+end (the session that wrote it ran out of time); `pip install -e .[trl]` first.
 """
 
 from __future__ import annotations
