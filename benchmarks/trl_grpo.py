@@ -10,8 +10,7 @@ recipes/tiny/stage4_onpolicy.yaml; the reward is `verifiers.trl.as_reward_functi
 `PythonTestVerifier`, with the completion cut as `onpolicy eval` cuts it. pass@1 before and after on
 held-out generated tasks through `onpolicy eval`'s path (greedy).
 
-Status (2026-11-29): written and its TRL configuration checked against trl 1.16, not yet run end to
-end (the session that wrote it ran out of time); `pip install -e .[trl]` first.
+Needs `pip install -e .[trl]`. Run 2026-11-29 with --steps 3 (results in BENCHMARKS.md).
 """
 
 from __future__ import annotations
