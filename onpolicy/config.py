@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from onpolicy.diffusion.policy import LOSS_TYPES, REWARD_FORMS, SCALE_REWARDS
 from onpolicy.errors import ConfigError
 from onpolicy.sampling import SamplerConfig
 
@@ -29,6 +30,7 @@ SCHEDULES = ("linear", "cosine")
 T_SAMPLING = ("stratified", "antithetic", "iid")
 PRECISIONS = ("bf16", "fp32")
 WANDB_MODES = ("disabled", "offline", "online")
+SURROGATES = ("none", "progress", "jump", "both")  # stage 4's edit-distance surrogate(s)
 
 
 @dataclass
@@ -229,7 +231,6 @@ class OnPolicyConfig:
 
     stage: str = "onpolicy"
     model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the stage's starting model (required)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # unused: the tokenizer comes with init_from
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -243,10 +244,10 @@ class OnPolicyConfig:
         r, rw, loss = self.rollout, self.reward, self.loss
         if not self.model.init_from:
             raise ConfigError("stage onpolicy starts from a trained model: set model.init_from=FOLDER")
-        _one_of(rw.form, ("multiplicative", "additive"), "reward.form")
-        _one_of(rw.scale_rewards, ("group", "batch", "none"), "reward.scale_rewards")
-        _one_of(loss.loss_type, ("grpo", "dr_grpo", "dapo"), "loss.loss_type")
-        _one_of(loss.surrogate, ("none", "progress", "jump", "both"), "loss.surrogate")
+        _one_of(rw.form, REWARD_FORMS, "reward.form")
+        _one_of(rw.scale_rewards, SCALE_REWARDS, "reward.scale_rewards")
+        _one_of(loss.loss_type, LOSS_TYPES, "loss.loss_type")
+        _one_of(loss.surrogate, SURROGATES, "loss.surrogate")
         if r.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2 (advantages are relative to the group)")
         if r.sampler.remask_threshold is not None:

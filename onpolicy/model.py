@@ -89,7 +89,7 @@ class KVCache:
     length: int = 0  # slots that hold cached tokens
     capacity: int = 0  # slots to allocate at the first write (grown as needed)
     last_logits: torch.Tensor | None = None  # [B, 1, V] raw logits of the last cached token (shift_logits)
-    mask_memo: tuple | None = None  # (key, mask): a query shape repeated at the same length reuses its mask
+    mask_memo: tuple | None = None  # (length, q_pos, q_block, q_valid, mask): the same query at the same length reuses its mask
 
     def reserve(self, batch: int, needed: int, layers: int, heads: int, head_dim: int, dtype, device) -> None:
         """Make room for `needed` slots (allocating at first use, copying only to grow)."""
@@ -154,8 +154,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # computed in fp32 whatever the autocast dtype; F.rms_norm is one kernel (the per-forward
-        # cost of this small model at batch 1 is mostly the number of kernels launched)
+        # computed in fp32 whatever the autocast dtype; F.rms_norm is one kernel instead of six
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 

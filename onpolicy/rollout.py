@@ -24,6 +24,7 @@ from onpolicy.sampling import (
     TrajectoryRow,
     generate,
     layout,
+    left_pad,
     proposal_logits,
     tokens_per_forward,
 )
@@ -124,9 +125,7 @@ def _pack(rows: list[TrajectoryRow], special: SpecialTokens, mode: str, device) 
     step index: within its block for block_causal (every block's j-th step is replayed by one
     forward), within the row for bidirectional and causal."""
     for r in rows:
-        if not r.replayable:
-            raise ValueError("a trajectory decoded with self-correction (remask_threshold) cannot be replayed exactly; "
-                             "decode without it where replay is needed")
+        r.check_replayable()
     blocks = {r.block_size for r in rows}
     if len(blocks) != 1:
         raise ValueError(f"rows decoded with different block sizes {sorted(blocks)} cannot be replayed together")
@@ -139,9 +138,7 @@ def _pack(rows: list[TrajectoryRow], special: SpecialTokens, mode: str, device) 
     else:
         width = max(len(r.canvas) for r in rows)
     width = max(width, block)
-    from onpolicy.sampling import _left_pad
-
-    prompt, prompt_valid = _left_pad([r.prompt for r in rows], special.pad, device)
+    prompt, prompt_valid = left_pad([r.prompt for r in rows], special.pad, device)
     canvas = torch.full((len(rows), width), special.mask, dtype=torch.long)
     valid = torch.zeros((len(rows), width), dtype=torch.bool)
     forward = torch.zeros((len(rows), width), dtype=torch.long)

@@ -71,6 +71,11 @@ class TrajectoryRow:
     canvas_len: int  # the full canvas length of the call (bidirectional models see all of it)
     replayable: bool = True  # False when self-correction re-opened tokens (replay would not be exact)
 
+    def check_replayable(self) -> None:
+        if not self.replayable:
+            raise ValueError("self-correction (remask_threshold) re-opened tokens in this trajectory, which its record does "
+                             "not keep: it cannot be replayed exactly (decode without it where replay is needed)")
+
 
 @dataclass
 class Trajectory:
@@ -115,7 +120,8 @@ def tokens_per_forward(tokens: list[int], forwards: list[int]) -> float:
     return sum(tokens) / max(1, sum(forwards))
 
 
-def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch: ids [B, P] padded on the left, and which are real."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
     valid = torch.zeros_like(ids, dtype=torch.bool)
@@ -153,16 +159,17 @@ def proposal_logits(logits: torch.Tensor, special: SpecialTokens) -> torch.Tenso
     return logits.float().masked_fill(banned, torch.finfo(torch.float32).min)
 
 
-def _propose(logits: torch.Tensor, special: SpecialTokens, cfg: SamplerConfig, generators: list[torch.Generator | None],
+def _propose(logp: torch.Tensor, cfg: SamplerConfig, generators: list[torch.Generator | None],
              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidate token, its confidence, and its log-probability: [B, L, V] -> [B, L] x 3.
+
+    logp: the proposal distribution's log-probabilities (`proposal_logits(...).log_softmax(-1)`).
 
     Confidence is the model's own probability of the candidate (temperature 1, unfiltered), so the
     commit order does not depend on how the candidate was drawn. With temperature > 0 each row in
     `rows` (bool [B]: rows that step now) draws from its own generator, so its samples do not depend
     on its batch-mates; other rows draw nothing.
     """
-    logp = proposal_logits(logits, special).log_softmax(-1)
     if cfg.temperature <= 0:
         token = logp.argmax(-1)
     else:
@@ -179,7 +186,7 @@ def _propose(logits: torch.Tensor, special: SpecialTokens, cfg: SamplerConfig, g
         token = torch.zeros(logp.shape[:2], dtype=torch.long)
         for i in rows.nonzero().flatten().tolist():
             token[i] = torch.multinomial(draw[i], 1, generator=generators[i])[:, 0]
-        token = token.to(logits.device)
+        token = token.to(logp.device)
     token_logp = logp.gather(-1, token[..., None])[..., 0]
     return token, token_logp.exp(), token_logp
 
@@ -255,7 +262,7 @@ def generate(
     n_blocks = -(-cfg.max_new_tokens // block)
     gen_len = n_blocks * block
 
-    prompt, prompt_valid = _left_pad(prompts, special.pad, device)  # [B, P]
+    prompt, prompt_valid = left_pad(prompts, special.pad, device)  # [B, P]
     batch, p_len = prompt.shape
     prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(prompt_valid, gen_len, block)
 
@@ -326,12 +333,13 @@ def generate(
                                  block_ids=full_blocks).logits[:, p_len + sl.start : p_len + sl.stop]
             if record_states:
                 states.append((canvas.clone().cpu(), stepping.clone().cpu(), logits.float().cpu()))
-            token, conf, logp = _propose(logits, special, cfg, generators, stepping)  # [B, block] x 3
+            dist = proposal_logits(logits, special).log_softmax(-1)  # [B, block, V], once per step
+            token, conf, logp = _propose(dist, cfg, generators, stepping)  # [B, block] x 3
             open_ = open_ & stepping[:, None]
             last_step = step == max_steps - 1
             if self_correct and not last_step:
                 current = canvas[:, sl]
-                p_current = proposal_logits(logits, special).softmax(-1).gather(-1, current[..., None])[..., 0]
+                p_current = dist.gather(-1, current[..., None])[..., 0].exp()
                 reopen = ~open_ & stepping[:, None] & (p_current < cfg.remask_threshold) & (token != current)
                 if reopen.any():
                     stats["remasked"] += int(reopen.sum())
@@ -341,7 +349,7 @@ def generate(
             if last_step:
                 chosen = open_
             elif soft:
-                chosen = _soft_commit_mask(proposal_logits(logits, special).softmax(-1).amax(-1), open_, cfg, generators, stepping)
+                chosen = _soft_commit_mask(dist.amax(-1).exp(), open_, cfg, generators, stepping)
             else:
                 chosen = _commit_mask(conf, open_, max(1, steps_per_block - step), cfg.threshold)
             canvas[:, sl] = torch.where(chosen, token, canvas[:, sl])
@@ -375,9 +383,7 @@ def replay_states(row: TrajectoryRow, mask_id: int) -> list[torch.Tensor]:
     A step is one of the row's forwards that committed tokens; before it, every position committed by
     an earlier forward shows its token and every other position is MASK (blocks not yet started
     included). Needs an exactly replayable row (no self-correction)."""
-    if not row.replayable:
-        raise ValueError("self-correction re-opened tokens in this trajectory; its states cannot be replayed exactly "
-                         "(decode without remask_threshold where replay is needed)")
+    row.check_replayable()
     committed = row.commit_forward > 0
     steps = row.commit_forward[committed].unique().tolist()  # sorted
     return [torch.where(committed & (row.commit_forward < f), row.canvas, torch.full_like(row.canvas, mask_id)) for f in steps]
