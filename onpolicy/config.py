@@ -181,6 +181,7 @@ class RolloutConfig:
     sampler: SamplerConfig = field(default_factory=_rollout_sampler)  # rollout decoding; temperature 1 = the policy itself
     verifier: str = "python-tests"  # a name, package.module:Class, entry point, or package.module:reward_function (TRL)
     verifier_timeout: float = 120.0  # seconds one verify call may take; past it its samples are excluded
+    strict: bool | None = None  # return-value check (verifiers.base): None = each task's own (generated: on)
 
 
 @dataclass

@@ -28,13 +28,14 @@ def wrong_completion(task: Task, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def verifier():
-    with PythonTestVerifier(limits=Limits(timeout_s=10, cpu_s=10)) as v:
+    with PythonTestVerifier(limits=Limits(timeout_s=10, cpu_s=10), strict=True) as v:
         yield v
 
 
 @needs_bwrap
 @pytest.mark.parametrize("name,count", [("humaneval", 164), ("mbpp", 974), ("mbpp-sanitized", 427)])
 def test_reference_solutions_pass_and_wrong_ones_fail(verifier, name, count):
+    """All 1,565 references pass in strict mode (their return values are honest builtins)."""
     tasks = load_tasks(name)
     assert len(tasks) == count
     good = verifier.verify(tasks, [t.canonical_solution for t in tasks])
@@ -198,3 +199,52 @@ def test_registry_wraps_a_trl_reward_function_and_pool_excludes_failures():
     pool = VerifierPool(Broken(), timeout_s=5)
     out = pool.verify([ADD], ["x"])
     assert out[0].status == "excluded" and "raised OSError: server down" in out[0].detail
+
+
+# Lying return values: each defines the entry point (generated tasks' `solve(xs)`, or any name via
+# {name}) so that what it returns claims to equal whatever the test expects.
+LIARS = {
+    "always-equal object": "class Liar:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\n",
+    "int subclass": "class Liar(int):\n    def __eq__(self, other):\n        return True\n",
+    "list subclass": "class Liar(list):\n    def __eq__(self, other):\n        return True\n",
+    "fake __len__/__iter__": ("class Liar:\n    def __len__(self):\n        return 0\n    def __iter__(self):\n"
+                              "        return iter(())\n    def __eq__(self, other):\n        return True\n"),
+    "patched Counter": ("import collections\ncollections.Counter.__eq__ = lambda self, other: True\n"
+                        "Liar = collections.Counter\n"),
+    "builtins rebound": ("import builtins\nclass Liar(list):\n    def __eq__(self, other):\n        return True\n"
+                         "builtins.type = lambda x: list\nbuiltins.list = Liar\n"),
+}
+
+
+def liar_program(kind: str, name: str, nested: bool = False, args: str = "*args") -> str:
+    value = "[Liar()]" if nested else "Liar()"
+    return f"\n{LIARS[kind]}\n\ndef {name}({args}):\n    return {value}\n"
+
+
+@needs_bwrap
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "nested"])
+def test_strict_mode_fails_lying_return_values(nested):
+    from onpolicy.data.generated import generate_tasks
+
+    gen = generate_tasks("validation", 3, seed=0)
+    humaneval = [t for t in load_tasks("humaneval") if t.task_id in ("HumanEval/0", "HumanEval/1", "HumanEval/7")]
+    kinds = list(LIARS)
+    with PythonTestVerifier(workers=2, limits=Limits(timeout_s=10, cpu_s=10)) as default, \
+            PythonTestVerifier(workers=2, limits=Limits(timeout_s=10, cpu_s=10), strict=True) as strict, \
+            PythonTestVerifier(workers=2, limits=Limits(timeout_s=10, cpu_s=10), strict=False) as lax:
+        # generated tasks are strict by default, HumanEval with the switch. The completion ends the
+        # prompt's function with `pass` and defines the entry point again (the last definition wins).
+        for tasks, v in ((gen, default), (humaneval, strict)):
+            batch = [t for t in tasks for _ in kinds]
+            completions = ["    pass\n" + liar_program(k, t.entry_point, nested=nested) for t in tasks for k in kinds]
+            verdicts = v.verify(batch, completions)
+            leaks = [(t.task_id, k) for t, k, r in zip(batch, kinds * len(tasks), verdicts) if r.passed]
+            assert not leaks, leaks
+            # the strict check is what stops them (generated tests' exact-type compare catches only
+            # a lie at the top level)
+            assert all(r.status == "failed" and "strict mode" in r.detail for r in verdicts), \
+                [(r.task_id, r.detail) for r in verdicts if "strict mode" not in r.detail]
+        # without the switch, HumanEval's `assert candidate(x) == y` trusts the liar: the hack is real
+        lax_verdicts = lax.verify(humaneval, ["    pass\n" + liar_program("always-equal object", t.entry_point, nested=False)
+                                              for t in humaneval])
+        assert [r.passed for r in lax_verdicts] == [True] * len(humaneval)

@@ -18,6 +18,9 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="sandbox slots (default: CPU count)")
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
     p.add_argument("--unsafe-no-sandbox", action="store_true", help="run WITHOUT bubblewrap (rlimits only): dangerous")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
+                   help="check that return values are exact builtin types before the tests compare them "
+                        "(default: each task's own setting; generated tasks are strict)")
 
 
 VERIFY_CHUNK = 256  # programs per verify() call: big enough to keep every sandbox worker busy
@@ -41,7 +44,7 @@ def run_verify(args: argparse.Namespace) -> int:
     kwargs = {}
     if args.verifier == "python-tests":
         kwargs = {"workers": args.workers, "limits": Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout))),
-                  "unsafe": args.unsafe_no_sandbox}
+                  "unsafe": args.unsafe_no_sandbox, "strict": args.strict}
     verifier = get_verifier(args.verifier, **kwargs)
     batch, completions = [tasks[str(r["task_id"])] for r in rows], [r["completion"] for r in rows]
     verdicts = []

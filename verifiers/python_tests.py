@@ -7,18 +7,23 @@ from verifiers.sandbox import Limits, Sandbox
 
 
 class PythonTestVerifier:
-    """Score 1.0 when `check(entry_point)` ran to the end inside the sandbox, else 0.0."""
+    """Score 1.0 when `check(entry_point)` ran to the end inside the sandbox, else 0.0.
+
+    `strict`: None follows each task's own flag (generated tasks are strict), True checks every
+    task's return values for exact builtin types (verifiers.base.strict_program), False none."""
 
     name = "python-tests"
 
-    def __init__(self, workers: int | None = None, limits: Limits | None = None, unsafe: bool = False, sandbox: Sandbox | None = None):
+    def __init__(self, workers: int | None = None, limits: Limits | None = None, unsafe: bool = False, sandbox: Sandbox | None = None,
+                 strict: bool | None = None):
+        self.strict = strict
         self._own = sandbox is None
         self.sandbox = sandbox or Sandbox(workers=workers, limits=limits, unsafe=unsafe)
 
     def verify(self, tasks: list[Task], completions: list[str]) -> list[Verdict]:
         if len(tasks) != len(completions):
             raise ValueError(f"{len(tasks)} tasks but {len(completions)} completions")
-        programs = [t.program(c) for t, c in zip(tasks, completions)]
+        programs = [t.program(c, self.strict) for t, c in zip(tasks, completions)]
         results = self.sandbox.run_many(programs)
         return [
             Verdict(t.task_id, r.status == "passed", 1.0 if r.status == "passed" else 0.0, r.status, r.detail, round(r.seconds, 4))

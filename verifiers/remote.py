@@ -32,14 +32,15 @@ class RemoteVerifier:
     name = "remote"
 
     def __init__(self, url: str = "http://127.0.0.1:8080", timeout_s: float = 10.0, memory_mb: int = 1024,
-                 retries: int = 2, concurrency: int = 8, request_timeout_s: float | None = None):
+                 retries: int = 2, concurrency: int = 8, request_timeout_s: float | None = None, strict: bool | None = None):
+        self.strict = strict
         self.url = url.rstrip("/") + "/run_code"
         self.timeout_s, self.memory_mb, self.retries, self.concurrency = timeout_s, memory_mb, retries, concurrency
         self.request_timeout_s = request_timeout_s or timeout_s + 10
 
     def _one(self, task: Task, completion: str) -> Verdict:
         marker = f"__onpolicy_done_{secrets.token_hex(16)}__"
-        code = task.program(completion) + f"print({marker!r})\n"
+        code = task.program(completion, self.strict) + f"print({marker!r})\n"
         body = json.dumps({"code": code, "language": "python", "run_timeout": self.timeout_s, "memory_limit_MB": self.memory_mb}).encode()
         start, last_error = time.monotonic(), ""
         for attempt in range(self.retries + 1):

@@ -15,9 +15,10 @@ What it covers (each one tested by tests/test_sandbox_hostile.py, run only throu
   the sandbox's own PID namespace), so no process outlives its verdict.
 
 What it does not cover: a program that attacks the harness from inside its own process (reads its
-memory or speaks its pipe protocol during the tests) can forge a pass; a program whose return
-values lie (`__eq__` always True) passes `assert f(x) == y`. These are reward hacks of the test,
-not escapes from the sandbox: the host stays safe either way. Kernel exploits are out of scope.
+memory or speaks its pipe protocol during the tests) can forge a pass. Return values that lie
+(`__eq__` always True) are stopped by the verifiers' strict mode (verifiers.base.strict_program),
+not by the sandbox. These are reward hacks of the test, not escapes from the sandbox: the host
+stays safe either way. Kernel exploits are out of scope.
 
 Where bubblewrap is missing, `Sandbox()` refuses with instructions; `Sandbox(unsafe=True)` runs the
 same workers with rlimits only and warns loudly.

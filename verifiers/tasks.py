@@ -69,7 +69,8 @@ def load_jsonl(path: str | Path) -> list[Task]:
         missing = {"task_id", "prompt", "entry_point", "test"} - set(row)
         if missing:
             raise ValueError(f"{path}:{i + 1}: missing fields {sorted(missing)} (human-eval problem format)")
-        tasks.append(Task(str(row["task_id"]), row["prompt"], row["entry_point"], row["test"], row.get("canonical_solution", "")))
+        tasks.append(Task(str(row["task_id"]), row["prompt"], row["entry_point"], row["test"], row.get("canonical_solution", ""),
+                          bool(row.get("strict", False))))
     return tasks
 
 

@@ -92,6 +92,11 @@ def _render(ops: list[Op], name: str) -> tuple[str, str]:
     return prompt, body
 
 
+# Generated tests compare exact types as well as values (a subclass of list or int that claims to be
+# equal fails), and generated tasks run in the verifiers' strict mode (verifiers.base.strict_program).
+EXACT_COMPARE = "def _same(got, want):\n    return type(got) is type(want) and got == want\n\n\n"
+
+
 def _make(rng: random.Random, level: int, name: str) -> tuple[list[Op], str, str, str]:
     """`level` list operations, then (half of the time) a reduction."""
     ops = [_list_op(rng) for _ in range(level)]
@@ -104,8 +109,9 @@ def _make(rng: random.Random, level: int, name: str) -> tuple[list[Op], str, str
     lines = []
     for i in range(5):  # one edge case (empty or single), four ordinary lists
         xs = [rng.randint(-20, 80) for _ in range(rng.randint(0, 1) if i == 0 else rng.randint(3, 10))]
-        lines.append(f"    assert candidate({xs!r}) == {fn(list(xs))!r}")
-    test = "def check(candidate):\n" + "\n".join(lines) + "\n"
+        want = fn(list(xs))
+        lines.append(f"    assert _same(candidate({xs!r}), {want!r})")
+    test = EXACT_COMPARE + "def check(candidate):\n" + "\n".join(lines) + "\n"
     return ops, prompt, body, test
 
 
@@ -140,7 +146,7 @@ def generate_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = 
         seen.add(prompt)
         misses[level] = 0
         turn += 1
-        tasks.append(Task(f"generated/{split}/L{level}/{len(tasks)}", prompt, name, test, body))
+        tasks.append(Task(f"generated/{split}/L{level}/{len(tasks)}", prompt, name, test, body, strict=True))
     return tasks
 
 
@@ -192,7 +198,7 @@ def generate_repair_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, 
         prompt = (f"# The function below has a bug. Fix it so that it does what its docstring says.\n"
                   f"{header}{buggy}\n\n# Fixed version:\n{header}")
         out.append(Task(task.task_id.replace("generated/", "repair/", 1), prompt, task.entry_point, task.test,
-                        task.canonical_solution))
+                        task.canonical_solution, strict=True))
     if len(out) < n:
         raise ValueError(f"only {len(out)} repair tasks could be made from {len(pool)} {split} tasks")
     return out

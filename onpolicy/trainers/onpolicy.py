@@ -249,7 +249,7 @@ def train(cfg: OnPolicyConfig) -> dict:
     pool_tasks = load_task_set(r.tasks, r.n_tasks, t.seed)
     val_tasks = load_task_set(cfg.validation.tasks, cfg.validation.n_tasks, t.seed)
     try:
-        verifier = get_verifier(r.verifier)
+        verifier = get_verifier(r.verifier, **({} if r.strict is None else {"strict": r.strict}))
     except (ValueError, TypeError) as e:  # a plugin that cannot be found or built: say so in one line
         raise ConfigError(f"rollout.verifier: {e}") from None
     pool = VerifierPool(verifier, r.verifier_timeout)
