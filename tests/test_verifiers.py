@@ -2,6 +2,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,7 +15,7 @@ from verifiers.remote import RemoteVerifier, make_server
 from verifiers.sandbox import Limits, Sandbox
 from verifiers.trl import RewardFunctionVerifier, as_reward_function
 
-from .conftest import run_cli
+from .conftest import ROOT, run_cli
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
 ADD = Task("t/add", "def add(a, b):\n", "add", "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n")
@@ -127,6 +129,58 @@ def test_remote_client_against_local_server_and_dead_server():
     (dead,) = RemoteVerifier(f"http://127.0.0.1:{port}", retries=1, request_timeout_s=2).verify([ADD], ["    return a + b\n"])
     assert dead.status == "excluded" and "unreachable" in dead.detail and dead.score == 0.0
     assert time.monotonic() - start < 10
+
+
+@needs_bwrap
+def test_fleet_shards_fails_over_and_guards_with_a_token(monkeypatch):
+    monkeypatch.delenv("VERIFIERS_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="beyond loopback, without a shared token"):
+        make_server("0.0.0.0", 0, None)
+    with socket.socket() as s:  # a server that is down from the start
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with Sandbox(workers=2, limits=Limits(timeout_s=5, cpu_s=5)) as sb:
+        servers = [make_server("127.0.0.1", 0, sb), make_server("127.0.0.1", 0, sb, token="s3cret")]
+        for server in servers:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        open_url, guarded_url = (f"http://127.0.0.1:{server.server_port}" for server in servers)
+        try:
+            fleet = RemoteVerifier([open_url, dead], timeout_s=3, retries=1, concurrency=2)
+            assert fleet.health()[open_url]["status"] == "ok" and fleet.health()[dead]["status"] == "down"
+            verdicts = fleet.verify([ADD] * 12, ["    return a + b\n", "    return 0\n"] * 6)
+            assert [v.passed for v in verdicts] == [True, False] * 6
+            assert fleet.answered[open_url] == 12 and fleet.answered[dead] == 0 and fleet.failures[dead] >= 1
+            # the guarded server: no token or a wrong one is refused (excluded, with the reason)
+            (refused,) = RemoteVerifier(guarded_url, retries=0).verify([ADD], ["    return a + b\n"])
+            assert refused.status == "excluded" and "401" in refused.detail
+            (wrong,) = RemoteVerifier(guarded_url, retries=0, token="guess").verify([ADD], ["    return a + b\n"])
+            assert wrong.status == "excluded"
+            monkeypatch.setenv("VERIFIERS_TOKEN", "s3cret")
+            (ok,) = RemoteVerifier(guarded_url).verify([ADD], ["    return a + b\n"])
+            assert ok.passed
+        finally:
+            for server in servers:
+                server.shutdown()
+                server.server_close()
+
+
+@pytest.mark.slow
+@needs_bwrap
+def test_five_thousand_programs_through_a_fleet_with_a_server_killed(tmp_path):
+    """Two `verifiers serve` processes, the second killed after 30% of the verdicts: every program
+    gets exactly one verdict, in order, and each one is right or excluded with its reason."""
+    out = tmp_path / "load.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "remote_load.py"), "--programs", "5000", "--out", str(out)],
+                   check=True, timeout=600, cwd=ROOT)
+    report = json.loads(out.read_text())
+    assert report["lost"] == 0 and report["duplicated"] == 0 and report["in_order"]
+    assert report["wrong_verdicts"] == 0
+    assert sum(report["statuses"].values()) == 5000
+    assert all(e["reason"] for e in report["excluded"])
+    assert report["killed"]["after_verdicts"] >= 1500
+    killed = report["per_server"][report["killed"]["url"]]
+    assert 0 < killed["answered"] < 5000 and killed["failed_requests"] >= 1
+    assert all(s["answers_per_s"] > 0 for s in report["per_server"].values())
 
 
 @needs_bwrap

@@ -73,17 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--token", default=None, help="shared token clients must send (required beyond loopback; "
+                                                    "default: $VERIFIERS_TOKEN)")
     p = sub.add_parser("verify", help="verify completions (as `onpolicy verify`)")
     add_verify_arguments(p)
     args = parser.parse_args(argv)
     try:
         if args.command == "verify":
             return run_verify(args)
-        from verifiers.remote import make_server
+        import os
+
+        from verifiers.remote import TOKEN_ENV, make_server, require_token
         from verifiers.sandbox import Sandbox
 
+        token = args.token or os.environ.get(TOKEN_ENV)
+        require_token(args.host, token)  # refuse before starting any sandbox
         with Sandbox(workers=args.workers) as sandbox:
-            server = make_server(args.host, args.port, sandbox)
+            server = make_server(args.host, args.port, sandbox, token)
             print(f"verifiers: serving POST http://{args.host}:{server.server_port}/run_code with {sandbox.size} sandbox workers", flush=True)
             try:
                 server.serve_forever()

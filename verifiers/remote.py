@@ -5,21 +5,32 @@
                "run_result": {"status": "Finished"|"TimeLimitExceeded"|"Error", "return_code",
                               "stdout", "stderr", "execution_time"}}
 
-`RemoteVerifier` is the client: point it at a SandboxFusion deployment or at `verifiers serve`,
-which answers the same API from our own sandbox (loopback only by default). Our server adds
-`"onpolicy_passed"`, the sandbox's pass proof; against a third-party server the client falls back
-to return code 0 *and* a per-request marker printed after the tests (weaker: a hostile program can
-read the marker in its own source). Timeouts and retries are bounded; a dead server costs each
-sample a zero score with the reason, never a hung trainer.
+`RemoteVerifier` is the client: point it at one SandboxFusion deployment or `verifiers serve`, or
+at a fleet of them. Requests are sharded round-robin over the servers with `concurrency` requests in
+flight per server; a server that fails a request (refused, reset, timed out, 5xx) is benched for
+`cooldown_s` and the request goes to the next live server, so a server dying mid-run costs nothing
+but time. Only a program that no server could answer in `retries + 1` rounds is *excluded*, with
+each server's error as the reason; every program gets exactly one verdict.
+
+Our server adds `"onpolicy_passed"`, the sandbox's pass proof; against a third-party server the
+client falls back to return code 0 *and* a per-request marker printed after the tests (weaker: a
+hostile program can read the marker in its own source). `GET /health` answers {"status": "ok",
+"workers", "served"}. A server bound beyond loopback requires a shared token (`--token` or
+VERIFIERS_TOKEN), which the client sends as `Authorization: Bearer ...`.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
+import os
 import secrets
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,33 +38,71 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from verifiers.base import Task, Verdict
 from verifiers.sandbox import Sandbox
 
+TOKEN_ENV = "VERIFIERS_TOKEN"
+
 
 class RemoteVerifier:
+    """`url`: one server, a comma-separated list, or a list of URLs (http://host:port)."""
+
     name = "remote"
 
-    def __init__(self, url: str = "http://127.0.0.1:8080", timeout_s: float = 10.0, memory_mb: int = 1024,
-                 retries: int = 2, concurrency: int = 8, request_timeout_s: float | None = None, strict: bool | None = None):
-        self.strict = strict
-        self.url = url.rstrip("/") + "/run_code"
+    def __init__(self, url: str | list[str] = "http://127.0.0.1:8080", timeout_s: float = 10.0, memory_mb: int = 1024,
+                 retries: int = 2, concurrency: int = 8, request_timeout_s: float | None = None, strict: bool | None = None,
+                 token: str | None = None, cooldown_s: float = 5.0):
+        urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
+        if not urls or not all(urls):
+            raise ValueError(f"RemoteVerifier needs at least one server URL, got {url!r}")
+        self.servers = [u.rstrip("/") for u in urls]
         self.timeout_s, self.memory_mb, self.retries, self.concurrency = timeout_s, memory_mb, retries, concurrency
         self.request_timeout_s = request_timeout_s or timeout_s + 10
+        self.strict, self.cooldown_s = strict, cooldown_s
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self._lock = threading.Lock()
+        self._benched_until = dict.fromkeys(self.servers, 0.0)
+        self._next = 0
+        self.answered: Counter[str] = Counter()  # verdicts per server, over this verifier's life
+        self.failures: Counter[str] = Counter()  # failed requests per server
+
+    def _order(self) -> list[str]:
+        """Servers to try for the next request: round-robin from the next one, benched ones last."""
+        with self._lock:
+            start, self._next = self._next, self._next + 1
+        now = time.monotonic()
+        ring = [self.servers[(start + i) % len(self.servers)] for i in range(len(self.servers))]
+        return sorted(ring, key=lambda u: self._benched_until[u] > now)  # stable: live ones first
+
+    def _post(self, server: str, body: bytes) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(server + "/run_code", data=body, headers=headers)
+        with urllib.request.urlopen(req, timeout=self.request_timeout_s) as resp:
+            return json.loads(resp.read())
 
     def _one(self, task: Task, completion: str) -> Verdict:
         marker = f"__onpolicy_done_{secrets.token_hex(16)}__"
         code = task.program(completion, self.strict) + f"print({marker!r})\n"
         body = json.dumps({"code": code, "language": "python", "run_timeout": self.timeout_s, "memory_limit_MB": self.memory_mb}).encode()
-        start, last_error = time.monotonic(), ""
+        start, errors = time.monotonic(), {}
         for attempt in range(self.retries + 1):
-            try:
-                req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=self.request_timeout_s) as resp:
-                    reply = json.loads(resp.read())
+            for server in self._order():
+                try:
+                    reply = self._post(server, body)
+                except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as e:
+                    reason = e.reason if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError) else e
+                    errors[server] = f"{type(e).__name__}: {reason}"
+                    with self._lock:
+                        self._benched_until[server] = time.monotonic() + self.cooldown_s
+                        self.failures[server] += 1
+                    continue
+                with self._lock:
+                    self.answered[server] += 1
                 return self._verdict(task, reply, marker, time.monotonic() - start)
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as e:
-                last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-                if attempt < self.retries:
-                    time.sleep(min(2.0, 0.2 * 2**attempt))
-        return Verdict(task.task_id, False, 0.0, "excluded", f"verifier server unreachable after {self.retries + 1} tries ({last_error})",
+            if attempt < self.retries:
+                time.sleep(min(2.0, 0.2 * 2**attempt))
+        why = "; ".join(f"{u}: {e}" for u, e in errors.items())
+        return Verdict(task.task_id, False, 0.0, "excluded",
+                       f"verifier server unreachable after {self.retries + 1} tries of {len(self.servers)} server(s) ({why})"[:500],
                        round(time.monotonic() - start, 4))
 
     @staticmethod
@@ -71,15 +120,48 @@ class RemoteVerifier:
         return Verdict(task.task_id, passed, 1.0 if passed else 0.0, status, detail[:500], round(seconds, 4))
 
     def verify(self, tasks: list[Task], completions: list[str]) -> list[Verdict]:
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+        if len(tasks) != len(completions):
+            raise ValueError(f"{len(tasks)} tasks but {len(completions)} completions")
+        with ThreadPoolExecutor(max_workers=self.concurrency * len(self.servers)) as pool:
             return list(pool.map(self._one, tasks, completions))
+
+    def health(self) -> dict[str, dict]:
+        """Each server's GET /health answer, or {"status": "down", "error": ...}."""
+        out = {}
+        for server in self.servers:
+            try:
+                with urllib.request.urlopen(server + "/health", timeout=5) as resp:
+                    out[server] = json.loads(resp.read())
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
+                out[server] = {"status": "down", "error": f"{type(e).__name__}: {e}"}
+        return out
 
 
 _RUN_STATUS = {"passed": "Finished", "failed": "Finished", "timeout": "TimeLimitExceeded", "error": "Error", "excluded": "SandboxError"}
 
 
-def make_server(host: str, port: int, sandbox: Sandbox) -> ThreadingHTTPServer:
-    """An HTTP server answering SandboxFusion's /run_code from `sandbox`."""
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_token(host: str, token: str | None) -> None:
+    if not is_loopback(host) and not token:
+        raise ValueError(f"refusing to serve on {host}, beyond loopback, without a shared token: anyone who can reach "
+                         f"the port could run code here. Pass --token SECRET (or set {TOKEN_ENV}) and give clients the same.")
+
+
+def make_server(host: str, port: int, sandbox: Sandbox, token: str | None = None) -> ThreadingHTTPServer:
+    """An HTTP server answering SandboxFusion's /run_code from `sandbox`, and GET /health.
+
+    Beyond loopback it runs only with a shared `token` (anyone who can reach the port could
+    otherwise run programs on this machine); with a token, every /run_code request must carry it."""
+    require_token(host, token)
+    served = Counter()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet by default
@@ -93,9 +175,16 @@ def make_server(host: str, port: int, sandbox: Sandbox) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(data)
 
+        def do_GET(self):  # noqa: N802
+            if self.path != "/health":
+                return self._reply(404, {"status": "SandboxError", "message": f"unknown path {self.path}"})
+            self._reply(200, {"status": "ok", "workers": sandbox.size, "served": served["programs"]})
+
         def do_POST(self):  # noqa: N802
             if self.path != "/run_code":
                 return self._reply(404, {"status": "SandboxError", "message": f"unknown path {self.path}"})
+            if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
+                return self._reply(401, {"status": "SandboxError", "message": "missing or wrong token"})
             try:
                 req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 if req.get("language", "python") != "python":
@@ -104,6 +193,7 @@ def make_server(host: str, port: int, sandbox: Sandbox) -> ThreadingHTTPServer:
                 limits = replace(sandbox.limits, timeout_s=timeout, cpu_s=max(1, int(timeout + 1)),
                                  memory_mb=int(req.get("memory_limit_MB", sandbox.limits.memory_mb)))
                 r = sandbox.run(str(req["code"]), limits)
+                served["programs"] += 1
             except Exception as e:  # malformed request
                 return self._reply(400, {"status": "SandboxError", "message": f"{type(e).__name__}: {e}"})
             self._reply(200, {
