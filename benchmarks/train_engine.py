@@ -82,13 +82,13 @@ def main() -> None:
     cfg = load_config(args.recipe, args.overrides)
     t = cfg.train
     dist = eng.setup_distributed(cfg.data.cache_dir, t.threads)
-    _, corpus, special = prepare_data(cfg, dist.is_main)
+    _, corpus, special = prepare_data(cfg, dist.local_rank == 0)
 
     contenders = {}
     torch.manual_seed(t.seed)
     contenders["bare_torch"] = Bare(build_model(cfg, special, {}).to(dist.device), cfg)
     for stage in args.zero:
-        ds_config = eng.deepspeed_config(f"recipes/deepspeed/zero{stage}.json", t.micro_batch_size, t.grad_accum, 1, t.grad_clip)
+        ds_config = eng.deepspeed_config(f"recipes/deepspeed/zero{stage}.json", t.micro_batch_size, t.grad_accum, 1, t.grad_clip, t.precision)
         torch.manual_seed(t.seed)
         model = build_model(cfg, special, ds_config)
         optimizer = eng.make_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))

@@ -1,6 +1,7 @@
 """The `onpolicy` command.
 
     onpolicy train RECIPE.yaml [key=value ...] [--nproc N]
+    onpolicy prepare-data RECIPE.yaml [key=value ...]
     onpolicy sample CHECKPOINT --prompt "def add(a, b):"
     onpolicy verify TASKS.jsonl COMPLETIONS.jsonl --out RESULTS.jsonl
     onpolicy bench DIFFUSION_CKPT --ar AR_CKPT [--before CKPT] --out bench.json --png bench.png
@@ -47,6 +48,24 @@ def _relaunch(args: argparse.Namespace, cfg) -> int:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    """Tokenizer and memory-mapped corpus shards of a recipe, built ahead of training (run it once per
+    node when each node has its own cache folder)."""
+    from onpolicy.config import load_config
+    from onpolicy.errors import ConfigError
+    from onpolicy.trainers.common import prepare_data
+
+    cfg = load_config(args.recipe, args.overrides)
+    if not hasattr(cfg, "data"):
+        raise ConfigError(f"{args.recipe}: stage '{cfg.stage}' trains on no corpus (no data section)")
+    _, corpus, special = prepare_data(cfg, builder=True)
+    folder = Path(cfg.data.cache_dir) / "corpus" / corpus.meta["key"]
+    m = corpus.meta
+    print(f"{folder}: train {m['train_rows']} x {m['seq_len']} ({m['train_tokens']:,} tokens), "
+          f"val {m['val_rows']} x {m['seq_len']}, {m['dtype']} (vocabulary {special.vocab_size:,})")
+    return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -137,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this machine; >1 relaunches under torchrun")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("prepare-data", help="build a recipe's tokenizer and memory-mapped token shards ahead of training")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=my_code/")
+    p.set_defaults(func=_prepare_data)
+
     p = sub.add_parser("sample", help="generate code from a checkpoint")
     p.add_argument("checkpoint", help="an HF folder written by onpolicy (or a run folder: its final/ is used)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
@@ -205,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come before or after options (`train R --nproc 2 a=1 b=2`)
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "train" or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "prepare-data") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     from onpolicy.errors import CheckpointError, ConfigError

@@ -25,7 +25,8 @@ from onpolicy.diffusion.policy import LOSS_TYPES, REWARD_FORMS, SCALE_REWARDS
 from onpolicy.errors import ConfigError
 from onpolicy.sampling import SamplerConfig
 
-ATTENTION_MODES = ("bidirectional", "block_causal", "causal")
+ATTENTION_MODES = ("bidirectional", "block_causal", "causal")  # = onpolicy.model's (tests/test_config.py checks)
+ATTENTION_KERNELS = ("auto", "sdpa", "flex")  # = onpolicy.model's
 SCHEDULES = ("linear", "cosine")
 T_SAMPLING = ("stratified", "antithetic", "iid")
 PRECISIONS = ("bf16", "fp32")
@@ -48,6 +49,7 @@ class ModelConfig:
     init_from: str | None = None  # an HF folder written by onpolicy to start from
     shift_logits: bool = False  # diffusion predicts position i from the hidden state at i - 1 (Dream's
     #                             AR-to-diffusion adaptation: keeps what an AR init learned); not for causal
+    attention_kernel: str = "auto"  # auto | sdpa | flex: flex_attention block masks (no dense mask) on GPU
 
 
 @dataclass
@@ -99,7 +101,8 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
-    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    precision: str = "bf16"  # bf16 (DeepSpeed bf16: bf16 weights, fp32 master weights; autocast) | fp32
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more compute
     deepspeed: str = "recipes/deepspeed/zero0.json"  # ZeRO config file
     seed: int = 0  # seeds init, data order and noise
     threads: int | None = None  # torch CPU threads per rank; None = cores / ranks
@@ -355,6 +358,7 @@ def check_common(cfg) -> None:
     """Checks of the sections every stage shares (model, train, logging, lora)."""
     m, t = cfg.model, cfg.train
     _one_of(m.attention, ATTENTION_MODES, "model.attention")
+    _one_of(m.attention_kernel, ATTENTION_KERNELS, "model.attention_kernel")
     _one_of(t.precision, PRECISIONS, "train.precision")
     _one_of(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
     if m.hidden_size % m.num_attention_heads:

@@ -98,8 +98,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def deepspeed_config(path: str, micro_batch_size: int, grad_accum: int, world_size: int, grad_clip: float) -> dict:
-    """Read a recipes/deepspeed/*.json file and fill in the batch geometry from our config."""
+def deepspeed_config(path: str, micro_batch_size: int, grad_accum: int, world_size: int, grad_clip: float,
+                     precision: str = "fp32") -> dict:
+    """Read a recipes/deepspeed/*.json file and fill in the batch geometry and precision from our config.
+
+    Hugging Face-style `"auto"` fields are filled from the recipe. The `bf16` block follows
+    `train.precision` (bf16: DeepSpeed keeps bf16 weights and fp32 master weights in the optimizer);
+    a file that says otherwise is refused rather than silently winning."""
     p = Path(path)
     if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
         p = REPO_ROOT / p
@@ -113,6 +118,14 @@ def deepspeed_config(path: str, micro_batch_size: int, grad_accum: int, world_si
     cfg["gradient_accumulation_steps"] = grad_accum
     cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
     cfg["gradient_clipping"] = grad_clip
+    if (cfg.get("fp16") or {}).get("enabled") not in (None, False, "auto"):
+        raise ValueError(f"{p}: fp16 is not supported (use train.precision: bf16 or fp32)")
+    cfg.pop("fp16", None)
+    bf16 = dict(cfg.get("bf16") or {})
+    if bf16.get("enabled", "auto") not in ("auto", precision == "bf16"):
+        raise ValueError(f"{p}: bf16.enabled is {bf16['enabled']} but train.precision is {precision}; "
+                         "write \"auto\" (or leave the bf16 block out) and set train.precision")
+    cfg["bf16"] = {**bf16, "enabled": precision == "bf16"}
     cfg.setdefault("steps_per_print", 1 << 30)  # we log ourselves
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg

@@ -23,6 +23,10 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 ATTENTION_MODES = ("bidirectional", "block_causal", "causal")
+# sdpa: a boolean mask [B, 1, Lq, Lk] (the CPU path, and every forward with a KV cache); flex:
+# flex_attention with a BlockMask built from the block rule, never a dense mask (compiled on GPU);
+# auto: flex on CUDA for cache-free block_causal forwards (training), sdpa otherwise.
+ATTENTION_KERNELS = ("auto", "sdpa", "flex")
 
 
 class DiffusionTransformerConfig(PretrainedConfig):
@@ -43,10 +47,13 @@ class DiffusionTransformerConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         mask_token_id: int | None = None,
         shift_logits: bool = False,
+        attention_kernel: str = "auto",
         **kwargs,
     ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention='{attention}' is not one of {ATTENTION_MODES}")
+        if attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel='{attention_kernel}' is not one of {ATTENTION_KERNELS}")
         if shift_logits and attention == "causal":
             raise ValueError("shift_logits is for diffusion models (a causal model's loss shifts already)")
         self.vocab_size = vocab_size
@@ -64,6 +71,7 @@ class DiffusionTransformerConfig(PretrainedConfig):
         # Dream-style AR-to-diffusion adaptation: the prediction for position i is read from the hidden
         # state at i - 1, as in the AR model the weights came from (see `shift_to_previous`).
         self.shift_logits = shift_logits
+        self.attention_kernel = attention_kernel
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -147,6 +155,43 @@ def attention_allowed(
     return (allowed & k_valid[:, None, :])[:, None]
 
 
+def flex_block_mask(mode: str, pos: torch.Tensor, block: torch.Tensor, valid: torch.Tensor, noisy: torch.Tensor | None):
+    """The same rule as `attention_allowed` (queries = keys, no cache) as a flex_attention BlockMask:
+    evaluated per tile, so no dense [B, 1, L, L] mask exists on GPU (where mask building is compiled).
+    A padding query sees itself, as in the dense path, so no row is empty."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        if mode == "causal":
+            rule = pos[b, k] <= pos[b, q]
+        elif mode == "bidirectional":
+            rule = valid[b, k]
+        elif noisy is None:
+            rule = block[b, k] <= block[b, q]
+        else:
+            qn, kn, qb, kb = noisy[b, q], noisy[b, k], block[b, q], block[b, k]
+            rule = torch.where(qn, (~kn & (kb < qb)) | (kn & (kb == qb)), ~kn & (kb <= qb))
+        return (rule & valid[b, k]) | (q == k)
+
+    n = pos.shape[1]
+    return create_block_mask(mask_mod, pos.shape[0], None, n, n, device=pos.device, _compile=pos.is_cuda)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask):
+    """torch's flex_attention: compiled once on GPU (its fast path), eager on CPU (tests)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if not q.is_cuda:
+        return flex(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -191,7 +236,10 @@ class Attention(nn.Module):
             cache.keys[layer][:, :, cache.length : end] = k.detach()
             cache.values[layer][:, :, cache.length : end] = v.detach()
             k, v = cache.keys[layer][:, :, :end].to(q.dtype), cache.values[layer][:, :, :end].to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal)
+        if allowed is not None and not isinstance(allowed, torch.Tensor):  # a flex BlockMask
+            out = flex_attention(q, k, v, allowed)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -222,7 +270,7 @@ class Layer(nn.Module):
 class DiffusionTransformer(PreTrainedModel):
     config_class = DiffusionTransformerConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Layer"]
     _supports_sdpa = True
 
@@ -232,6 +280,9 @@ class DiffusionTransformer(PreTrainedModel):
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Recompute each layer's activations in the backward pass instead of keeping them (set by
+        # `train.gradient_checkpointing`, or transformers' gradient_checkpointing_enable()).
+        self.gradient_checkpointing = False
         self.post_init()
 
     def _init_weights(self, module):
@@ -320,13 +371,24 @@ class DiffusionTransformer(PreTrainedModel):
             cache.reserve(b, end, cfg.num_hidden_layers, cfg.num_attention_heads, head_dim, x.dtype, device)
             cache.positions[:, past_len:end], cache.block_ids[:, past_len:end], cache.valid[:, past_len:end] = position_ids, block_ids, valid
             k_pos, k_block, k_valid = cache.positions[:, :end], cache.block_ids[:, :end], cache.valid[:, :end]
-        allowed = self._attention_mask(position_ids, block_ids, noisy, k_pos, k_block, k_valid, k_noisy, cache)
+        kernel = cfg.attention_kernel
+        if kernel == "auto":
+            kernel = "flex" if device.type == "cuda" and cfg.attention == "block_causal" and cache is None else "sdpa"
+        if kernel == "flex" and cache is None:
+            allowed = flex_block_mask(cfg.attention, position_ids, block_ids, valid, noisy)
+        else:
+            allowed = self._attention_mask(position_ids, block_ids, noisy, k_pos, k_block, k_valid, k_noisy, cache)
         # A pure causal pass with no padding and no cache takes SDPA's fused causal path.
         fast_causal = allowed is None and cfg.attention == "causal" and cache is None
 
         cos, sin = rope_cos_sin(position_ids, head_dim, cfg.rope_theta, x.dtype)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, allowed, cache, i, is_causal=fast_causal)
+            if recompute:
+                checkpoint = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint
+                x = checkpoint(layer.__call__, x, cos, sin, allowed, cache, i, fast_causal)
+            else:
+                x = layer(x, cos, sin, allowed, cache, i, is_causal=fast_causal)
         raw = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
         logits = raw[:, :n]
         if cfg.shift_logits:
@@ -365,6 +427,12 @@ class DiffusionTransformer(PreTrainedModel):
         if cache is not None:
             cache.mask_memo = (cache.length, q_pos.clone(), q_block.clone(), q_valid.clone(), allowed)
         return allowed
+
+
+def _checkpoint(fn, *args):
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 def shift_to_previous(raw: torch.Tensor, n: int, block_ids: torch.Tensor, past: KVCache | None) -> torch.Tensor:

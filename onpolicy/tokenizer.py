@@ -13,6 +13,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from onpolicy.files import publish, temporary_sibling
+
 # Names of the special tokens a tokenizer trained by us carries. A loaded tokenizer keeps its own
 # tokens where it has them (e.g. Llama's eos) and gets only the missing ones added.
 PAD, BOS, EOS, MASK, SEP = "<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>", "<|sep|>"
@@ -123,7 +125,7 @@ def prepare_tokenizer(path: str | None, vocab_size: int, texts: list[str], cache
         chosen.append(t)
         budget -= len(t)
     tok = train_tokenizer(chosen, vocab_size)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = temporary_sibling(folder)
     tok.save_pretrained(str(tmp))
-    tmp.replace(folder)  # atomic: a half-written tokenizer is never found by a later run
+    publish(tmp, folder, lambda f: (f / "tokenizer.json").is_file())  # atomic, race-safe across processes
     return load_tokenizer(folder)

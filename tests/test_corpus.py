@@ -83,12 +83,43 @@ def test_corpus_cache_key_changes_with_inputs(tmp_path, code_dir):
     a = build_corpus(cfg, tok)
     assert a.train.shape[1] == 64 and a.val.numel() > 0
     b = build_corpus(cfg, tok)  # from cache
-    assert b.meta["key"] == a.meta["key"] and torch.equal(a.train, b.train)
+    assert b.meta["key"] == a.meta["key"] and torch.equal(a.train[:], b.train[:])
     (code_dir / "new.py").write_text("x = 1\n" * 50)
     assert build_corpus(cfg, tok).meta["key"] != a.meta["key"]
     cfg.seq_len = 32
     assert build_corpus(cfg, tok).meta["key"] != a.meta["key"]
-    assert len(list((tmp_path / "cache" / "corpus").glob("*.pt"))) == 3
+    assert len(list((tmp_path / "cache" / "corpus").glob("*/meta.json"))) == 3
+    assert not list((tmp_path / "cache" / "corpus").glob(".*"))  # no temporary folders left
+
+
+def test_memory_mapped_shards_give_the_packed_corpus_batches(tmp_path, code_dir):
+    """The shards hold exactly what pack() makes in memory, as uint16, and batch_rows picks the same
+    int64 batches from either; a damaged shard is refused and rebuilt, not half-read."""
+    from onpolicy.data.corpus import TokenArray
+    from onpolicy.tokenizer import SpecialTokens
+    from onpolicy.trainers.common import batch_rows
+
+    cfg = DataConfig(source=str(code_dir), seq_len=32, cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
+    docs = load_documents(cfg)
+    tok = train_tokenizer([d.text for d in docs], vocab_size=400)
+    corpus = build_corpus(cfg, tok, docs)
+    train_docs, _ = split_documents(docs, cfg.val_fraction)
+    ids = tok([d.text for d in train_docs], add_special_tokens=False)["input_ids"]
+    packed = pack(ids, cfg.seq_len, SpecialTokens.from_tokenizer(tok).eos)
+    assert isinstance(corpus.train, TokenArray) and corpus.meta["dtype"] == "uint16"
+    assert corpus.train.shape == tuple(packed.shape)
+    assert (tmp_path / "cache" / "corpus" / corpus.meta["key"] / "train.bin").stat().st_size == packed.numel() * 2
+    for step in range(6):
+        rows = batch_rows(step, 0, 0, 1, 4, 1, packed.shape[0], seed=3)
+        got = corpus.train[rows]
+        assert got.dtype == torch.int64 and torch.equal(got, packed[rows])
+    assert torch.equal(corpus.val[0:2], corpus.val[torch.tensor([0, 1])])
+    shard = tmp_path / "cache" / "corpus" / corpus.meta["key"] / "train.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])  # a torn shard
+    with pytest.raises(ValueError, match="expected .* bytes"):
+        TokenArray(shard, corpus.meta["train_rows"], 32, "uint16")
+    rebuilt = build_corpus(cfg, tok, docs)
+    assert torch.equal(rebuilt.train[:], packed)
 
 
 def test_task_fraction_mixes_generated_tasks_into_the_corpus(code_dir):

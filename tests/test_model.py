@@ -155,3 +155,51 @@ def test_shifted_model_cache_equals_full_forward(make_model, special, block):
     assert cached.tokens == full.tokens
     alone = generate(model, prompts[1:], special, cfg)
     assert alone.tokens[0] == cached.tokens[1]
+
+
+def test_config_knows_the_models_attention_options():
+    from onpolicy import config, model
+
+    assert config.ATTENTION_MODES == model.ATTENTION_MODES and config.ATTENTION_KERNELS == model.ATTENTION_KERNELS
+
+
+@pytest.mark.parametrize("attention", ["block_causal", "causal", "bidirectional"])
+def test_flex_block_mask_equals_the_dense_mask_path(make_model, special, attention):
+    """The flex_attention path (GPU's kernel; eager here, where torch has no flex backward) gives the
+    SDPA path's logits, for BD3 training (clean copy appended) and with padding."""
+    model = make_model(attention=attention, block_size=4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, special.vocab_size, (2, 12), generator=g)
+    clean = torch.randint(5, special.vocab_size, (2, 12), generator=g)
+    pad = torch.ones(2, 12, dtype=torch.long)
+    pad[1, :3] = 0  # left padding in the second row
+    kwargs = {"attention_mask": pad}
+    if attention == "block_causal":
+        kwargs["clean_input_ids"] = clean
+    logits = {}
+    with torch.no_grad():
+        for kernel in ("sdpa", "flex"):
+            model.config.attention_kernel = kernel
+            logits[kernel] = model(ids, **kwargs).logits
+    real = pad.bool()
+    torch.testing.assert_close(logits["flex"][real], logits["sdpa"][real], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_same_gradients(make_model, special):
+    model = make_model(attention="block_causal", block_size=4).train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, special.vocab_size, (2, 16), generator=g)
+    clean = torch.randint(5, special.vocab_size, (2, 16), generator=g)
+    grads = []
+    for recompute in (False, True):
+        model.gradient_checkpointing = recompute
+        model.zero_grad()
+        model(ids, clean_input_ids=clean).logits.logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # and transformers' own switch reaches it
+    model.gradient_checkpointing = False
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    assert model.gradient_checkpointing

@@ -1,9 +1,15 @@
-"""Code corpus -> deduplicated documents -> train/validation split by file -> packed token tensors.
+"""Code corpus -> deduplicated documents -> train/validation split by file -> packed token shards.
 
 Default source: the Python source of the running interpreter's standard library (found through
 `sysconfig`, so it exists on every machine; it is under the PSF license, see NOTICE). Also: any
 folder or glob of code files, or a JSONL file with a text field. Tokenized corpora are cached on
 disk under a key that changes when the documents, the tokenizer or the packing change.
+
+On disk a corpus is a folder `<cache_dir>/corpus/<key>/` holding `train.bin` and `val.bin` (the
+packed rows, row after row, uint16 when the vocabulary fits, else int32) and `meta.json`. Training
+processes memory-map the shards (`TokenArray`): every rank on a machine shares the same page-cache
+pages, and a process's private memory does not grow with the corpus. `onpolicy prepare-data RECIPE`
+builds them ahead of a run.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from onpolicy.config import DataConfig
+from onpolicy.files import publish, temporary_sibling
 
 
 @dataclass(frozen=True)
@@ -26,10 +34,45 @@ class Document:
     text: str
 
 
+class TokenArray:
+    """[rows, seq_len] token ids in a memory-mapped file; indexing returns int64 tensors (what a
+    packed corpus in memory returned), reading only the rows asked for."""
+
+    def __init__(self, path: str | Path, rows: int, seq_len: int, dtype: str):
+        self.path = Path(path)
+        expected = rows * seq_len * np.dtype(dtype).itemsize
+        if not self.path.is_file() or self.path.stat().st_size != expected:
+            found = self.path.stat().st_size if self.path.is_file() else "no file"
+            raise ValueError(f"corpus shard {self.path}: expected {expected} bytes ({rows} x {seq_len} {dtype}), found {found}")
+        self._data = np.memmap(self.path, dtype=dtype, mode="r", shape=(rows, seq_len))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._data.shape
+
+    def __len__(self) -> int:
+        return self._data.shape[0]
+
+    def numel(self) -> int:
+        return self._data.size
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.numpy()
+        return torch.from_numpy(np.asarray(self._data[index], dtype=np.int64))
+
+    @staticmethod
+    def write(path: Path, tokens: torch.Tensor, vocab_size: int) -> str:
+        """Write [rows, seq_len] ids as a shard; returns its dtype (uint16 where the vocabulary fits)."""
+        dtype = "uint16" if vocab_size <= 1 << 16 else "int32"
+        tokens.numpy().astype(dtype).tofile(path)
+        return dtype
+
+
 @dataclass
 class PackedCorpus:
-    train: torch.Tensor  # [n_train, seq_len] int64
-    val: torch.Tensor  # [n_val, seq_len] int64
+    train: TokenArray  # [n_train, seq_len]: rows come back as int64 tensors
+    val: TokenArray  # [n_val, seq_len]
     meta: dict
 
 
@@ -148,19 +191,27 @@ def corpus_key(docs: list[Document], tokenizer_fp: str, cfg: DataConfig) -> str:
     return h.hexdigest()[:20]
 
 
+def open_corpus(folder: Path) -> PackedCorpus:
+    """Memory-map a corpus folder written by build_corpus."""
+    meta = json.loads((folder / "meta.json").read_text())
+    seq_len, dtype = meta["seq_len"], meta["dtype"]
+    return PackedCorpus(TokenArray(folder / "train.bin", meta["train_rows"], seq_len, dtype),
+                        TokenArray(folder / "val.bin", meta["val_rows"], seq_len, dtype), meta)
+
+
 def build_corpus(cfg: DataConfig, tokenizer, docs: list[Document] | None = None) -> PackedCorpus:
-    """Tokenize and pack the corpus, or load it from the cache if nothing changed."""
+    """Tokenize and pack the corpus into memory-mapped shards, or map the cached ones if nothing changed.
+
+    Safe for several processes at once (one per node on node-local disks, or all of them on a shared
+    one): each writes into its own temporary folder and renames it into place; a folder that is
+    already there wins, and is complete by construction."""
     from onpolicy.tokenizer import SpecialTokens, tokenizer_fingerprint
 
     docs = docs if docs is not None else load_documents(cfg)
     key = corpus_key(docs, tokenizer_fingerprint(tokenizer), cfg)
-    cache = Path(cfg.cache_dir) / "corpus" / f"{key}.pt"
-    if cache.exists():
-        try:
-            blob = torch.load(cache, weights_only=True)
-            return PackedCorpus(blob["train"], blob["val"], json.loads(blob["meta"]))
-        except Exception:
-            cache.unlink()  # a torn write from an interrupted run: rebuild it
+    folder = Path(cfg.cache_dir) / "corpus" / key
+    if _is_complete(folder):
+        return open_corpus(folder)
     special = SpecialTokens.from_tokenizer(tokenizer)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
 
@@ -168,6 +219,9 @@ def build_corpus(cfg: DataConfig, tokenizer, docs: list[Document] | None = None)
         return tokenizer([d.text for d in ds], add_special_tokens=False)["input_ids"]
 
     train, val = pack(encode(train_docs), cfg.seq_len, special.eos), pack(encode(val_docs), cfg.seq_len, special.eos)
+    tmp = temporary_sibling(folder)
+    dtype = TokenArray.write(tmp / "train.bin", train, special.vocab_size)
+    TokenArray.write(tmp / "val.bin", val, special.vocab_size)
     meta = {
         "key": key,
         "source": cfg.source,
@@ -175,9 +229,19 @@ def build_corpus(cfg: DataConfig, tokenizer, docs: list[Document] | None = None)
         "val_files": len(val_docs),
         "train_tokens": train.numel(),
         "val_tokens": val.numel(),
+        "train_rows": train.shape[0],
+        "val_rows": val.shape[0],
+        "seq_len": cfg.seq_len,
+        "dtype": dtype,
     }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"train": train, "val": val, "meta": json.dumps(meta)}, tmp)
-    tmp.replace(cache)  # atomic: a reader never sees half a file
-    return PackedCorpus(train, val, meta)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    publish(tmp, folder, _is_complete)
+    return open_corpus(folder)
+
+
+def _is_complete(folder: Path) -> bool:
+    try:
+        open_corpus(folder)
+        return True
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return False

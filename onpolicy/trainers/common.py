@@ -44,13 +44,15 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def prepare_data(cfg, is_main: bool):
-    """(tokenizer, packed corpus, special tokens). Rank 0 builds and caches; the others then read the cache."""
+def prepare_data(cfg, builder: bool):
+    """(tokenizer, memory-mapped corpus, special tokens). `builder` processes (local rank 0: one per
+    node, so node-local cache folders work too) build and cache; the others then map the cache.
+    Builders racing on a shared filesystem are safe (onpolicy.files)."""
     from onpolicy.data.corpus import build_corpus, load_documents, split_documents
     from onpolicy.tokenizer import prepare_tokenizer
 
     for turn in (0, 1):
-        if (turn == 0) == is_main:
+        if (turn == 0) == builder:
             docs = load_documents(cfg.data)
             train_docs, _ = split_documents(docs, cfg.data.val_fraction)
             tokenizer = prepare_tokenizer(
@@ -92,6 +94,8 @@ def build_model(cfg, special: SpecialTokens, ds_config: dict, adapt_attention: b
                 model = DiffusionTransformer(mcfg)
         else:
             model = DiffusionTransformer(mcfg)
+    model.config.attention_kernel = m.attention_kernel
+    model.gradient_checkpointing = cfg.train.gradient_checkpointing
     return apply_lora(model, cfg.lora)
 
 

@@ -242,7 +242,7 @@ def train(cfg: OnPolicyConfig) -> dict:
         raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {dist.world_size} ranks")
     rows_per_rank = r.prompts_per_step // dist.world_size * r.group_size
     grad_accum = math.ceil(rows_per_rank / t.micro_batch_size)
-    ds_config = eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip)
+    ds_config = eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip, t.precision)
     model = build_model(cfg, special, ds_config, adapt_attention=False)
     reference = _Reference(model, cfg.loss.beta)
     engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)

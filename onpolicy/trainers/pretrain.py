@@ -82,11 +82,11 @@ def train(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.train.seed)  # model init only; data and noise use their own generators
 
     # 1. Tokenizer and corpus (rank 0 builds and caches them first).
-    tokenizer, corpus, special = prepare_data(cfg, dist.is_main)
+    tokenizer, corpus, special = prepare_data(cfg, dist.local_rank == 0)
 
     # 2. Model and DeepSpeed engine.
     t = cfg.train
-    ds_config = eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, dist.world_size, t.grad_clip)
+    ds_config = eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, dist.world_size, t.grad_clip, t.precision)
     model = build_model(cfg, special, ds_config)
     engine, scheduler = make_engine(cfg, model, ds_config)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
