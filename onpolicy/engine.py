@@ -89,6 +89,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over all ranks (itself on one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / dist.get_world_size()
+    return value
+
+
 def shutdown() -> None:
     """Barrier then destroy the process group (avoids ZeRO-2's abort at exit, ENVIRONMENT.md)."""
     import torch.distributed as dist

@@ -128,10 +128,30 @@ def make_engine(cfg, model: torch.nn.Module, ds_config: dict):
     return eng.initialize(model, optimizer, scheduler, ds_config), scheduler
 
 
-def resume(engine, out: Path, enabled: bool) -> dict:
-    """Load the newest complete checkpoint under out/checkpoints (if any, and if enabled); its client state."""
-    latest = ckpt.latest_checkpoint(out / "checkpoints") if enabled else None
-    return ckpt.load_checkpoint(engine, latest) if latest is not None else {}
+def plan_resume(out: Path, enabled: bool, world_size: int) -> ckpt.ResumePlan:
+    """The newest complete checkpoint under out/checkpoints (if enabled), and whether it needs the
+    universal path (saved by another number of processes): known before the engine is built."""
+    return ckpt.plan_resume(out / "checkpoints", enabled, world_size)
+
+
+def resumed_grad_accum(plan: ckpt.ResumePlan, micro_batch_size: int, grad_accum: int, world_size: int) -> int:
+    """Gradient accumulation that keeps a resumed run's global batch when the world size changed (the
+    same rows per step, so the run goes on as it would have)."""
+    from onpolicy.errors import ConfigError
+
+    saved = plan.saved_global_batch
+    if not plan.universal or not saved:
+        return grad_accum
+    if saved % (micro_batch_size * world_size):
+        raise ConfigError(f"{plan.folder} was saved with a global batch of {saved} sequences by {plan.saved_world_size} "
+                          f"processes; {world_size} processes x train.micro_batch_size={micro_batch_size} cannot make it "
+                          f"up: choose a micro batch size that divides {saved // world_size}")
+    return saved // (micro_batch_size * world_size)
+
+
+def resume(engine, plan: ckpt.ResumePlan, dist) -> dict:
+    """Load the planned checkpoint (if any) on every rank; its client state."""
+    return ckpt.load_checkpoint(engine, plan, dist.rank, dist.is_main) if plan.folder is not None else {}
 
 
 def export(engine, tokenizer, out_dir: Path, is_main: bool) -> None:

@@ -61,6 +61,7 @@ from onpolicy.trainers.common import (
     export,
     make_engine,
     noise_generator,
+    plan_resume,
     resume,
     unwrap,
     write_summary,
@@ -242,7 +243,8 @@ def train(cfg: OnPolicyConfig) -> dict:
         raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {dist.world_size} ranks")
     rows_per_rank = r.prompts_per_step // dist.world_size * r.group_size
     grad_accum = math.ceil(rows_per_rank / t.micro_batch_size)
-    ds_config = eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip, t.precision)
+    plan = plan_resume(out, t.resume, dist.world_size)
+    ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip, t.precision))
     model = build_model(cfg, special, ds_config, adapt_attention=False)
     reference = _Reference(model, cfg.loss.beta)
     engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)
@@ -255,7 +257,7 @@ def train(cfg: OnPolicyConfig) -> dict:
     pool = VerifierPool(verifier, r.verifier_timeout)
 
     # 2. Resume.
-    state = resume(engine, out, t.resume)
+    state = resume(engine, plan, dist)
     step, history, best, bar = state.get("step", 0), state.get("val_history", []), state.get("best"), state.get("bar")
     since_best = state.get("since_best", 0)
     buffer = [TrajectoryRow(**{k: torch.tensor(v) if k.startswith(("canvas", "commit")) and k != "canvas_len" else v
@@ -379,7 +381,8 @@ def train(cfg: OnPolicyConfig) -> dict:
         if (t.save_every and step % t.save_every == 0) or step == stop or stop_now:
             client = {"step": step, "val_history": history, "best": best, "bar": bar, "since_best": since_best,
                       "buffer": [{k: v.tolist() if torch.is_tensor(v) else v for k, v in vars(row).items()} for row in buffer]}
-            ckpt.save_checkpoint(engine, out / "checkpoints", step, client, t.keep_checkpoints, dist.is_main)
+            ckpt.save_checkpoint(engine, out / "checkpoints", step, client, t.keep_checkpoints, dist.is_main,
+                                 dist.rank, dist.world_size)
         if stop_now:
             break
 

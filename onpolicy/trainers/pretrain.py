@@ -36,8 +36,10 @@ from onpolicy.trainers.common import (
     export,
     make_engine,
     noise_generator,
+    plan_resume,
     prepare_data,
     resume,
+    resumed_grad_accum,
     unwrap,
     write_summary,
 )
@@ -84,16 +86,19 @@ def train(cfg: PretrainConfig) -> dict:
     # 1. Tokenizer and corpus (rank 0 builds and caches them first).
     tokenizer, corpus, special = prepare_data(cfg, dist.local_rank == 0)
 
-    # 2. Model and DeepSpeed engine.
+    # 2. Model and DeepSpeed engine. A checkpoint saved by another number of processes resumes through
+    #    DeepSpeed's universal checkpoint, with the same global batch (gradient accumulation adapts).
     t = cfg.train
-    ds_config = eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, dist.world_size, t.grad_clip, t.precision)
+    plan = plan_resume(out, t.resume, dist.world_size)
+    grad_accum = resumed_grad_accum(plan, t.micro_batch_size, t.grad_accum, dist.world_size)
+    ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip, t.precision))
     model = build_model(cfg, special, ds_config)
     engine, scheduler = make_engine(cfg, model, ds_config)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
 
     # 3. Resume from the newest complete checkpoint.
     ckpt_dir = out / "checkpoints"
-    state = resume(engine, out, t.resume)
+    state = resume(engine, plan, dist)
     step, history = state.get("step", 0), state.get("val_history", [])
 
     if dist.is_main:
@@ -107,23 +112,28 @@ def train(cfg: PretrainConfig) -> dict:
         f"[onpolicy] {n_params / 1e6:.2f}M params, attention={cfg.model.attention}, "
         f"ZeRO-{eng.zero_stage(ds_config)}, world={dist.world_size}, device={dist.device}, corpus {corpus.meta['train_tokens']:,} "
         f"train / {corpus.meta['val_tokens']:,} val tokens" + (f", resumed at step {step}" if step else "")
+        + (f" from {plan.saved_world_size} processes (universal checkpoint, grad_accum {grad_accum})" if plan.universal else "")
     )
     if not history:
         history.append({"step": step, "val_loss": evaluate(engine, corpus.val, cfg, special, dist.device)})
         log.log(step, {"val/loss": history[-1]["val_loss"]})
 
     # 4. The loop: forward, backward, step; evaluate and checkpoint on schedule.
-    tokens_per_step = t.micro_batch_size * t.grad_accum * dist.world_size * cfg.data.seq_len
+    global_batch = t.micro_batch_size * grad_accum * dist.world_size
+    tokens_per_step = global_batch * cfg.data.seq_len
     seq = corpus.train
     engine.train()
     tic, window_tokens, loss_acc = time.perf_counter(), 0, []
     stop = min(t.max_steps, t.stop_at_step or t.max_steps)
     while step < stop:
-        for micro in range(t.grad_accum):
-            rows = batch_rows(step, micro, dist.rank, dist.world_size, t.micro_batch_size, t.grad_accum, seq.shape[0], t.seed)
+        for micro in range(grad_accum):
+            rows = batch_rows(step, micro, dist.rank, dist.world_size, t.micro_batch_size, grad_accum, seq.shape[0], t.seed)
             x0 = seq[rows].to(dist.device)
+            # noise keyed by the micro-batch's place in the global batch: the same rows get the same
+            # noise whatever the number of processes (a resumed run with another world size goes on alike)
+            noise = noise_generator(t.seed, step, micro * dist.world_size + dist.rank, 0)
             with autocast(dist.device, t.precision):
-                loss, stats = stage1_loss(engine, x0, cfg.diffusion, special.mask, noise_generator(t.seed, step, micro, dist.rank))
+                loss, stats = stage1_loss(engine, x0, cfg.diffusion, special.mask, noise)
             engine.backward(loss)
             engine.step()
             loss_acc.append(loss.detach())  # read once per log line, not per micro-batch
@@ -133,7 +143,7 @@ def train(cfg: PretrainConfig) -> dict:
         if step % cfg.logging.log_every == 0 or step == stop:
             elapsed = time.perf_counter() - tic
             metrics = {
-                "train/loss": torch.stack(loss_acc).mean().item(),
+                "train/loss": eng.mean_over_ranks(torch.stack(loss_acc).mean()).item(),
                 **{f"train/{k}": v for k, v in stats.items()},
                 "train/lr": scheduler.get_last_lr()[0],
                 "perf/tokens_per_s": window_tokens / elapsed,
@@ -146,7 +156,8 @@ def train(cfg: PretrainConfig) -> dict:
             log.log(step, {"val/loss": history[-1]["val_loss"]})
             log.write(f"[onpolicy] step {step}: val loss {history[-1]['val_loss']:.4f}")
         if (t.save_every and step % t.save_every == 0) or step == stop:
-            ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "val_history": history}, t.keep_checkpoints, dist.is_main)
+            ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "val_history": history}, t.keep_checkpoints, dist.is_main,
+                                 dist.rank, dist.world_size, global_batch)
 
     # 5. Export the final model as an HF folder with its tokenizer.
     if step == t.max_steps:
