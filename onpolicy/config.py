@@ -29,6 +29,7 @@ ATTENTION_MODES = ("bidirectional", "block_causal", "causal")  # = onpolicy.mode
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")  # = onpolicy.model's
 SCHEDULES = ("linear", "cosine")
 T_SAMPLING = ("stratified", "antithetic", "iid")
+EDIT_MODES = ("stack", "mix")
 PRECISIONS = ("bf16", "fp32")
 WANDB_MODES = ("disabled", "offline", "online")
 SURROGATES = ("none", "progress", "jump", "both")  # stage 4's edit-distance surrogate(s)
@@ -86,6 +87,14 @@ class DiffusionConfig:
     schedule: str = "linear"  # gamma_t: linear | cosine
     t_eps: float = 1e-3  # t is drawn from [t_eps, 1] so the 1/t weight stays finite
     t_sampling: str = "stratified"  # stratified | antithetic | iid draws of t across a batch
+    # Stage 2, edit diffusion (PAPER.md section 2): the last `edit_fraction` of the steps add edit
+    # corruption (k_t = floor(L * alpha_t) substitutions / deletions / insertions, alpha_t =
+    # edit_alpha_max * t) and the loss covers every position of an edited row. 0 = stage 1 only;
+    # 1 = every step (continuing a stage-1 model). Causal models ignore it.
+    edit_fraction: float = 0.2
+    edit_alpha_max: float = 0.1  # alpha_t in [0, edit_alpha_max]
+    edit_mode: str = "stack"  # stack: edits then masks on every row | mix: edit_share of the rows edit-only, the rest mask-only
+    edit_share: float = 0.5  # mix: share of rows edit-corrupted
 
 
 @dataclass
@@ -156,6 +165,10 @@ class PretrainConfig:
         m, d, diff = self.model, self.data, self.diffusion
         _one_of(diff.schedule, SCHEDULES, "diffusion.schedule")
         _one_of(diff.t_sampling, T_SAMPLING, "diffusion.t_sampling")
+        _one_of(diff.edit_mode, EDIT_MODES, "diffusion.edit_mode")
+        for key in ("edit_fraction", "edit_alpha_max", "edit_share"):
+            if not 0.0 <= getattr(diff, key) <= 1.0:
+                raise ConfigError(f"diffusion.{key}={getattr(diff, key)} must be in [0, 1]")
         if m.attention == "block_causal" and d.seq_len % m.block_size:
             raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of model.block_size={m.block_size}")
         if d.seq_len > m.max_position_embeddings:

@@ -44,6 +44,7 @@ def evaluate_checkpoint(model, tokenizer, tasks, sampler_cfg, samples: int, veri
         "tokens_per_forward": decoded.tokens_per_forward,
         "forwards_per_token": decoded.forwards_per_token,
         "tokens_per_s": decoded.tokens / decoded.seconds if decoded.seconds else 0.0,
+        "remasked": decoded.remasked,
         "status_counts": dict(Counter(v.status for v in verdicts)),
     }
     levels = defaultdict(list)

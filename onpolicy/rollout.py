@@ -56,6 +56,7 @@ class Decoded:
     rollouts: list[Rollout] = field(default_factory=list)
     seconds: float = 0.0  # wall-clock time inside the sampler
     model_seconds: float = 0.0  # of which inside model forwards
+    remasked: int = 0  # tokens re-opened by self-correction (SamplerConfig.remask_threshold)
 
     @property
     def tokens(self) -> int:
@@ -100,6 +101,7 @@ def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig
             on_batch(new)
         out.seconds += traj.seconds
         out.model_seconds += traj.model_seconds
+        out.remasked += traj.remasked
         if progress:
             progress(len(chunk))
     return out

@@ -29,7 +29,7 @@ def masked_diffusion_loss(
     """
     if loss_mask is None:
         loss_mask = torch.ones_like(masked)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)  # [B, L]
+    nll = token_nll(logits, x0)  # [B, L]
     counted = masked & loss_mask  # [B, L]
     n_tokens = loss_mask.sum().clamp(min=1)
     loss = (nll * counted * weight[:, None]).sum() / n_tokens
@@ -39,6 +39,47 @@ def masked_diffusion_loss(
             "masked_nll": (nll * counted).sum() / n_masked,  # plain CE on masked tokens
             "masked_frac": counted.sum() / n_tokens,
             "masked_acc": ((logits.argmax(-1) == x0) & counted).sum() / n_masked,
+        }
+    return loss, stats
+
+
+def token_nll(logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """-log p(x0[b, i] | x_t[b]) at every position: [B, L, V], [B, L] -> [B, L] (fp32)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
+
+
+def edit_diffusion_loss(
+    logits: torch.Tensor,
+    x0: torch.Tensor,
+    masked: torch.Tensor,
+    weight: torch.Tensor,
+    edited: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage 2 (PAPER.md L_edit = -log p(x0 | x_t), loss on ALL positions) on top of the mask ELBO:
+
+        L = [ sum_b w(t_b) sum_{i masked} nll[b,i]  +  sum_{b edited} sum_{i not masked} nll[b,i] ] / N
+
+    Masked positions count as in `masked_diffusion_loss`; on an edit-corrupted row every visible
+    position counts too (weight 1), so the model learns whether a visible token is right: the
+    shortcut "an unmasked token is always correct" is gone. Rows not edited add the ELBO only (their
+    visible tokens are x0's: a loss there would teach copying, the very shortcut).
+
+    edited: [B] bool, rows with edit corruption; the rest as `masked_diffusion_loss`.
+    """
+    if loss_mask is None:
+        loss_mask = torch.ones_like(masked)
+    nll = token_nll(logits, x0)
+    hidden = masked & loss_mask
+    visible = ~masked & loss_mask & edited[:, None]
+    n_tokens = loss_mask.sum().clamp(min=1)
+    loss = ((nll * hidden * weight[:, None]).sum() + (nll * visible).sum()) / n_tokens
+    with torch.no_grad():
+        stats = {
+            "masked_nll": (nll * hidden).sum() / hidden.sum().clamp(min=1),
+            "masked_frac": hidden.sum() / n_tokens,
+            "visible_nll": (nll * visible).sum() / visible.sum().clamp(min=1),
+            "edited_frac": edited.float().mean(),
         }
     return loss, stats
 

@@ -8,8 +8,13 @@ The objective follows `model.attention`: bidirectional and block_causal models t
 masked-diffusion ELBO (block_causal with the clean sequence appended, BD3-LM style, so inference can
 use an exact KV cache); a causal model trains next-token prediction, the AR baseline.
 
+Stage 2 (PAPER.md section 2) is an option of this loop, not a copy: the last `diffusion.edit_fraction`
+of the steps add edit corruption (substitutions, deletions, insertions) and count every position of
+an edited row; `recipes/tiny/stage2_edit.yaml` continues a stage-1 model with edits on every step.
+
 Every run is resumable and exactly reproducible: the data order and the noise of step s are pure
-functions of (seed, s, micro-batch, rank), so a resumed run sees the same batches and masks.
+functions of (seed, s, the micro-batch's place in the global batch), so a resumed run sees the same
+batches and masks, with any number of processes.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from omegaconf import OmegaConf
 from onpolicy import checkpoint as ckpt
 from onpolicy import engine as eng
 from onpolicy.config import DiffusionConfig, PretrainConfig
-from onpolicy.diffusion.corruption import mask_tokens
-from onpolicy.diffusion.losses import causal_lm_loss, masked_diffusion_loss
+from onpolicy.diffusion.corruption import edit_tokens, mask_tokens
+from onpolicy.diffusion.losses import causal_lm_loss, edit_diffusion_loss, masked_diffusion_loss
 from onpolicy.diffusion.schedules import elbo_weight, mask_rate, sample_times
 from onpolicy.metrics import MetricsLogger
 from onpolicy.tokenizer import SpecialTokens
@@ -46,20 +51,47 @@ from onpolicy.trainers.common import (
 
 
 def stage1_loss(
-    model, x0: torch.Tensor, diff: DiffusionConfig, mask_id: int, generator: torch.Generator
+    model, x0: torch.Tensor, diff: DiffusionConfig, mask_id: int, generator: torch.Generator,
+    ordinary: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The stage-1 loss of a batch of clean sequences x0 [B, L], for any attention mode (causal models:
-    next-token prediction; the others: the masked-diffusion ELBO)."""
+    """The pre-training loss of a batch of clean sequences x0 [B, L], for any attention mode (causal
+    models: next-token prediction; the others: the masked-diffusion ELBO). With `ordinary` (the [V]
+    tokens an edit may write) the batch is a stage-2 batch: edit corruption is added (stacked under
+    the masks, or on a share of the rows: `diffusion.edit_mode`) and edited rows count every position."""
     attention = unwrap(model).config.attention
     if attention == "causal":
         return causal_lm_loss(model(input_ids=x0).logits, x0)
     t = sample_times(x0.shape[0], diff.t_sampling, diff.t_eps, generator)  # [B]
-    x_t, masked = mask_tokens(x0, mask_rate(t, diff.schedule), mask_id, generator=generator)  # [B, L]
+    edit = ordinary is not None
+    if edit:
+        edited = torch.ones(x0.shape[0], dtype=torch.bool) if diff.edit_mode == "stack" else \
+            torch.rand(x0.shape[0], generator=generator) < diff.edit_share  # [B]
+        k = torch.floor(x0.shape[1] * diff.edit_alpha_max * t).long() * edited  # [B] edits per row
+        x_noisy = edit_tokens(x0, k, ordinary, mask_id, generator).x_t
+        maskable = None if diff.edit_mode == "stack" else ~edited[:, None].expand_as(x0).to(x0.device)
+        x_t, masked = mask_tokens(x_noisy, mask_rate(t, diff.schedule), mask_id, maskable=maskable, generator=generator)
+    else:
+        x_t, masked = mask_tokens(x0, mask_rate(t, diff.schedule), mask_id, generator=generator)  # [B, L]
     if attention == "block_causal":
         logits = model(input_ids=x_t, clean_input_ids=x0).logits  # BD3-LM: noisy blocks read clean ones
     else:
         logits = model(input_ids=x_t).logits
-    return masked_diffusion_loss(logits, x0, masked, elbo_weight(t, diff.schedule).to(logits.device))
+    weight = elbo_weight(t, diff.schedule).to(logits.device)
+    if edit:
+        return edit_diffusion_loss(logits, x0, masked, weight, edited.to(logits.device))
+    return masked_diffusion_loss(logits, x0, masked, weight)
+
+
+def ordinary_tokens(tokenizer, special: SpecialTokens) -> torch.Tensor:
+    """[V] bool: the tokens an edit may write (every special token excluded: mask, pad, EOS, ...)."""
+    ordinary = torch.ones(special.vocab_size, dtype=torch.bool)
+    ordinary[[special.pad, special.bos, special.eos, special.mask, special.sep, *tokenizer.all_special_ids]] = False
+    return ordinary
+
+
+def edit_start(diff: DiffusionConfig, max_steps: int) -> int:
+    """The first step with edit corruption: the last `edit_fraction` of the run (stage 2)."""
+    return max_steps - round(diff.edit_fraction * max_steps) if diff.edit_fraction > 0 else max_steps + 1
 
 
 @torch.no_grad()
@@ -118,8 +150,13 @@ def train(cfg: PretrainConfig) -> dict:
         history.append({"step": step, "val_loss": evaluate(engine, corpus.val, cfg, special, dist.device)})
         log.log(step, {"val/loss": history[-1]["val_loss"]})
 
-    # 4. The loop: forward, backward, step; evaluate and checkpoint on schedule.
+    # 4. The loop: forward, backward, step; evaluate and checkpoint on schedule. The last
+    #    `diffusion.edit_fraction` of the steps are stage 2 (edit corruption added).
     global_batch = t.micro_batch_size * grad_accum * dist.world_size
+    first_edit_step = edit_start(cfg.diffusion, t.max_steps) if cfg.model.attention != "causal" else t.max_steps + 1
+    ordinary = ordinary_tokens(tokenizer, special)
+    if first_edit_step < t.max_steps:
+        log.write(f"[onpolicy] stage 2 (edit corruption, {cfg.diffusion.edit_mode}) from step {first_edit_step + 1} of {t.max_steps}")
     tokens_per_step = global_batch * cfg.data.seq_len
     seq = corpus.train
     engine.train()
@@ -132,8 +169,9 @@ def train(cfg: PretrainConfig) -> dict:
             # noise keyed by the micro-batch's place in the global batch: the same rows get the same
             # noise whatever the number of processes (a resumed run with another world size goes on alike)
             noise = noise_generator(t.seed, step, micro * dist.world_size + dist.rank, 0)
+            edit = ordinary if step >= first_edit_step else None  # stage 2: the last edit_fraction of the run
             with autocast(dist.device, t.precision):
-                loss, stats = stage1_loss(engine, x0, cfg.diffusion, special.mask, noise)
+                loss, stats = stage1_loss(engine, x0, cfg.diffusion, special.mask, noise, edit)
             engine.backward(loss)
             engine.step()
             loss_acc.append(loss.detach())  # read once per log line, not per micro-batch
