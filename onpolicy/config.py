@@ -277,9 +277,64 @@ class OnPolicyConfig:
             raise ConfigError("loss.jump_gap_start must be >= 1 and <= loss.jump_gap_end")
 
 
+def _pool_sampler() -> SamplerConfig:
+    return SamplerConfig(max_new_tokens=96, temperature=0.6)
+
+
+@dataclass
+class PoolConfig:
+    """Stage 3's trajectory pool: the starting model samples, the verifier judges, the best are kept."""
+
+    tasks: str = "generated:train"  # task set or JSONL file the prompts come from
+    n_tasks: int = 500  # prompts sampled
+    samples: int = 4  # N trajectories per prompt
+    keep: int = 1  # trajectories kept per prompt: verified ones first, then the highest ELBO
+    require_pass: bool = True  # keep verified trajectories only (False: failing ones may fill a prompt's slots)
+    batch_size: int = 32  # rows the sampler decodes together
+    sampler: SamplerConfig = field(default_factory=_pool_sampler)  # one token per step (the order is what is learnt)
+    verifier: str = "python-tests"  # as rollout.verifier
+    verifier_timeout: float = 120.0
+    strict: bool | None = None  # return-value check; None = each task's own
+    path: str | None = None  # a pool file to reuse (default: <output_dir>/pool.jsonl, built if missing)
+
+
+@dataclass
+class OrderValidationConfig:
+    """pass@1 at the start and the end (and every `every` steps), one token per step and fast."""
+
+    tasks: str = "generated:validation"
+    n_tasks: int = 100
+    every: int = 0  # steps between validations (0 = start and end only)
+    fast_threshold: float = 0.5
+
+
+@dataclass
+class OrderConfig:
+    """Stage 3: constrained-order distillation on the model's own best trajectories (PAPER.md section 3)."""
+
+    stage: str = "order"
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the starting model (required)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    validation: OrderValidationConfig = field(default_factory=OrderValidationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self) -> None:
+        check_common(self)
+        pl = self.pool
+        if not self.model.init_from:
+            raise ConfigError("stage order starts from a trained model: set model.init_from=FOLDER")
+        if pl.samples < 1 or pl.keep < 1 or pl.keep > pl.samples:
+            raise ConfigError(f"pool.keep={pl.keep} must be between 1 and pool.samples={pl.samples}")
+        if pl.sampler.remask_threshold is not None:
+            raise ConfigError("pool.sampler.remask_threshold: self-correction makes trajectories unreplayable; leave it unset")
+
+
 # stage name -> (schema, "module:function" of its trainer; imported only when the stage runs)
 STAGES: dict[str, tuple[type, str]] = {
     "pretrain": (PretrainConfig, "onpolicy.trainers.pretrain:train"),
+    "order": (OrderConfig, "onpolicy.trainers.order:train"),
     "onpolicy": (OnPolicyConfig, "onpolicy.trainers.onpolicy:train"),
 }
 # keys that existed once, and what replaced them

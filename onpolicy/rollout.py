@@ -206,13 +206,20 @@ def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens)
         yield ReplayStep(j, proposal_logits(logits[:, p_len:], special), p.step_index == j, p.step_index, p.canvas, p.block)
 
 
+def committed_logprob(logp_all: torch.Tensor, step: ReplayStep) -> torch.Tensor:
+    """log p(token committed at step j | the state before step j) at the positions step j committed,
+    0 elsewhere: [B, G, V] log-softmax of `step.logits` -> [B, G]. The one per-step log-likelihood:
+    stage 4 weights it by advantages, stage 3 distills it (as a negative log-likelihood)."""
+    return logp_all.gather(-1, step.canvas[..., None])[..., 0].masked_fill(~step.now, 0.0)
+
+
 def replay_logprobs(model, rows: list[TrajectoryRow], special: SpecialTokens) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(committed token | state before its step) for every canvas position: ([B, G] float, with
     gradient; bool [B, G] committed positions). Equals the sampler's `commit_logprob` when the
     weights are those that decoded (the importance ratio of the on-policy stage starts at 1)."""
     total, mask = None, None
     for step in replay_step_logits(model, rows, special):
-        logp = step.logits.log_softmax(-1).gather(-1, step.canvas[..., None])[..., 0].masked_fill(~step.now, 0.0)  # [B, G]
+        logp = committed_logprob(step.logits.float().log_softmax(-1), step)  # [B, G]
         total = logp if total is None else total + logp
         mask = step.now if mask is None else mask | step.now
     return total, mask

@@ -73,3 +73,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "onpolicy.cli", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def init_model(tmp_path_factory):
+    """A random block-4 diffusion model with a tokenizer trained on generated tasks (where stages 3 and
+    4 start, at toy size)."""
+    from onpolicy.data.generated import generate_tasks
+    from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
+    from onpolicy.tokenizer import SpecialTokens, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("init")
+    tasks = generate_tasks("train", 200)
+    tok = train_tokenizer([t.prompt + t.canonical_solution for t in tasks], vocab_size=400)
+    special = SpecialTokens.from_tokenizer(tok)
+    torch.manual_seed(0)
+    DiffusionTransformer(DiffusionTransformerConfig(
+        vocab_size=special.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, attention="block_causal",
+        block_size=4, mask_token_id=special.mask, shift_logits=True)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

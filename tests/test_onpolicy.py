@@ -11,25 +11,6 @@ from .conftest import run_cli
 RECIPE = "recipes/tiny/stage4_onpolicy.yaml"
 
 
-@pytest.fixture(scope="module")
-def init_model(tmp_path_factory):
-    """A random block-4 diffusion model with a tokenizer trained on generated tasks (the stage's start)."""
-    from onpolicy.data.generated import generate_tasks
-    from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
-    from onpolicy.tokenizer import SpecialTokens, train_tokenizer
-
-    folder = tmp_path_factory.mktemp("init")
-    tasks = generate_tasks("train", 200)
-    tok = train_tokenizer([t.prompt + t.canonical_solution for t in tasks], vocab_size=400)
-    special = SpecialTokens.from_tokenizer(tok)
-    torch.manual_seed(0)
-    DiffusionTransformer(DiffusionTransformerConfig(
-        vocab_size=special.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, attention="block_causal",
-        block_size=4, mask_token_id=special.mask, shift_logits=True)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def stage4(init, out, *extra, nproc=1):
     args = ["train", RECIPE, f"model.init_from={init}", f"logging.output_dir={out}", "rollout.prompts_per_step=2",
             "rollout.group_size=4", "rollout.n_tasks=20", "rollout.batch_size=4", "rollout.sampler.max_new_tokens=12",

@@ -176,3 +176,57 @@ def export(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
 def write_summary(out: Path, summary: dict, is_main: bool) -> None:
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def validate(engine, tokenizer, tasks, sampler, fast_threshold: float, batch_size: int, seed: int, verifier) -> dict:
+    """pass@1 and tokens per forward on validation tasks (greedy), at one token per step ("slow") and
+    at the fast threshold ("fast"), with `sampler`'s canvas and block size (stages 3 and 4)."""
+    from dataclasses import replace
+
+    from onpolicy.evaluation import evaluate_checkpoint
+    from onpolicy.sampling import SamplerConfig
+
+    module = engine.module
+    module.eval()
+    base = SamplerConfig(max_new_tokens=sampler.max_new_tokens, block_size=sampler.block_size)
+    out = {}
+    with torch.no_grad():
+        for name, cfg in (("slow", base), ("fast", replace(base, threshold=fast_threshold))):
+            r = evaluate_checkpoint(module, tokenizer, tasks, cfg, samples=1, verifier=verifier, batch_size=batch_size, seed=seed)
+            out[name] = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"], "tokens_per_forward": r["tokens_per_forward"]}
+    module.train()
+    return out
+
+
+def flat_validation(val: dict) -> dict:
+    return {f"val/{name}/{k}": v for name, r in val.items() if isinstance(r, dict) for k, v in r.items() if not isinstance(v, list)}
+
+
+def describe(val: dict) -> str:
+    return ", ".join(f"{name} pass@1 {r['pass@1']:.3f} at {r['tokens_per_forward']:.2f} tokens/forward"
+                     for name, r in val.items() if isinstance(r, dict))
+
+
+def start_from_model(cfg):
+    """(output folder, DistInfo, tokenizer, SpecialTokens) of a stage that starts from a trained model
+    (stages 3 and 4): distributed set-up, the seed, and the starting model's own tokenizer."""
+    from onpolicy.loading import resolve_model_dir
+    from onpolicy.tokenizer import load_tokenizer
+
+    dist = eng.setup_distributed(".cache/onpolicy", cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.model.init_from))
+    return Path(cfg.logging.output_dir), dist, tokenizer, SpecialTokens.from_tokenizer(tokenizer)
+
+
+def verifier_pool(spec: str, strict: bool | None, timeout_s: float, key: str):
+    """A background VerifierPool around the verifier `spec` (name, module:Class, entry point, TRL reward
+    function); a plugin that cannot be found or built is a one-line ConfigError naming `key`."""
+    from onpolicy.errors import ConfigError
+    from onpolicy.rollout import VerifierPool
+    from verifiers.registry import get_verifier
+
+    try:
+        return VerifierPool(get_verifier(spec, **({} if strict is None else {"strict": strict})), timeout_s)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: {e}") from None

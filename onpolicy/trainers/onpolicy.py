@@ -31,7 +31,6 @@ import json
 import math
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -49,21 +48,30 @@ from onpolicy.diffusion.policy import (
     soft_commit_logprob,
     trajectory_reward,
 )
-from onpolicy.errors import ConfigError
-from onpolicy.loading import resolve_model_dir
 from onpolicy.metrics import MetricsLogger
-from onpolicy.rollout import VerifierPool, decode_tasks, excluded_reason, replay_step_logits
-from onpolicy.sampling import SamplerConfig, TrajectoryRow
-from onpolicy.tokenizer import SpecialTokens, load_tokenizer
+from onpolicy.rollout import (
+    VerifierPool,
+    committed_logprob,
+    decode_tasks,
+    excluded_reason,
+    replay_step_logits,
+)
+from onpolicy.sampling import TrajectoryRow
+from onpolicy.tokenizer import SpecialTokens
 from onpolicy.trainers.common import (
     autocast,
     build_model,
+    describe,
     export,
+    flat_validation,
     make_engine,
     noise_generator,
     plan_resume,
     resume,
+    start_from_model,
     unwrap,
+    validate,
+    verifier_pool,
     write_summary,
 )
 
@@ -122,8 +130,8 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
     entropy_sum, entropy_n = torch.zeros(()), 0
     for st in replay_step_logits(model, rows, special):
         logp_all = st.logits.float().log_softmax(-1)  # [B, T, V]
-        tok = logp_all.gather(-1, st.canvas[..., None])[..., 0]  # [B, T] log p(final token | state before step j)
-        token_logp = torch.where(st.now, tok, 0.0) if token_logp is None else torch.where(st.now, tok, token_logp)
+        tok = committed_logprob(logp_all, st)  # [B, T] log p(final token | state before step j), at step j's commits
+        token_logp = tok if token_logp is None else torch.where(st.now, tok, token_logp)
         committed = st.now if committed is None else committed | st.now
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
@@ -145,7 +153,7 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
         if passed.any() and lc.surrogate in ("progress", "both"):
             b, t = open_.shape
             per_block = st.now.view(b, -1, st.block).sum(-1, keepdim=True).expand(-1, -1, st.block).reshape(b, t)  # p_k per position
-            pl, ps = progress_cost_loss(-tok, open_, per_block.float(), passed, lc.progress_lambda)
+            pl, ps = progress_cost_loss(-logp_all.gather(-1, st.canvas[..., None])[..., 0], open_, per_block.float(), passed, lc.progress_lambda)
             progress_total = progress_total + pl
             stats["progress_cost"] = stats.get("progress_cost", 0) + ps["progress_cost"]
     n_steps = st.index + 1
@@ -197,23 +205,6 @@ class _Reference:
         return self.copy if self.copy is not None else module
 
 
-def validate(engine, tokenizer, tasks, cfg: OnPolicyConfig, pool: VerifierPool) -> dict:
-    """pass@1 and tokens per forward on the validation tasks, one token per step and the fast setting."""
-    from onpolicy.evaluation import evaluate_checkpoint
-
-    module = engine.module
-    module.eval()
-    base = SamplerConfig(max_new_tokens=cfg.rollout.sampler.max_new_tokens, block_size=cfg.rollout.sampler.block_size)
-    out = {}
-    with torch.no_grad():
-        for name, sampler in (("slow", base), ("fast", replace(base, threshold=cfg.validation.fast_threshold))):
-            r = evaluate_checkpoint(module, tokenizer, tasks, sampler, samples=1, verifier=pool, batch_size=cfg.rollout.batch_size,
-                                    seed=cfg.train.seed)
-            out[name] = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"], "tokens_per_forward": r["tokens_per_forward"]}
-    module.train()
-    return out
-
-
 def is_better(val: dict, best: dict | None, bar: float, tolerance: float) -> bool:
     """The best-checkpoint rule: both pass@1 (one token per step and fast) within `tolerance` of the bar
     (the starting model's one-token-per-step pass@1), then the most tokens per forward at the fast
@@ -229,16 +220,10 @@ def is_better(val: dict, best: dict | None, bar: float, tolerance: float) -> boo
 
 def train(cfg: OnPolicyConfig) -> dict:
     """Run stage 4 to `train.max_steps` (or an early stop); returns the summary (also summary.json)."""
-    from verifiers.registry import get_verifier
-
-    out = Path(cfg.logging.output_dir)
-    dist = eng.setup_distributed(".cache/onpolicy", cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
+    out, dist, tokenizer, special = start_from_model(cfg)
     t, r = cfg.train, cfg.rollout
 
     # 1. The starting model, its tokenizer, the prompts, the verifier.
-    tokenizer = load_tokenizer(resolve_model_dir(cfg.model.init_from))
-    special = SpecialTokens.from_tokenizer(tokenizer)
     if r.prompts_per_step % dist.world_size:
         raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {dist.world_size} ranks")
     rows_per_rank = r.prompts_per_step // dist.world_size * r.group_size
@@ -250,11 +235,7 @@ def train(cfg: OnPolicyConfig) -> dict:
     engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)
     pool_tasks = load_task_set(r.tasks, r.n_tasks, t.seed)
     val_tasks = load_task_set(cfg.validation.tasks, cfg.validation.n_tasks, t.seed)
-    try:
-        verifier = get_verifier(r.verifier, **({} if r.strict is None else {"strict": r.strict}))
-    except (ValueError, TypeError) as e:  # a plugin that cannot be found or built: say so in one line
-        raise ConfigError(f"rollout.verifier: {e}") from None
-    pool = VerifierPool(verifier, r.verifier_timeout)
+    pool = verifier_pool(r.verifier, r.strict, r.verifier_timeout, "rollout.verifier")
 
     # 2. Resume.
     state = resume(engine, plan, dist)
@@ -272,7 +253,7 @@ def train(cfg: OnPolicyConfig) -> dict:
               f"LoRA r={cfg.lora.r}, surrogate={cfg.loss.surrogate}, reward={cfg.reward.form}"
               + (f", resumed at step {step}" if step else ""))
     if bar is None:  # the starting model sets the quality bar
-        start = validate(engine, tokenizer, val_tasks, cfg, pool)
+        start = validate(engine, tokenizer, val_tasks, cfg.rollout.sampler, cfg.validation.fast_threshold, r.batch_size, t.seed, pool)
         bar, best = start["slow"]["pass@1"], start
         history.append({"step": 0, **start})
         log.log(0, flat_validation(start))
@@ -366,7 +347,7 @@ def train(cfg: OnPolicyConfig) -> dict:
         # 3e. validation, best checkpoint, early stop; resumable checkpoint
         stop_now = False
         if (cfg.validation.every and step % cfg.validation.every == 0) or step == stop:
-            val = validate(engine, tokenizer, val_tasks, cfg, pool)
+            val = validate(engine, tokenizer, val_tasks, cfg.rollout.sampler, cfg.validation.fast_threshold, r.batch_size, t.seed, pool)
             history.append({"step": step, **val})
             log.log(step, flat_validation(val))
             if is_better(val, best, bar, cfg.validation.quality_tolerance):
@@ -400,12 +381,3 @@ def train(cfg: OnPolicyConfig) -> dict:
     log.close()
     eng.shutdown()
     return summary
-
-
-def flat_validation(val: dict) -> dict:
-    return {f"val/{name}/{k}": v for name, r in val.items() if isinstance(r, dict) for k, v in r.items() if not isinstance(v, list)}
-
-
-def describe(val: dict) -> str:
-    return ", ".join(f"{name} pass@1 {r['pass@1']:.3f} at {r['tokens_per_forward']:.2f} tokens/forward"
-                     for name, r in val.items() if isinstance(r, dict))
