@@ -2,6 +2,7 @@
 
     onpolicy train RECIPE.yaml [key=value ...] [--nproc N]
     onpolicy prepare-data RECIPE.yaml [key=value ...]
+    onpolicy pipeline recipes/tiny/pipeline.yaml [--plan]
     onpolicy sample CHECKPOINT --prompt "def add(a, b):"
     onpolicy verify TASKS.jsonl COMPLETIONS.jsonl --out RESULTS.jsonl
     onpolicy bench DIFFUSION_CKPT --ar AR_CKPT [--before CKPT] --out bench.json --png bench.png
@@ -66,6 +67,12 @@ def _prepare_data(args: argparse.Namespace) -> int:
     print(f"{folder}: train {m['train_rows']} x {m['seq_len']} ({m['train_tokens']:,} tokens), "
           f"val {m['val_rows']} x {m['seq_len']}, {m['dtype']} (vocabulary {special.vocab_size:,})")
     return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from onpolicy.pipeline import main as pipeline_main
+
+    return pipeline_main(args)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -160,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=my_code/")
     p.set_defaults(func=_prepare_data)
+
+    p = sub.add_parser("pipeline", help="every stage in order, then eval, bench and a report (report.md, report.json, PNGs)")
+    p.add_argument("pipeline", help="pipeline file, e.g. recipes/tiny/pipeline.yaml")
+    p.add_argument("--plan", action="store_true", help="print the plan and the time estimate, run nothing")
+    p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("sample", help="generate code from a checkpoint")
     p.add_argument("checkpoint", help="an HF folder written by onpolicy (or a run folder: its final/ is used)")

@@ -1,0 +1,271 @@
+"""`onpolicy pipeline FILE.yaml`: the whole method in one command, and a report a person can look at.
+
+    onpolicy pipeline recipes/tiny/pipeline.yaml            # scripts/run.sh runs this
+    onpolicy pipeline recipes/tiny/pipeline.yaml --plan     # print the plan and stop
+
+Each stage is its own process running the same `onpolicy train RECIPE` a user would run, chained
+explicitly: a stage's `model.init_from` is the export of the stage it names (`init_from: ar` means
+`<output_dir>/ar/final`; stage 4 hands on its `best`). A finished stage (its `final/` exported) is
+skipped on a re-run; an interrupted one resumes from its own last checkpoint (every trainer resumes
+by default). Then every stage's model is evaluated (validation, held-out and repair tasks), the last
+one is benchmarked against the AR baseline, and `report.md` / `report.json` with PNGs and a replay
+page are written into the output folder.
+
+The file (see recipes/tiny/pipeline.yaml):
+
+    name: tiny                        # the run's name in titles and legends
+    output_dir: runs/pipeline-tiny
+    overrides: [train.threads=2]      # applied to every stage (optional)
+    stages:
+      - {name: ar, recipe: recipes/tiny/tasks_ar.yaml, overrides: [train.max_steps=200], minutes: 9}
+      - {name: stage1, recipe: recipes/tiny/tasks_from_ar.yaml, init_from: ar, minutes: 7}
+      ...
+    eval: {limit: 100, fast_threshold: 0.9}
+    bench: {ar: ar, before: stage1, after: stage4, limit: 40, thresholds: [0.9, 0.7, 0.5]}
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from onpolicy.errors import ConfigError
+
+STAGE_KEYS = ("name", "recipe", "init_from", "overrides", "minutes")
+
+
+@dataclass
+class Stage:
+    name: str
+    recipe: str
+    init_from: str | None = None  # an earlier stage's name
+    overrides: list[str] = field(default_factory=list)
+    minutes: float = 0.0  # the estimate printed in the plan (measured on our 2-core CPU)
+
+
+@dataclass
+class EvalSpec:
+    limit: int = 100  # tasks per task set
+    fast_threshold: float = 0.9  # the fast decoding measured beside one token per step
+    max_new_tokens: int = 96
+    minutes: float = 0.0
+
+
+@dataclass
+class BenchSpec:
+    ar: str = "ar"
+    before: str | None = None  # the diffusion model before the later stages (e.g. stage1)
+    after: str | None = None  # default: the last stage
+    tasks: str = "generated:heldout"
+    limit: int = 40
+    thresholds: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5])
+    minutes: float = 0.0
+
+
+@dataclass
+class Pipeline:
+    name: str
+    output_dir: Path
+    stages: list[Stage]
+    overrides: list[str] = field(default_factory=list)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    bench: BenchSpec = field(default_factory=BenchSpec)
+    source: str = ""
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+
+def _check(data: dict, allowed, where: str, path: Path) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{where}{unknown[0]}'; valid keys: {', '.join(allowed)}")
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Read and check a pipeline file: keys, recipe files, stage names and their order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    _check(data, ("name", "output_dir", "overrides", "stages", "eval", "bench"), "", path)
+    if not data.get("stages"):
+        raise ConfigError(f"{path}: no stages")
+    stages, seen = [], set()
+    for i, raw in enumerate(data["stages"]):
+        _check(raw, STAGE_KEYS, f"stages[{i}].", path)
+        if "name" not in raw or "recipe" not in raw:
+            raise ConfigError(f"{path}: stages[{i}] needs a name and a recipe")
+        stage = Stage(**raw)
+        if stage.name in seen:
+            raise ConfigError(f"{path}: two stages are named '{stage.name}'")
+        if stage.init_from is not None and stage.init_from not in seen:
+            raise ConfigError(f"{path}: stage '{stage.name}' starts from '{stage.init_from}', which is not an earlier stage")
+        if not Path(stage.recipe).is_file():
+            raise ConfigError(f"{path}: stage '{stage.name}': recipe not found: {stage.recipe}")
+        seen.add(stage.name)
+        stages.append(stage)
+    ev, be = data.get("eval") or {}, data.get("bench") or {}
+    _check(ev, [f.name for f in fields(EvalSpec)], "eval.", path)
+    _check(be, [f.name for f in fields(BenchSpec)], "bench.", path)
+    bench = BenchSpec(**be)
+    for key in ("ar", "before", "after"):
+        if getattr(bench, key) is not None and getattr(bench, key) not in seen:
+            raise ConfigError(f"{path}: bench.{key}='{getattr(bench, key)}' is not a stage")
+    return Pipeline(str(data.get("name") or path.stem), Path(data.get("output_dir") or f"runs/pipeline-{path.stem}"), stages,
+                    list(data.get("overrides") or []), EvalSpec(**ev), bench, str(path))
+
+
+def model_folder(run: Path) -> Path:
+    """What a stage hands on: stage 4's best checkpoint by its stated rule, else the final export."""
+    return run / "best" if (run / "best" / "config.json").is_file() and (run / "final" / "config.json").is_file() else run / "final"
+
+
+def finished(run: Path) -> bool:
+    return (run / "final" / "config.json").is_file() and (run / "summary.json").is_file()
+
+
+def plan(p: Pipeline) -> str:
+    lines = [f"pipeline '{p.name}' ({p.source}) -> {p.output_dir}"]
+    total = 0.0
+    for i, s in enumerate(p.stages, 1):
+        run = p.output_dir / s.name
+        state = "done, skipped" if finished(run) else ("resumes" if (run / "checkpoints").is_dir() else "to run")
+        start = f" from {s.init_from}" if s.init_from else ""
+        lines.append(f"  {i}. {s.name:<8} {s.recipe}{start}  ~{s.minutes:g} min  [{state}]")
+        total += 0 if finished(run) else s.minutes
+    lines.append(f"  {len(p.stages) + 1}. eval     every stage's model on generated:validation, generated:heldout, "
+                 f"repair:heldout ({p.eval.limit} each)  ~{p.eval.minutes:g} min")
+    lines.append(f"  {len(p.stages) + 2}. bench    {p.bench.after or p.stages[-1].name} vs {p.bench.ar} (AR)"
+                 + (f" and {p.bench.before}" if p.bench.before else "") + f", batch 1  ~{p.bench.minutes:g} min")
+    total += p.eval.minutes + p.bench.minutes
+    lines.append(f"  estimate: ~{total:.0f} min left on a 2-core CPU (measured there; faster machines take less)")
+    return "\n".join(lines)
+
+
+def run_stage(p: Pipeline, stage: Stage, log) -> float:
+    """One stage through `onpolicy train` in its own process; returns its wall time."""
+    run = p.output_dir / stage.name
+    cmd = [sys.executable, "-m", "onpolicy.cli", "train", stage.recipe, *p.overrides, *stage.overrides,
+           f"logging.output_dir={run}", "logging.progress=false"]
+    if stage.init_from:
+        cmd.append(f"model.init_from={model_folder(p.output_dir / stage.init_from)}")
+    run.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    with (run / "pipeline.log").open("a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - tic
+    if code != 0:
+        tail = "".join((run / "pipeline.log").read_text().splitlines(keepends=True)[-15:])
+        raise ConfigError(f"stage '{stage.name}' failed (exit {code}); its log: {run / 'pipeline.log'}\n{tail}")
+    times = _read_json(run / "pipeline_time.json", {"attempts": []})
+    times["attempts"].append(round(seconds, 1))
+    (run / "pipeline_time.json").write_text(json.dumps(times))
+    return seconds
+
+
+def _read_json(path: Path, default):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def evaluate_stages(p: Pipeline, log) -> dict:
+    """pass@1 (95% Wilson intervals) and tokens per forward of every stage's model, cached per stage."""
+    from onpolicy.data.tasks import load_task_set
+    from onpolicy.evaluation import evaluate_checkpoint
+    from onpolicy.loading import load_model
+    from onpolicy.sampling import SamplerConfig
+    from verifiers import PythonTestVerifier
+
+    out = {}
+    sets = {name: load_task_set(name, p.eval.limit, 0) for name in ("generated:validation", "generated:heldout", "repair:heldout")}
+    slow = SamplerConfig(max_new_tokens=p.eval.max_new_tokens)
+    fast = SamplerConfig(max_new_tokens=p.eval.max_new_tokens, threshold=p.eval.fast_threshold)
+    with PythonTestVerifier() as verifier:
+        for stage in p.stages:
+            cache = p.output_dir / stage.name / "pipeline_eval.json"
+            if cache.is_file():
+                out[stage.name] = json.loads(cache.read_text())
+                continue
+            tic = time.perf_counter()
+            model, tokenizer = load_model(str(model_folder(p.output_dir / stage.name)))
+            causal = model.config.attention == "causal"
+            result = {"model": str(model_folder(p.output_dir / stage.name)), "attention": model.config.attention}
+            for set_name, tasks in sets.items():
+                for setting, cfg in (("one_per_step", slow), ("fast", fast)):
+                    if setting == "fast" and (causal or set_name != "generated:heldout"):
+                        continue  # an AR model has no faster setting; the fast one is measured where it is compared
+                    r = evaluate_checkpoint(model, tokenizer, tasks, cfg, 1, verifier, 8, 0)
+                    result[f"{set_name}/{setting}"] = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"],
+                                                       "tokens_per_forward": r["tokens_per_forward"], "n": len(tasks)}
+            result["seconds"] = round(time.perf_counter() - tic, 1)
+            cache.write_text(json.dumps(result, indent=1))
+            out[stage.name] = result
+            log(f"[pipeline] eval {stage.name}: held-out pass@1 {result['generated:heldout/one_per_step']['pass@1']:.3f}, "
+                f"validation {result['generated:validation/one_per_step']['pass@1']:.3f}")
+    return out
+
+
+def bench_last(p: Pipeline) -> dict:
+    """`onpolicy bench` of the last stage against the AR baseline (and the model before), batch 1."""
+    b = p.bench
+    out = p.output_dir / "bench.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    after = b.after or p.stages[-1].name
+    cmd = [sys.executable, "-m", "onpolicy.cli", "bench", str(model_folder(p.output_dir / after)),
+           "--ar", str(model_folder(p.output_dir / b.ar)), "--tasks", b.tasks, "--limit", str(b.limit),
+           "--block-sizes", str(_block_size(p.output_dir / after)), "--thresholds", *map(str, b.thresholds),
+           "--out", str(out), "--png", str(p.output_dir / "frontier.png")]
+    if b.before:
+        cmd += ["--before", str(model_folder(p.output_dir / b.before))]
+    with (p.output_dir / "bench.log").open("w") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise ConfigError(f"bench failed (exit {code}); its log: {p.output_dir / 'bench.log'}")
+    return json.loads(out.read_text())
+
+
+def _block_size(run: Path) -> int:
+    return int(json.loads((model_folder(run) / "config.json").read_text()).get("block_size", 32))
+
+
+def main(args) -> int:
+    from onpolicy.report import write_report
+
+    p = load_pipeline(args.pipeline)
+    print(plan(p), flush=True)
+    if args.plan:
+        return 0
+    p.output_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"{message}  [{(time.perf_counter() - start) / 60:.1f} min]", flush=True)
+
+    for i, stage in enumerate(p.stages, 1):
+        run = p.output_dir / stage.name
+        if finished(run):
+            log(f"[pipeline] {i}/{len(p.stages)} {stage.name}: finished earlier, skipped")
+            continue
+        log(f"[pipeline] {i}/{len(p.stages)} {stage.name}: onpolicy train {stage.recipe}"
+            + (" (resuming from its last checkpoint)" if (run / "checkpoints").is_dir() else "") + f", log {run / 'pipeline.log'}")
+        seconds = run_stage(p, stage, log)
+        log(f"[pipeline] {stage.name} done in {seconds / 60:.1f} min")
+    evals = evaluate_stages(p, log)
+    bench = bench_last(p)
+    log("[pipeline] bench done")
+    report = write_report(p, evals, bench)
+    log(f"[pipeline] report: {p.output_dir / 'report.md'} (and report.json, PNGs, replay.html); "
+        f"held-out pass@1 {report['summary']['last_pass@1']:.3f}, {report['summary']['speed_vs_ar']:.2f}x AR's tokens/s")
+    return 0

@@ -1,0 +1,79 @@
+"""The main job in miniature: every stage through `onpolicy pipeline`, a few steps each, the report,
+and a re-run that skips what is finished."""
+
+import json
+
+import pytest
+import yaml
+
+from .conftest import run_cli
+
+SMALL = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2", "tokenizer.vocab_size=400",
+         "data.max_files=20", "data.max_tasks=400", "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=1",
+         "train.warmup_steps=1", "train.max_steps=2", "train.save_every=1"]
+TOY = ["train.max_steps=2", "train.micro_batch_size=2", "train.warmup_steps=1", "validation.n_tasks=2"]
+
+
+def mini_pipeline(tmp_path, cache):
+    data = [f"data.cache_dir={cache}"]
+    return {
+        "name": "mini",
+        "output_dir": str(tmp_path / "run"),
+        "stages": [
+            {"name": "ar", "recipe": "recipes/tiny/tasks_ar.yaml", "overrides": [*SMALL, *data]},
+            {"name": "stage1", "recipe": "recipes/tiny/tasks_from_ar.yaml", "init_from": "ar",
+             "overrides": [*SMALL, *data, "model.block_size=4"]},
+            {"name": "stage2", "recipe": "recipes/tiny/stage2_edit.yaml", "init_from": "stage1", "overrides": [*SMALL, *data]},
+            {"name": "stage3", "recipe": "recipes/tiny/stage3_order.yaml", "init_from": "stage2",
+             "overrides": [*TOY, "pool.n_tasks=4", "pool.samples=2", "pool.require_pass=false", "pool.sampler.max_new_tokens=8"]},
+            {"name": "stage4", "recipe": "recipes/tiny/stage4_onpolicy.yaml", "init_from": "stage3",
+             "overrides": [*TOY, "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.n_tasks=8", "rollout.batch_size=4",
+                           "rollout.sampler.max_new_tokens=8", "rollout.verifier=tests.plugins:CoinVerifier", "validation.every=1"]},
+        ],
+        "eval": {"limit": 4, "max_new_tokens": 8},
+        "bench": {"ar": "ar", "before": "stage1", "after": "stage4", "limit": 2, "thresholds": [0.5]},
+    }
+
+
+@pytest.mark.slow
+def test_miniature_pipeline_end_to_end_and_rerun_skips(tmp_path):
+    spec = tmp_path / "mini.yaml"
+    spec.write_text(yaml.safe_dump(mini_pipeline(tmp_path, tmp_path / "cache")))
+    r = run_cli("pipeline", str(spec), timeout=1800)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    assert "estimate" in r.stdout and "[pipeline] 5/5 stage4" in r.stdout
+    out = tmp_path / "run"
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"name", "stages", "ar_comparison", "summary", "plots", "machine"}
+    assert list(report["stages"]) == ["ar", "stage1", "stage2", "stage3", "stage4"]
+    for row in report["stages"].values():
+        assert set(row["pass@1"]) == {"validation", "heldout", "repair"}
+        assert all(len(v["ci95"]) == 2 and 0 <= v["value"] <= 1 for v in row["pass@1"].values())
+        assert row["tokens_per_forward"]["one_per_step"] > 0 and row["train_minutes"] > 0
+    assert report["stages"]["stage4"]["model"].endswith("best")  # stage 4 hands on its best checkpoint
+    comparison = report["ar_comparison"]
+    assert comparison["ar_tokens_per_s"] > 0 and comparison["fastest"]["speed_vs_ar"] > 0
+    # the numbers are what `onpolicy bench` wrote
+    bench = json.loads((out / "bench.json").read_text())
+    assert comparison["ar_pass@1"] == bench["results"]["ar"]["pass_at_1"]
+    for name in ("losses.png", "stages.png", "frontier.png", "onpolicy.png", "replay.html", "report.md"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    # a re-run skips every finished stage and reuses the evaluations
+    r = run_cli("pipeline", str(spec), timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.stdout.count("finished earlier, skipped") == 5 and "done, skipped" in r.stdout
+
+
+def test_pipeline_file_errors_name_the_problem(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump({"stages": [{"name": "a", "recipe": "recipes/tiny/tasks_ar.yaml", "init_from": "b"}]}))
+    r = run_cli("pipeline", str(spec), "--plan")
+    assert r.returncode == 2 and "starts from 'b', which is not an earlier stage" in r.stderr
+    spec.write_text(yaml.safe_dump({"stages": [{"name": "a", "recipe": "nope.yaml"}]}))
+    r = run_cli("pipeline", str(spec), "--plan")
+    assert r.returncode == 2 and "recipe not found: nope.yaml" in r.stderr
+    spec.write_text(yaml.safe_dump({"stagez": []}))
+    r = run_cli("pipeline", str(spec), "--plan")
+    assert r.returncode == 2 and "unknown key 'stagez'" in r.stderr
+    r = run_cli("pipeline", "recipes/tiny/pipeline.yaml", "--plan")
+    assert r.returncode == 0 and "estimate: ~" in r.stdout and "stage4" in r.stdout
