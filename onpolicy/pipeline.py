@@ -148,7 +148,7 @@ def plan(p: Pipeline) -> str:
     lines.append(f"  {len(p.stages) + 2}. bench    {p.bench.after or p.stages[-1].name} vs {p.bench.ar} (AR)"
                  + (f" and {p.bench.before}" if p.bench.before else "") + f", batch 1  ~{p.bench.minutes:g} min")
     total += p.eval.minutes + p.bench.minutes
-    lines.append(f"  estimate: ~{total:.0f} min left on a 2-core CPU (measured there; faster machines take less)")
+    lines.append(f"  estimate: ~{total:.0f} min left (the minutes the file gives each step)")
     return "\n".join(lines)
 
 

@@ -39,16 +39,19 @@ from verifiers.base import Task, Verdict
 from verifiers.sandbox import Sandbox
 
 TOKEN_ENV = "VERIFIERS_TOKEN"
+URL_ENV = "VERIFIERS_URL"
 
 
 class RemoteVerifier:
-    """`url`: one server, a comma-separated list, or a list of URLs (http://host:port)."""
+    """`url`: one server, a comma-separated list, or a list of URLs (http://host:port); default
+    $VERIFIERS_URL, else http://127.0.0.1:8080 (so `rollout.verifier: remote` finds a fleet)."""
 
     name = "remote"
 
-    def __init__(self, url: str | list[str] = "http://127.0.0.1:8080", timeout_s: float = 10.0, memory_mb: int = 1024,
+    def __init__(self, url: str | list[str] | None = None, timeout_s: float = 10.0, memory_mb: int = 1024,
                  retries: int = 2, concurrency: int = 8, request_timeout_s: float | None = None, strict: bool | None = None,
                  token: str | None = None, cooldown_s: float = 5.0):
+        url = url if url is not None else os.environ.get(URL_ENV, "http://127.0.0.1:8080")
         urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
         if not urls or not all(urls):
             raise ValueError(f"RemoteVerifier needs at least one server URL, got {url!r}")
