@@ -164,7 +164,7 @@ def run_stage(p: Pipeline, stage: Stage, log) -> float:
     with (run / "pipeline.log").open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     seconds = time.perf_counter() - tic
     if code != 0:
         tail = "".join((run / "pipeline.log").read_text().splitlines(keepends=True)[-15:])
@@ -173,6 +173,15 @@ def run_stage(p: Pipeline, stage: Stage, log) -> float:
     times["attempts"].append(round(seconds, 1))
     (run / "pipeline_time.json").write_text(json.dumps(times))
     return seconds
+
+
+def _die_with_parent() -> None:
+    """In the stage's process: end when the pipeline does (even by kill -9), so a re-run never finds
+    an orphan still training the same stage (Linux: PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
 def _read_json(path: Path, default):

@@ -47,6 +47,9 @@ def stage_table(p, evals: dict) -> dict:
             "tokens_per_forward": {"one_per_step": ev["generated:heldout/one_per_step"]["tokens_per_forward"],
                                    "fast": fast["tokens_per_forward"] if fast else None},
             "heldout_fast_pass@1": {"value": fast["pass@1"], "ci95": fast["pass@1_ci95"]} if fast else None,
+            # the same numbers from the command line (greedy, seed 0):
+            "eval_command": f"onpolicy eval {ev['model']} --tasks generated:heldout --limit {p.eval.limit} "
+                            f"--max-new-tokens {p.eval.max_new_tokens}",
         }
     return out
 
@@ -87,7 +90,7 @@ def plot_losses(p, path: Path) -> None:
         rows = _stage_metrics(p.output_dir / stage.name)
         loss = [(m["step"], m["train/loss"]) for m in rows if "train/loss" in m]
         if loss:
-            ax.plot(*zip(*loss), color="tab:blue", label="train loss")
+            ax.plot(*zip(*loss), ".-", color="tab:blue", label="train loss")
             val = [(m["step"], m["val/loss"]) for m in rows if "val/loss" in m]
             if val:
                 ax.plot(*zip(*val), "o-", color="tab:orange", label="validation loss")
@@ -232,7 +235,10 @@ def write_report(p, evals: dict, bench: dict) -> dict:
         lines.append(f"| {name} | {row['train_minutes']:.1f} | {_pct(row['pass@1']['validation'])} | {_pct(row['pass@1']['heldout'])} | "
                      f"{_pct(row['pass@1']['repair'])} | {row['tokens_per_forward']['one_per_step']:.2f} | "
                      + (f"{row['tokens_per_forward']['fast']:.2f} | {_pct(fast)} |" if fast else "- | - |"))
-    lines += ["", "![pass@1 and tokens per forward after each stage](stages.png)", "",
+    lines += ["", f"Each row's numbers come back from `onpolicy eval MODEL --tasks SET --limit {p.eval.limit} "
+              f"--max-new-tokens {p.eval.max_new_tokens}` (add `--threshold {p.eval.fast_threshold}` for the fast columns); "
+              "the AR comparison is `bench.json`, written by `onpolicy bench`.", "",
+              "![pass@1 and tokens per forward after each stage](stages.png)", "",
               "![speed-quality frontier against the AR baseline](frontier.png)", "",
               "![training curves per stage](losses.png)", ""]
     if "onpolicy.png" in plots:

@@ -37,12 +37,35 @@ def mini_pipeline(tmp_path, cache):
 
 @pytest.mark.slow
 def test_miniature_pipeline_end_to_end_and_rerun_skips(tmp_path):
+    """kill -9 in the middle of stage 1 (once it has a checkpoint), run again: stage 1 resumes from it,
+    the rest runs, the report is written; a third run skips everything."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
     spec = tmp_path / "mini.yaml"
-    spec.write_text(yaml.safe_dump(mini_pipeline(tmp_path, tmp_path / "cache")))
+    pipe = mini_pipeline(tmp_path, tmp_path / "cache")
+    pipe["stages"][1]["overrides"] += ["train.max_steps=6"]  # long enough to be killed half way
+    spec.write_text(yaml.safe_dump(pipe))
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "onpolicy.cli", "pipeline", str(spec)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while not list((out / "stage1" / "checkpoints").glob("step_*/MANIFEST.json")):
+        assert first.poll() is None and time.monotonic() < deadline, "the pipeline ended before stage 1 checkpointed"
+        time.sleep(0.5)
+    os.kill(first.pid, signal.SIGKILL)  # our own child, by its pid
+    first.wait()
+    assert not (out / "stage1" / "final").exists()
     r = run_cli("pipeline", str(spec), timeout=1800)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    assert "1/5 ar: finished earlier, skipped" in r.stdout and "(resuming from its last checkpoint)" in r.stdout
+    assert "resumed at step" in (out / "stage1" / "pipeline.log").read_text()
     assert "estimate" in r.stdout and "[pipeline] 5/5 stage4" in r.stdout
-    out = tmp_path / "run"
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"name", "stages", "ar_comparison", "summary", "plots", "machine"}
     assert list(report["stages"]) == ["ar", "stage1", "stage2", "stage3", "stage4"]
