@@ -76,9 +76,16 @@ def test_miniature_pipeline_end_to_end_and_rerun_skips(tmp_path):
     assert report["stages"]["stage4"]["model"].endswith("best")  # stage 4 hands on its best checkpoint
     comparison = report["ar_comparison"]
     assert comparison["ar_tokens_per_s"] > 0 and comparison["fastest"]["speed_vs_ar"] > 0
-    # the numbers are what `onpolicy bench` wrote
+    # the numbers are what `onpolicy bench` wrote and what `onpolicy eval` prints for the same model
     bench = json.loads((out / "bench.json").read_text())
     assert comparison["ar_pass@1"] == bench["results"]["ar"]["pass_at_1"]
+    row = report["stages"]["stage1"]
+    r = run_cli("eval", row["model"], "--tasks", "generated:heldout", "--limit", "4", "--max-new-tokens", "8",
+                "--out", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["pass@1"] == row["pass@1"]["heldout"]["value"]
+    assert ev["tokens_per_forward"] == pytest.approx(row["tokens_per_forward"]["one_per_step"])
     for name in ("losses.png", "stages.png", "frontier.png", "onpolicy.png", "replay.html", "report.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     # a re-run skips every finished stage and reuses the evaluations
