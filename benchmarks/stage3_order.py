@@ -8,8 +8,8 @@ same extra compute, from the same starting model.
    excluded), read from its pool header and metrics.
 2. The baseline continues the same starting model with stage-1 mask training (`recipes/tiny/stage2_edit.yaml`
    with `diffusion.edit_fraction=0`) for as many steps as fit in that time, at the seconds per step
-   this machine measured for that recipe (`--mask-step-seconds`, or read from the stage-2 benchmark's
-   stage-1 runs).
+   measured here by a short calibration run of that recipe (`--mask-step-seconds` to give it).
+   Nothing else should run on the machine meanwhile.
 3. The starting model, stage 3 and the baseline are measured on validation and held-out generated
    tasks through `onpolicy eval`'s path (greedy; one token per step, and threshold 0.5): pass@1 with
    95% Wilson intervals, tokens per forward.
@@ -39,13 +39,16 @@ def stage3_seconds(out: Path) -> float:
 
 
 def mask_step_seconds(args) -> float:
+    """Seconds per step of the baseline's recipe on this machine: a short calibration run (its first
+    step, with start-up, left out)."""
     if args.mask_step_seconds:
         return args.mask_step_seconds
-    rates = []
-    for path in (ROOT / "runs" / "stage2-bench").glob("stage1-s*/metrics.jsonl"):
-        rates += [m["perf/tokens_per_s"] for m in map(json.loads, path.read_text().splitlines()) if "perf/tokens_per_s" in m]
-    if not rates:
-        raise SystemExit("no measured mask-training speed: run benchmarks/stage2_edit.py first or pass --mask-step-seconds")
+    calib = args.runs / "calibration"
+    if not (calib / "metrics.jsonl").is_file():
+        run(["train", "recipes/tiny/stage2_edit.yaml", "diffusion.edit_fraction=0", "train.max_steps=8", "train.save_every=0",
+             "train.eval_every=0", "train.eval_batches=1", "logging.log_every=1", f"logging.output_dir={calib}", "logging.progress=false"])
+    rates = [m["perf/tokens_per_s"] for m in map(json.loads, (calib / "metrics.jsonl").read_text().splitlines())
+             if "perf/tokens_per_s" in m and m["step"] > 1]
     return 16 * 256 / (sum(rates) / len(rates))  # the recipe's micro batch x sequence length
 
 
@@ -77,11 +80,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stage3_order.json")
     args = p.parse_args()
 
+    per_step = mask_step_seconds(args)
     order = args.runs / "order"
     if not (order / "final" / "config.json").is_file():
         run(["train", "recipes/tiny/stage3_order.yaml", f"logging.output_dir={order}", "logging.progress=false"])
     seconds = stage3_seconds(order)
-    per_step = mask_step_seconds(args)
     steps = max(1, round(seconds / per_step))
     mask = args.runs / "mask"
     if not (mask / "final" / "config.json").is_file():
