@@ -188,7 +188,7 @@ def flex_attention(q, k, v, block_mask):
     if not q.is_cuda:
         return flex(q, k, v, block_mask=block_mask)
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex, dynamic=False)
+        _compiled_flex = torch.compile(flex)  # shapes that vary (replays) become dynamic after one recompile
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
