@@ -18,10 +18,11 @@ Top to bottom (`train` below):
   3. validation (pass@1 and tokens per forward, one token per step and fast) at the start, on a
      schedule and at the end; resumable checkpoints; the final model exported.
 
-The ELBO of a trajectory, stated: the mean log-probability of its tokens at the steps that committed
-them, as the sampler recorded (temperature 1, the policy itself): log p(x0, order), per token. It is
-the likelihood of the whole path, order included, which is what selecting an order needs; the
-mask-ELBO of x0 alone would not tell two orders apart.
+The ELBO of a trajectory, stated: the log-probability of the path, log p(x0, tau) = sum over steps of
+log p(tokens committed at the step | the state before it), as the sampler recorded it (temperature 1,
+the policy itself), per token. It is an evidence lower bound, log p(x0) = log sum_tau p(x0, tau) >=
+log p(x0, tau), and the one that depends on the order, which is what selecting an order needs (the
+mask-ELBO of x0 alone would not tell two orders of the same program apart).
 """
 
 from __future__ import annotations
