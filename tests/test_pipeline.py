@@ -49,7 +49,7 @@ def test_miniature_pipeline_end_to_end_and_rerun_skips(tmp_path):
 
     spec = tmp_path / "mini.yaml"
     pipe = mini_pipeline(tmp_path, tmp_path / "cache")
-    pipe["stages"][1]["overrides"] += ["train.max_steps=6"]  # long enough to be killed half way
+    pipe["stages"][1]["overrides"] += ["train.max_steps=20"]  # long enough to be killed half way
     spec.write_text(yaml.safe_dump(pipe))
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "onpolicy.cli", "pipeline", str(spec)], cwd=ROOT,
@@ -57,7 +57,7 @@ def test_miniature_pipeline_end_to_end_and_rerun_skips(tmp_path):
     deadline = time.monotonic() + 900
     while not list((out / "stage1" / "checkpoints").glob("step_*/MANIFEST.json")):
         assert first.poll() is None and time.monotonic() < deadline, "the pipeline ended before stage 1 checkpointed"
-        time.sleep(0.5)
+        time.sleep(0.05)
     os.kill(first.pid, signal.SIGKILL)  # our own child, by its pid
     first.wait()
     assert not (out / "stage1" / "final").exists()
