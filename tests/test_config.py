@@ -6,7 +6,20 @@ from onpolicy.config import STAGES, ConfigError, load_config
 
 from .conftest import ROOT, run_cli
 
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+ALL_YAML = sorted((ROOT / "recipes").rglob("*.yaml"))
+PIPELINES = [p for p in ALL_YAML if p.name.startswith("pipeline")]
+RECIPES = [p for p in ALL_YAML if p not in PIPELINES]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_pipeline_file_loads_and_its_stages_are_recipes(pipeline, monkeypatch):
+    from onpolicy.pipeline import load_pipeline
+
+    monkeypatch.chdir(ROOT)
+    spec = load_pipeline(pipeline.relative_to(ROOT))
+    assert pipeline.read_text().splitlines()[0].startswith("# onpolicy pipeline "), "pipeline files start with their command"
+    for stage in spec.stages:  # each stage's recipe with its overrides is a valid config
+        load_config(ROOT / stage.recipe, [*spec.overrides, *stage.overrides])
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -46,6 +46,7 @@ def test_bad_pool_files_are_named_with_their_line(tmp_path):
         read_pool(path)
 
 
+@pytest.mark.slow
 def test_stage3_builds_a_reusable_pool_and_distills_it(init_model, tmp_path):
     """A toy run: the pool is sampled, judged (a coin verifier: half pass), the best kept and written
     with what made it; distillation moves the weights; a second run reuses the pool file."""
