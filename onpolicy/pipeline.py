@@ -147,7 +147,8 @@ def plan(p: Pipeline) -> str:
                  f"repair:heldout ({p.eval.limit} each)  ~{p.eval.minutes:g} min")
     lines.append(f"  {len(p.stages) + 2}. bench    {p.bench.after or p.stages[-1].name} vs {p.bench.ar} (AR)"
                  + (f" and {p.bench.before}" if p.bench.before else "") + f", batch 1  ~{p.bench.minutes:g} min")
-    total += p.eval.minutes + p.bench.minutes
+    evaluated = all((p.output_dir / s.name / "pipeline_eval.json").is_file() for s in p.stages)
+    total += (0 if evaluated else p.eval.minutes) + (0 if (p.output_dir / "bench.json").is_file() else p.bench.minutes)
     lines.append(f"  estimate: ~{total:.0f} min left (the minutes the file gives each step)")
     return "\n".join(lines)
 
