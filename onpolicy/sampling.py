@@ -54,6 +54,23 @@ class SamplerConfig:
     use_cache: bool = True  # exact KV cache of finished blocks (block_causal and causal models)
     stop_at_eos: bool = True  # stop a sequence after the block in which it commits EOS
 
+    def __post_init__(self) -> None:
+        """Impossible settings are refused by name, before any decoding."""
+        from onpolicy.errors import ConfigError
+
+        for key in ("max_new_tokens", "block_size", "steps_per_block", "max_steps_per_block", "top_k"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"sampler: {key}={value} must be >= 1")
+        for key in ("threshold", "remask_threshold"):  # probabilities compared against (above 1: always/never)
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"sampler: {key}={value} must be >= 0")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampler: top_p={self.top_p} must be in (0, 1]")
+        if self.temperature < 0 or (self.commit_temperature is not None and self.commit_temperature <= 0):
+            raise ConfigError("sampler: temperature must be >= 0 and commit_temperature > 0")
+
 
 @dataclass
 class TrajectoryRow:

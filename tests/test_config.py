@@ -109,3 +109,25 @@ def test_sections_from_other_modules_keep_the_unknown_key_check():
             load_config(None, ["stage=test-sampler", "sampler.treshold=0.9"])
     finally:
         STAGES.pop("test-sampler")
+
+
+def test_impossible_sampler_settings_and_malformed_files_get_one_line(tmp_path):
+    from onpolicy.sampling import SamplerConfig
+
+    with pytest.raises(ConfigError, match="block_size=0 must be >= 1"):
+        SamplerConfig(block_size=0)
+    with pytest.raises(ConfigError, match="threshold=-0.5 must be >= 0"):
+        SamplerConfig(threshold=-0.5)
+    with pytest.raises(ConfigError, match="top_p=0 must be in"):
+        SamplerConfig(top_p=0)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"task_id": "a", "prompt": "def f():\\n", "entry_point": "f", "test": "def check(c): pass"}\n{oops\n')
+    r = run_cli("verify", str(tasks), str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "o.jsonl"))
+    assert r.returncode == 2 and f"{tasks}:2: not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    tasks.write_text('{"task_id": "a", "prompt": "def f():\\n", "entry_point": "f", "test": "def check(c): pass"}\n')
+    completions = tmp_path / "c.jsonl"
+    completions.write_text('{"task_id": "a", "completion": "    return 1"}\n{"task_id": "a"}\n')
+    r = run_cli("verify", str(tasks), str(completions), "--out", str(tmp_path / "o.jsonl"))
+    assert r.returncode == 2 and f"{completions}:2: a completion line needs" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("sample", "nowhere", "--prompt", "x", "--block-size", "0")
+    assert r.returncode == 2 and "block_size=0 must be >= 1" in r.stderr and "Traceback" not in r.stderr

