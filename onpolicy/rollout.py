@@ -206,11 +206,17 @@ def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens)
         yield ReplayStep(j, proposal_logits(logits[:, p_len:], special), p.step_index == j, p.step_index, p.canvas, p.block)
 
 
+def final_token_logprob(logp_all: torch.Tensor, step: ReplayStep) -> torch.Tensor:
+    """log p(final token | the state before step j) at every canvas position: [B, G, V] log-softmax of
+    `step.logits` -> [B, G]. The one per-step log-likelihood: stage 4 weights it by advantages at the
+    positions step j committed (and its progress surrogate reads it where tokens are still masked),
+    stage 3 distills it (`committed_logprob`)."""
+    return logp_all.gather(-1, step.canvas[..., None])[..., 0]
+
+
 def committed_logprob(logp_all: torch.Tensor, step: ReplayStep) -> torch.Tensor:
-    """log p(token committed at step j | the state before step j) at the positions step j committed,
-    0 elsewhere: [B, G, V] log-softmax of `step.logits` -> [B, G]. The one per-step log-likelihood:
-    stage 4 weights it by advantages, stage 3 distills it (as a negative log-likelihood)."""
-    return logp_all.gather(-1, step.canvas[..., None])[..., 0].masked_fill(~step.now, 0.0)
+    """`final_token_logprob` at the positions step j committed, 0 elsewhere: [B, G]."""
+    return final_token_logprob(logp_all, step).masked_fill(~step.now, 0.0)
 
 
 def replay_logprobs(model, rows: list[TrajectoryRow], special: SpecialTokens) -> tuple[torch.Tensor, torch.Tensor]:

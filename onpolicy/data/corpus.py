@@ -210,8 +210,10 @@ def build_corpus(cfg: DataConfig, tokenizer, docs: list[Document] | None = None)
     docs = docs if docs is not None else load_documents(cfg)
     key = corpus_key(docs, tokenizer_fingerprint(tokenizer), cfg)
     folder = Path(cfg.cache_dir) / "corpus" / key
-    if _is_complete(folder):
+    try:
         return open_corpus(folder)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        pass  # not built yet, or damaged: (re)build it below
     special = SpecialTokens.from_tokenizer(tokenizer)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
 

@@ -51,9 +51,9 @@ from onpolicy.diffusion.policy import (
 from onpolicy.metrics import MetricsLogger
 from onpolicy.rollout import (
     VerifierPool,
-    committed_logprob,
     decode_tasks,
     excluded_reason,
+    final_token_logprob,
     replay_step_logits,
 )
 from onpolicy.sampling import TrajectoryRow
@@ -130,8 +130,8 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
     entropy_sum, entropy_n = torch.zeros(()), 0
     for st in replay_step_logits(model, rows, special):
         logp_all = st.logits.float().log_softmax(-1)  # [B, T, V]
-        tok = committed_logprob(logp_all, st)  # [B, T] log p(final token | state before step j), at step j's commits
-        token_logp = tok if token_logp is None else torch.where(st.now, tok, token_logp)
+        tok = final_token_logprob(logp_all, st)  # [B, T] log p(final token | state before step j)
+        token_logp = torch.where(st.now, tok, 0.0 if token_logp is None else token_logp)  # at each token's own step
         committed = st.now if committed is None else committed | st.now
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
@@ -153,7 +153,7 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
         if passed.any() and lc.surrogate in ("progress", "both"):
             b, t = open_.shape
             per_block = st.now.view(b, -1, st.block).sum(-1, keepdim=True).expand(-1, -1, st.block).reshape(b, t)  # p_k per position
-            pl, ps = progress_cost_loss(-logp_all.gather(-1, st.canvas[..., None])[..., 0], open_, per_block.float(), passed, lc.progress_lambda)
+            pl, ps = progress_cost_loss(-tok, open_, per_block.float(), passed, lc.progress_lambda)
             progress_total = progress_total + pl
             stats["progress_cost"] = stats.get("progress_cost", 0) + ps["progress_cost"]
     n_steps = st.index + 1

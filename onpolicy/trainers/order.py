@@ -59,6 +59,7 @@ from onpolicy.trainers.common import (
     verifier_pool,
     write_summary,
 )
+from verifiers.tasks import read_jsonl
 
 POOL_FORMAT = "onpolicy-trajectory-pool/1"
 
@@ -103,21 +104,18 @@ def write_pool(path: Path, header: dict, kept: list[dict]) -> None:
 
 def read_pool(path: Path) -> tuple[dict, list[dict]]:
     """The pool file's header and kept rows; a malformed file is named with its line."""
-    if not path.is_file():
-        raise ConfigError(f"pool file not found: {path}")
-    lines = path.read_text().splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
-    if not rows or rows[0].get("format") != POOL_FORMAT:
+    try:
+        numbered = read_jsonl(path)
+    except FileNotFoundError:
+        raise ConfigError(f"pool file not found: {path}") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not numbered or numbered[0][1].get("format") != POOL_FORMAT:
         raise ConfigError(f"{path}:1: not a trajectory pool (expected a header with format {POOL_FORMAT!r})")
-    for i, row in enumerate(rows[1:], start=2):
+    for i, row in numbered[1:]:
         if not {"task_id", "passed", "elbo", "trajectory"} <= set(row):
             raise ConfigError(f"{path}:{i}: a pool row needs task_id, passed, elbo and trajectory")
-    return rows[0], rows[1:]
+    return numbered[0][1], [row for _, row in numbered[1:]]
 
 
 def build_pool(engine, tokenizer, cfg: OrderConfig, verifier: VerifierPool, show: bool) -> tuple[dict, list[dict]]:
