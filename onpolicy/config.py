@@ -26,6 +26,7 @@ from onpolicy.errors import ConfigError
 from onpolicy.sampling import SamplerConfig
 
 ATTENTION_MODES = ("bidirectional", "block_causal", "causal")  # = onpolicy.model's (tests/test_config.py checks)
+INHERIT = "inherit"  # model.attention: keep model.init_from's attention, block size and shift_logits
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")  # = onpolicy.model's
 SCHEDULES = ("linear", "cosine")
 T_SAMPLING = ("stratified", "antithetic", "iid")
@@ -46,8 +47,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096  # longest sequence RoPE is prepared for
     rope_theta: float = 10000.0  # RoPE base
     attention: str = "block_causal"  # bidirectional | block_causal | causal (the AR baseline: next-token objective)
+    #                                  | inherit: model.init_from's own (with its block_size and shift_logits)
     block_size: int = 32  # tokens per diffusion block (block_causal only)
-    init_from: str | None = None  # an HF folder written by onpolicy to start from
+    init_from: str | None = None  # start from: our folder or adapter, a Llama/Qwen2 folder or Hub id, a .gguf, smollm2
     shift_logits: bool = False  # diffusion predicts position i from the hidden state at i - 1 (Dream's
     #                             AR-to-diffusion adaptation: keeps what an AR init learned); not for causal
     attention_kernel: str = "auto"  # auto | sdpa | flex: flex_attention block masks (no dense mask) on GPU
@@ -425,7 +427,9 @@ def _one_of(value: str, options: tuple[str, ...], key: str) -> None:
 def check_common(cfg) -> None:
     """Checks of the sections every stage shares (model, train, logging, lora)."""
     m, t = cfg.model, cfg.train
-    _one_of(m.attention, ATTENTION_MODES, "model.attention")
+    _one_of(m.attention, (*ATTENTION_MODES, INHERIT), "model.attention")
+    if m.attention == INHERIT and not m.init_from:
+        raise ConfigError("model.attention=inherit keeps model.init_from's attention: set model.init_from")
     _one_of(m.attention_kernel, ATTENTION_KERNELS, "model.attention_kernel")
     _one_of(t.precision, PRECISIONS, "train.precision")
     _one_of(cfg.logging.wandb, WANDB_MODES, "logging.wandb")

@@ -174,19 +174,15 @@ def initialize(model, optimizer, scheduler, ds_config: dict):
     return engine
 
 
-def export_hf(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
-    """Write the model (full weights, gathered from ZeRO-3 shards if needed) and tokenizer as an HF folder."""
+@contextlib.contextmanager
+def full_parameters(engine):
+    """The engine's module with whole parameters inside the block (gathered from ZeRO-3 shards on every
+    rank; a no-op otherwise)."""
     import deepspeed
 
     model = engine.module
-    params = list(model.parameters())
-    gather = engine.zero_optimization_stage() == 3
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if gather else contextlib.nullcontext()
-    with ctx:
-        if is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            model.save_pretrained(str(out_dir), state_dict=state)
-            tokenizer.save_pretrained(str(out_dir))
-    barrier()
-
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield model
+    else:
+        yield model

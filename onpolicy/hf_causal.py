@@ -70,11 +70,12 @@ def smollm2_folder() -> Path:
     return Path(spec.origin).parent
 
 
-def load_causal_lm(spec: str | Path, device: str = "cpu"):
-    """(adapter in eval mode, tokenizer) for "smollm2", a .gguf file, or an HF causal-LM folder (resolved
-    by the caller, `onpolicy.loading.load_model`)."""
+def load_hf_causal(spec: str | Path):
+    """(transformers causal LM, tokenizer with our special tokens) for "smollm2", a .gguf file, an HF
+    causal-LM folder or a Hub id (`onpolicy.loading.resolve_model_dir`)."""
     from transformers import AutoModelForCausalLM
 
+    from onpolicy.loading import resolve_model_dir
     from onpolicy.tokenizer import load_tokenizer
 
     spec = str(spec)
@@ -85,11 +86,15 @@ def load_causal_lm(spec: str | Path, device: str = "cpu"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"GGUF file not found: {spec}")
     else:
-        folder, gguf = Path(spec), None
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
+        folder, gguf = resolve_model_dir(spec), None
     kw = {"gguf_file": gguf} if gguf else {}
     tokenizer = load_tokenizer(folder, **kw)
     lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kw)
+    return lm, tokenizer
+
+
+def load_causal_lm(spec: str | Path, device: str = "cpu"):
+    """(adapter in eval mode, tokenizer) for an outside causal LM (see `load_hf_causal`)."""
+    lm, tokenizer = load_hf_causal(spec)
     model = CausalLMAdapter(lm, len(tokenizer), tokenizer.eos_token_id)
     return model.to(device).eval(), tokenizer

@@ -48,6 +48,9 @@ class DiffusionTransformerConfig(PretrainedConfig):
         mask_token_id: int | None = None,
         shift_logits: bool = False,
         attention_kernel: str = "auto",
+        num_key_value_heads: int | None = None,
+        attention_bias: bool = False,
+        attention_out_bias: bool = False,
         **kwargs,
     ):
         if attention not in ATTENTION_MODES:
@@ -72,6 +75,13 @@ class DiffusionTransformerConfig(PretrainedConfig):
         # state at i - 1, as in the AR model the weights came from (see `shift_to_previous`).
         self.shift_logits = shift_logits
         self.attention_kernel = attention_kernel
+        # Grouped-query attention and projection biases: what Llama / Qwen2 checkpoints bring
+        # (onpolicy.convert); our own models use neither.
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        if num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={num_attention_heads} is not a multiple of num_key_value_heads={self.num_key_value_heads}")
+        self.attention_bias = attention_bias  # biases on q, k, v (Qwen2)
+        self.attention_out_bias = attention_out_bias  # bias on o (Llama's attention_bias sets both)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -180,16 +190,16 @@ def flex_block_mask(mode: str, pos: torch.Tensor, block: torch.Tensor, valid: to
 _compiled_flex = None
 
 
-def flex_attention(q, k, v, block_mask):
+def flex_attention(q, k, v, block_mask, gqa: bool = False):
     """torch's flex_attention: compiled once on GPU (its fast path), eager on CPU (tests)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention as flex
 
     if not q.is_cuda:
-        return flex(q, k, v, block_mask=block_mask)
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex)  # shapes that vary (replays) become dynamic after one recompile
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 class RMSNorm(nn.Module):
@@ -220,26 +230,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: DiffusionTransformerConfig):
         super().__init__()
-        self.n_heads = cfg.num_attention_heads
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        kv_dim = self.n_kv * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_out_bias)
 
     def forward(self, x, cos, sin, allowed, cache: KVCache | None = None, layer: int = 0, is_causal=False):
         b, n, _ = x.shape
-        q, k, v = (p(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (p(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2) for p in (self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, L, D]
         if cache is not None:  # write the new keys after the cached ones, attend to both (no copy)
             end = cache.length + n
             cache.keys[layer][:, :, cache.length : end] = k.detach()
             cache.values[layer][:, :, cache.length : end] = v.detach()
             k, v = cache.keys[layer][:, :, :end].to(q.dtype), cache.values[layer][:, :, :end].to(q.dtype)
+        gqa = self.n_kv != self.n_heads  # each key/value head serves n_heads / n_kv query heads
         if allowed is not None and not isinstance(allowed, torch.Tensor):  # a flex BlockMask
-            out = flex_attention(q, k, v, allowed)
+            out = flex_attention(q, k, v, allowed, gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -273,6 +286,7 @@ class DiffusionTransformer(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Layer"]
     _supports_sdpa = True
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}  # tied only when config.tie_word_embeddings
 
     def __init__(self, config: DiffusionTransformerConfig):
         super().__init__(config)
@@ -289,6 +303,8 @@ class DiffusionTransformer(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
@@ -368,7 +384,7 @@ class DiffusionTransformer(PreTrainedModel):
         k_pos, k_block, k_valid, k_noisy = position_ids, block_ids, valid, noisy
         if cache is not None:
             past_len, end = cache.length, cache.length + n
-            cache.reserve(b, end, cfg.num_hidden_layers, cfg.num_attention_heads, head_dim, x.dtype, device)
+            cache.reserve(b, end, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, x.dtype, device)
             cache.positions[:, past_len:end], cache.block_ids[:, past_len:end], cache.valid[:, past_len:end] = position_ids, block_ids, valid
             k_pos, k_block, k_valid = cache.positions[:, :end], cache.block_ids[:, :end], cache.valid[:, :end]
         kernel = cfg.attention_kernel
@@ -401,6 +417,55 @@ class DiffusionTransformer(PreTrainedModel):
                     cache.length = past_len + kept
                     cache.last_logits = raw[:, kept - 1 : kept].detach() if not logits_to_keep else raw[:, -1:].detach()
         return DiffusionOutput(logits=logits, past_key_values=cache)
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        input_ids: torch.Tensor | list[list[int]],
+        attention_mask: torch.Tensor | None = None,
+        seed: int = 0,
+        return_trajectory: bool = False,
+        **decoding,
+    ):
+        """Continue each prompt with the block sampler (the one in `sampling.py`, shipped beside this
+        file in an exported folder). Decoding options are `SamplerConfig`'s fields (`max_new_tokens`,
+        `block_size`, `steps_per_block`, `threshold`, `temperature`, ...); unset ones come from the
+        model's saved `generation_config` (its recommended decoding), then SamplerConfig's defaults.
+
+        input_ids: [B, P] (left or right padding marked by `attention_mask`) or a list of id lists.
+        Returns [B, P + G] ids: each prompt, then its completion cut before EOS, padded with the pad
+        id (the Trajectory as well with `return_trajectory=True`).
+        """
+        from dataclasses import fields as dataclass_fields
+
+        from .sampling import SamplerConfig, generate
+        from .special_tokens import SpecialTokens
+
+        known = {f.name for f in dataclass_fields(SamplerConfig)}
+        unknown = sorted(set(decoding) - known)
+        if unknown:
+            raise ValueError(f"diffusion_generate: unknown options {unknown}; valid: {sorted(known)}")
+        saved = getattr(self, "generation_config", None)
+        options = {k: getattr(saved, k) for k in known if saved is not None and getattr(saved, k, None) is not None}
+        options.update({k: v for k, v in decoding.items() if v is not None})
+        cfg = SamplerConfig(**{k: v for k, v in options.items() if k in known})
+        if isinstance(input_ids, torch.Tensor):
+            keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            prompts = [row[m].tolist() for row, m in zip(input_ids, keep)]
+        else:
+            prompts = [list(p) for p in input_ids]
+        c = self.config
+        ids = {k: getattr(c, f"{k}_token_id", None) for k in ("pad", "bos", "eos", "mask")}
+        if None in (ids["pad"], ids["eos"], ids["mask"]):
+            raise ValueError(f"diffusion_generate needs pad, eos and mask token ids in the config; it has {ids}")
+        special = SpecialTokens(**ids, sep=-1, vocab_size=c.vocab_size)
+        traj = generate(self, prompts, special, cfg, seeds=[seed + i for i in range(len(prompts))])
+        rows = [p + t for p, t in zip(prompts, traj.tokens)]
+        width = max(map(len, rows))
+        out = torch.full((len(rows), width), ids["pad"], dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return (out, traj) if return_trajectory else out
 
     def _attention_mask(self, q_pos, q_block, q_noisy, k_pos, k_block, k_valid, k_noisy, cache) -> torch.Tensor | None:
         """The boolean attention mask [B, 1, Lq, Lk], or None when SDPA needs none (no padding, no

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from onpolicy.tokenizer import SpecialTokens
+from .special_tokens import SpecialTokens  # relative: an exported model folder carries this file
 
 
 @dataclass
@@ -56,7 +56,7 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         """Impossible settings are refused by name, before any decoding."""
-        from onpolicy.errors import ConfigError
+        from .errors import ConfigError
 
         for key in ("max_new_tokens", "block_size", "steps_per_block", "max_steps_per_block", "top_k"):
             value = getattr(self, key)

@@ -8,42 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from onpolicy.files import publish, temporary_sibling
-
-# Names of the special tokens a tokenizer trained by us carries. A loaded tokenizer keeps its own
-# tokens where it has them (e.g. Llama's eos) and gets only the missing ones added.
-PAD, BOS, EOS, MASK, SEP = "<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>", "<|sep|>"
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """The ids every stage needs, read once from the tokenizer."""
-
-    pad: int
-    bos: int
-    eos: int
-    mask: int
-    sep: int
-    vocab_size: int  # len(tokenizer): the model's embedding rows
-
-    @classmethod
-    def from_tokenizer(cls, tok: PreTrainedTokenizerBase) -> SpecialTokens:
-        ids = {
-            "pad": tok.pad_token_id,
-            "bos": tok.bos_token_id,
-            "eos": tok.eos_token_id,
-            "mask": tok.mask_token_id,
-            "sep": tok.convert_tokens_to_ids(SEP),
-        }
-        missing = [k for k, v in ids.items() if v is None or v == tok.unk_token_id and k != "pad"]
-        if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}; load it with onpolicy.tokenizer.load_tokenizer")
-        return cls(**ids, vocab_size=len(tok))
+from onpolicy.special_tokens import BOS, EOS, MASK, PAD, SEP, SpecialTokens  # noqa: F401 (re-exported)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -98,12 +68,29 @@ def load_tokenizer(path: str | Path, gguf_file: str | None = None) -> PreTrained
 
 
 def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
-    """A short hash of the vocabulary and merges, used in data cache keys."""
+    """A short hash of what maps text to ids: the vocabulary (every token and its id, added tokens
+    included) and, for BPE, the merges. Two tokenizers with the same vocabulary size but other tokens
+    differ. Used in data cache keys and to refuse a tokenizer that is not the model's own."""
     import hashlib
 
+    payload = {"vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1])}
     backend = getattr(tok, "backend_tokenizer", None)
-    payload = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    if backend is not None:
+        payload["merges"] = json.loads(backend.to_str()).get("model", {}).get("merges")
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def check_same_tokenizer(tok: PreTrainedTokenizerBase, model_tok: PreTrainedTokenizerBase, where: str, model: str) -> None:
+    """Refuse `tok` (from `where`) when it is not the tokenizer of `model`: compared by content."""
+    from onpolicy.errors import ConfigError
+
+    mine, theirs = tokenizer_fingerprint(tok), tokenizer_fingerprint(model_tok)
+    if mine != theirs:
+        raise ConfigError(
+            f"{where} (tokenizer {mine}, {len(tok)} tokens) is not the tokenizer of model.init_from={model} "
+            f"({theirs}, {len(model_tok)} tokens): the model would read wrong token ids. Unset tokenizer.path to "
+            "use the model's own tokenizer"
+        )
 
 
 def prepare_tokenizer(path: str | None, vocab_size: int, texts: list[str], cache_dir: str | Path, max_mb: float):

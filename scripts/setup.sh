@@ -72,5 +72,5 @@ installed_torch="$("$venv/bin/python" -c 'import torch; print(torch.__version__)
 constraints="$venv/onpolicy-constraints.txt"
 { cat "$root/constraints.txt"; echo "torch==$installed_torch"; } > "$constraints"
 echo "[setup] installing onpolicy (torch $installed_torch)"
-"${pip[@]}" install -c "$constraints" -e "$root[${ONPOLICY_EXTRAS:-dev}]"
+"${pip[@]}" install -c "$constraints" -e "$root[${ONPOLICY_EXTRAS:-dev,trl}]"
 export PATH="$venv/bin:$PATH"

@@ -14,6 +14,7 @@ import torch
 
 from onpolicy import checkpoint as ckpt
 from onpolicy import engine as eng
+from onpolicy.config import INHERIT
 from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
 from onpolicy.tokenizer import SpecialTokens
 
@@ -45,19 +46,27 @@ def autocast(device: torch.device, precision: str):
 
 
 def prepare_data(cfg, builder: bool):
-    """(tokenizer, memory-mapped corpus, special tokens). `builder` processes (local rank 0: one per
-    node, so node-local cache folders work too) build and cache; the others then map the cache.
-    Builders racing on a shared filesystem are safe (onpolicy.files)."""
+    """(tokenizer, memory-mapped corpus, special tokens). The tokenizer follows the model: a run that
+    starts from `model.init_from` uses that model's own tokenizer (a `tokenizer.path` that differs in
+    content is refused); otherwise `tokenizer.path`, else a BPE trained on the data. `builder`
+    processes (local rank 0: one per node, so node-local cache folders work too) build and cache; the
+    others then map the cache. Builders racing on a shared filesystem are safe (onpolicy.files)."""
     from onpolicy.data.corpus import build_corpus, load_documents, split_documents
-    from onpolicy.tokenizer import prepare_tokenizer
+    from onpolicy.loading import load_model_tokenizer
+    from onpolicy.tokenizer import check_same_tokenizer, load_tokenizer, prepare_tokenizer
 
+    init = cfg.model.init_from
     for turn in (0, 1):
         if (turn == 0) == builder:
             docs = load_documents(cfg.data)
-            train_docs, _ = split_documents(docs, cfg.data.val_fraction)
-            tokenizer = prepare_tokenizer(
-                cfg.tokenizer.path, cfg.tokenizer.vocab_size, [d.text for d in train_docs], cfg.data.cache_dir, cfg.tokenizer.train_max_mb
-            )
+            if init:
+                tokenizer = load_model_tokenizer(init)
+                if cfg.tokenizer.path is not None:
+                    check_same_tokenizer(load_tokenizer(cfg.tokenizer.path), tokenizer, f"tokenizer.path={cfg.tokenizer.path}", init)
+            else:
+                train_docs, _ = split_documents(docs, cfg.data.val_fraction)
+                tokenizer = prepare_tokenizer(cfg.tokenizer.path, cfg.tokenizer.vocab_size, [d.text for d in train_docs],
+                                              cfg.data.cache_dir, cfg.tokenizer.train_max_mb)
             corpus = build_corpus(cfg.data, tokenizer, docs)
         eng.barrier()
     return tokenizer, corpus, SpecialTokens.from_tokenizer(tokenizer)
@@ -75,10 +84,12 @@ def build_model(cfg, special: SpecialTokens, ds_config: dict, adapt_attention: b
         model.train()
         if model.config.vocab_size != special.vocab_size:
             raise ValueError(f"model.init_from has vocab {model.config.vocab_size}, tokenizer has {special.vocab_size}")
-        if adapt_attention:
+        if adapt_attention and m.attention != INHERIT:
             # AR-to-diffusion adaptation (Dream, DiffuCoder, SDAR): the same weights, with the attention
             # pattern this recipe trains (e.g. a causal baseline continued as block-causal diffusion).
             model.config.attention, model.config.block_size, model.config.shift_logits = m.attention, m.block_size, m.shift_logits
+        # the recipe now describes the model it trains (`inherit` and later stages: the model's own)
+        m.attention, m.block_size, m.shift_logits = model.config.attention, model.config.block_size, model.config.shift_logits
     else:
         mcfg = DiffusionTransformerConfig(
             vocab_size=special.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
@@ -154,9 +165,18 @@ def resume(engine, plan: ckpt.ResumePlan, dist) -> dict:
     return ckpt.load_checkpoint(engine, plan, dist.rank, dist.is_main) if plan.folder is not None else {}
 
 
-def export(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
-    """The model as an HF folder with its tokenizer. With LoRA the adapters are merged into a copy, so
-    the folder is a plain model (loads without PEFT) and training can go on."""
+def export(engine, tokenizer, out_dir: Path, is_main: bool, cfg=None, decoding: dict | None = None) -> None:
+    """The model as a self-contained folder (onpolicy.export: weights, tokenizer, modeling code, model
+    card; `decoding` = its recommended decoding). With LoRA the adapters are merged into a copy, so the
+    folder is a plain model (loads without PEFT) and training can go on; the adapters alone are also
+    saved in PEFT's format in `<out_dir>-adapter/` (base: model.init_from)."""
+    from onpolicy.export import save_model_folder
+
+    card = {"name": Path(out_dir).parent.name}
+    if cfg is not None:
+        from omegaconf import OmegaConf
+
+        card.update(stage=cfg.stage, base_model=cfg.model.init_from, recipe=OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     module = engine.module
     if hasattr(module, "merge_and_unload"):
         if engine.zero_optimization_stage() == 3:
@@ -164,13 +184,25 @@ def export(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
         import copy
 
         if is_main:
-            merged = copy.deepcopy(module).merge_and_unload()
-            out_dir.mkdir(parents=True, exist_ok=True)
-            merged.save_pretrained(str(out_dir), state_dict={k: v.detach().cpu() for k, v in merged.state_dict().items()})
-            tokenizer.save_pretrained(str(out_dir))
+            save_model_folder(copy.deepcopy(module).merge_and_unload(), tokenizer, out_dir, decoding, card)
+            save_adapter(module, tokenizer, Path(f"{out_dir}-adapter"), cfg.model.init_from if cfg is not None else None)
         eng.barrier()
         return
-    eng.export_hf(engine, tokenizer, out_dir, is_main)
+    with eng.full_parameters(engine) as model:
+        if is_main:
+            save_model_folder(model, tokenizer, out_dir, decoding, card)
+    eng.barrier()
+
+
+def save_adapter(peft_model, tokenizer, folder: Path, base: str | None) -> None:
+    """LoRA adapters only (adapter_config.json + adapter_model.safetensors), PEFT's format; the base is
+    recorded as an absolute path when it is a local folder (a Hub id or `smollm2` as given)."""
+    if base is not None:
+        local = Path(base)
+        peft_model.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.exists() else base
+    folder.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
 
 
 def write_summary(out: Path, summary: dict, is_main: bool) -> None:

@@ -48,6 +48,7 @@ from onpolicy.diffusion.policy import (
     soft_commit_logprob,
     trajectory_reward,
 )
+from onpolicy.export import save_skeleton
 from onpolicy.metrics import MetricsLogger
 from onpolicy.rollout import (
     VerifierPool,
@@ -246,6 +247,7 @@ def train(cfg: OnPolicyConfig) -> dict:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        save_skeleton(out, unwrap(engine.module), tokenizer, True)  # `onpolicy export RUN --step N` needs it
     log = MetricsLogger(out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
                         config=asdict(cfg), progress=cfg.logging.progress)
     log.write(f"[onpolicy] stage 4 from {cfg.model.init_from}: {len(pool_tasks)} prompts ({r.tasks}), {r.prompts_per_step} x "
@@ -258,7 +260,7 @@ def train(cfg: OnPolicyConfig) -> dict:
         history.append({"step": 0, **start})
         log.log(0, flat_validation(start))
         log.write(f"[onpolicy] start: {describe(start)}")
-        export(engine, tokenizer, out / "best", dist.is_main)
+        export(engine, tokenizer, out / "best", dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
 
     # 3. The loop.
     stop = min(t.max_steps, t.stop_at_step or t.max_steps)
@@ -352,7 +354,7 @@ def train(cfg: OnPolicyConfig) -> dict:
             log.log(step, flat_validation(val))
             if is_better(val, best, bar, cfg.validation.quality_tolerance):
                 best, since_best = {"step": step, **val}, 0
-                export(engine, tokenizer, out / "best", dist.is_main)
+                export(engine, tokenizer, out / "best", dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
             else:
                 since_best += 1
             log.write(f"[onpolicy] step {step}: {describe(val)}; best so far: step {best.get('step', 0)}")
@@ -370,7 +372,7 @@ def train(cfg: OnPolicyConfig) -> dict:
     # 4. Export the last model (final/) beside the best (best/).
     finished = step == t.max_steps or (cfg.validation.patience and since_best >= cfg.validation.patience)
     if finished:
-        export(engine, tokenizer, out / "final", dist.is_main)
+        export(engine, tokenizer, out / "final", dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
     pool.close()
     summary = {"output_dir": str(out), "final_model": str(out / "final") if finished else None, "best_model": str(out / "best"),
                "steps": step, "bar": bar, "best": best, "val_history": history}

@@ -40,6 +40,7 @@ from onpolicy import engine as eng
 from onpolicy.config import OrderConfig
 from onpolicy.data.tasks import load_task_set
 from onpolicy.errors import ConfigError
+from onpolicy.export import save_skeleton
 from onpolicy.metrics import MetricsLogger
 from onpolicy.rollout import VerifierPool, decode_tasks, replay_logprobs
 from onpolicy.sampling import TrajectoryRow
@@ -171,6 +172,7 @@ def train(cfg: OrderConfig) -> dict:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        save_skeleton(out, unwrap(engine.module), tokenizer, True)  # `onpolicy export RUN --step N` needs it
     log = MetricsLogger(out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
                         config=asdict(cfg), progress=cfg.logging.progress)
     if not history:
@@ -228,7 +230,7 @@ def train(cfg: OrderConfig) -> dict:
     # 3. Export.
     finished = step == t.max_steps
     if finished:
-        export(engine, tokenizer, out / "final", dist.is_main)
+        export(engine, tokenizer, out / "final", dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
     verifier.close()
     summary = {"output_dir": str(out), "final_model": str(out / "final") if finished else None, "steps": step,
                "pool": str(pool_path), "pool_kept": len(rows), "val_history": history}

@@ -32,6 +32,7 @@ from onpolicy.config import DiffusionConfig, PretrainConfig
 from onpolicy.diffusion.corruption import edit_tokens, mask_tokens
 from onpolicy.diffusion.losses import causal_lm_loss, edit_diffusion_loss, masked_diffusion_loss
 from onpolicy.diffusion.schedules import elbo_weight, mask_rate, sample_times
+from onpolicy.export import save_skeleton
 from onpolicy.metrics import MetricsLogger
 from onpolicy.tokenizer import SpecialTokens
 from onpolicy.trainers.common import (
@@ -136,6 +137,7 @@ def train(cfg: PretrainConfig) -> dict:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        save_skeleton(out, unwrap(engine.module), tokenizer, True)  # `onpolicy export RUN --step N` needs it
     log = MetricsLogger(
         out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
         config=asdict(cfg), progress=cfg.logging.progress,
@@ -199,7 +201,7 @@ def train(cfg: PretrainConfig) -> dict:
 
     # 5. Export the final model as an HF folder with its tokenizer.
     if step == t.max_steps:
-        export(engine, tokenizer, out / "final", dist.is_main)
+        export(engine, tokenizer, out / "final", dist.is_main, cfg)
     summary = {
         "output_dir": str(out),
         "final_model": str(out / "final") if step == t.max_steps else None,

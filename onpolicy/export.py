@@ -1,0 +1,171 @@
+"""Model folders that load anywhere, as Dream, LLaDA and DiffuCoder ship theirs.
+
+An exported folder holds the weights (safetensors), the tokenizer, and the model's own code: the
+modeling file (`modeling_onpolicy.py`, a copy of onpolicy/model.py) with the files it imports
+relatively (the sampler and the special tokens), named in config.json's `auto_map`. So
+
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    ids = model.diffusion_generate(tokenizer(prompt, return_tensors="pt").input_ids)
+
+works in a Python that has never installed onpolicy. The config carries the recommended decoding
+(`decoding`: block size, threshold, ...), the defaults of `diffusion_generate`, and the folder has a
+model card (`README.md`) with Hub metadata, the recipe and evaluation numbers when known.
+
+`onpolicy export RUN [--step N] [--out DIR] [--llama]` makes such a folder from any run: its final
+model, or the resumable checkpoint of step N (ZeRO shards gathered, LoRA adapters merged). With
+`--llama` a causal (AR) model is written as a plain transformers `LlamaForCausalLM` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+PACKAGE = Path(__file__).resolve().parent
+# file in the exported folder -> its source in this package (model.py imports the others relatively)
+CODE_FILES = {"modeling_onpolicy.py": "model.py", "sampling.py": "sampling.py", "special_tokens.py": "special_tokens.py",
+              "errors.py": "errors.py"}
+AUTO_MAP = {
+    "AutoConfig": "modeling_onpolicy.DiffusionTransformerConfig",
+    "AutoModel": "modeling_onpolicy.DiffusionTransformer",
+    "AutoModelForMaskedLM": "modeling_onpolicy.DiffusionTransformer",
+}
+SKELETON = "model"  # <run>/model/: the run's model config and tokenizer, written at its start (export --step)
+
+
+def save_model_folder(model, tokenizer, out_dir: Path, decoding: dict | None = None, card: dict | None = None) -> Path:
+    """Write `model` (a DiffusionTransformer, on any device) as a self-contained folder."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.decoding = {"block_size": model.config.block_size, "max_new_tokens": 128, "temperature": 0.0,
+                             **(getattr(model.config, "decoding", None) or {}), **(decoding or {})}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    model.save_pretrained(str(out_dir), state_dict=state)
+    tokenizer.save_pretrained(str(out_dir))
+    add_model_code(out_dir)
+    write_model_card(out_dir, model, card or {})
+    return out_dir
+
+
+def add_model_code(folder: Path) -> None:
+    """Copy the modeling code into `folder` and point config.json's auto_map at it."""
+    for name, source in CODE_FILES.items():
+        shutil.copyfile(PACKAGE / source, folder / name)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = AUTO_MAP
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(folder: Path, model, card: dict) -> None:
+    """README.md with Hub metadata (library, tags, base model, license), usage, recipe, eval numbers."""
+    c = model.config
+    causal = c.attention == "causal"
+    n_params = sum(p.numel() for p in model.parameters())
+    tags = ["onpolicy", "code"] + (["causal-lm"] if causal else ["diffusion", "block-diffusion", "dllm"])
+    meta = ["---", "library_name: transformers", "pipeline_tag: text-generation", "license: apache-2.0", "tags:",
+            *[f"- {t}" for t in tags]]
+    if card.get("base_model"):
+        meta.append(f"base_model: {card['base_model']}")
+    meta.append("---")
+    kind = "causal (autoregressive) transformer" if causal else f"{c.attention} diffusion transformer, block size {c.block_size}"
+    lines = [*meta, "", f"# {card.get('name', folder.name)}", "",
+             f"A {n_params / 1e6:.1f}M-parameter {kind}, trained with [onpolicy](https://github.com/onpolicy/onpolicy)"
+             + (f" (stage `{card['stage']}`)" if card.get("stage") else "") + ".", "",
+             "## Use", "", "```python", "from transformers import AutoModel, AutoTokenizer", "",
+             f'model = AutoModel.from_pretrained("{card.get("repo", "path/to/this/folder")}", trust_remote_code=True)',
+             f'tokenizer = AutoTokenizer.from_pretrained("{card.get("repo", "path/to/this/folder")}")',
+             'ids = tokenizer("def add(a, b):\\n", return_tensors="pt").input_ids',
+             "out = model.diffusion_generate(ids)  # decoding defaults: config.json's `decoding`",
+             "print(tokenizer.decode(out[0]))", "```", "",
+             f"Recommended decoding (saved in config.json): `{json.dumps(c.decoding)}`.", ""]
+    if card.get("eval"):
+        lines += ["## Evaluation", "", "| metric | value |", "|---|---|",
+                  *[f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in card["eval"].items()], ""]
+    if card.get("recipe"):
+        lines += ["## Recipe", "", "```yaml", card["recipe"].rstrip(), "```", ""]
+    (folder / "README.md").write_text("\n".join(lines))
+
+
+def save_skeleton(out: Path, model, tokenizer, is_main: bool) -> None:
+    """<run>/model/: the model's config and tokenizer (no weights), so any checkpoint of the run can
+    be exported later (`onpolicy export RUN --step N`)."""
+    if not is_main:
+        return
+    folder = Path(out) / SKELETON
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(str(folder / "config.json"))
+    tokenizer.save_pretrained(str(folder))
+
+
+def checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a resumable checkpoint folder (checked against its manifest first):
+    ZeRO shards gathered by DeepSpeed's zero_to_fp32, or the module states of a ZeRO-0 run."""
+    from onpolicy.checkpoint import verify_checkpoint
+
+    verify_checkpoint(folder)
+    if any(folder.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def model_at_step(run: Path, step: int):
+    """(DiffusionTransformer, tokenizer) of a run's checkpoint at `step` (LoRA merged)."""
+    from onpolicy.config import load_config
+    from onpolicy.errors import CheckpointError
+    from onpolicy.loading import load_model_tokenizer
+    from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
+
+    skeleton, folder = run / SKELETON, run / "checkpoints" / f"step_{step:08d}"
+    if not (skeleton / "config.json").is_file():
+        raise FileNotFoundError(f"{run}: no {SKELETON}/config.json (runs write it at their start)")
+    if not folder.is_dir():
+        done = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+        raise FileNotFoundError(f"{folder}: no such checkpoint; the run has: {', '.join(done) or 'none'}")
+    model = DiffusionTransformer(DiffusionTransformerConfig.from_json_file(str(skeleton / "config.json")))
+    state = checkpoint_state(folder)
+    if any(k.startswith("base_model.model.") for k in state):  # trained with LoRA: rebuild the adapters, merge
+        from onpolicy.trainers.common import apply_lora
+
+        model = apply_lora(model, load_config(run / "config.yaml").lora)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not fit the run's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.eval(), load_model_tokenizer(skeleton)
+
+
+def export_run(run: str, out: str | None, step: int | None, llama: bool) -> Path:
+    """`onpolicy export`: a run (or model folder) as a self-contained folder; its path."""
+    from onpolicy.loading import load_pretrained
+
+    run_dir = Path(run)
+    if step is not None:
+        model, tokenizer = model_at_step(run_dir, step)
+    else:
+        model, tokenizer = load_pretrained(run_dir)
+    target = Path(out) if out else run_dir / ("export-llama" if llama else "export") / (f"step_{step:08d}" if step is not None else "final")
+    if llama:
+        from onpolicy.convert import to_llama
+
+        target.mkdir(parents=True, exist_ok=True)
+        to_llama(model).save_pretrained(str(target))
+        tokenizer.save_pretrained(str(target))
+        return target
+    card = {"name": run_dir.name, "stage": None, "eval": None}
+    recipe = run_dir / "config.yaml"
+    if recipe.is_file():
+        card["recipe"] = recipe.read_text()
+    summary = run_dir / "summary.json"
+    if summary.is_file() and step is None:
+        s = json.loads(summary.read_text())
+        card["eval"] = {k: v for k, v in s.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return save_model_folder(model, tokenizer, target, card=card)
