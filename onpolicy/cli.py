@@ -7,6 +7,9 @@
     onpolicy verify TASKS.jsonl COMPLETIONS.jsonl --out RESULTS.jsonl
     onpolicy bench DIFFUSION_CKPT --ar AR_CKPT [--before CKPT] --out bench.json --png bench.png
     onpolicy eval CHECKPOINT --tasks generated:validation --samples 4 --out eval.json --md eval.md
+    onpolicy export RUN [--step N] [--out FOLDER] [--llama]
+    onpolicy merge ADAPTER --out FOLDER
+    onpolicy recipes [cp NAME DEST]
 """
 
 from __future__ import annotations
@@ -148,6 +151,29 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from onpolicy.export import export_run
+
+    folder = export_run(args.run, args.out, args.step, args.llama)
+    print(f"wrote {folder}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """A LoRA adapter folder merged into its base: a plain model folder (loads without PEFT)."""
+    from onpolicy.errors import ConfigError
+    from onpolicy.export import save_model_folder
+    from onpolicy.loading import ADAPTER_CONFIG, adapter_base, load_pretrained, resolve_model_dir
+
+    folder = resolve_model_dir(args.adapter)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"{folder} is not an adapter folder (no {ADAPTER_CONFIG})")
+    model, tokenizer = load_pretrained(folder)
+    save_model_folder(model, tokenizer, Path(args.out), card={"name": Path(args.out).name, "base_model": adapter_base(folder)})
+    print(f"wrote {args.out} ({adapter_base(folder)} + {folder})")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from onpolicy.bench import main as bench_main
 
@@ -177,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("sample", help="generate code from a checkpoint")
-    p.add_argument("checkpoint", help="an HF folder written by onpolicy (or a run folder: its final/ is used)")
+    p.add_argument("checkpoint", help="a model folder written by onpolicy, a run folder (its final/), an adapter folder or a Hub id")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--block-size", type=int, default=None, help="default: the model's block size")
@@ -231,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md", default=None, help="also write a markdown table here")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("export", help="a run's model (or the checkpoint of step N) as a folder that loads anywhere")
+    p.add_argument("run", help="a run folder (its final/ model, or --step N), a model folder, or an adapter folder")
+    p.add_argument("--step", type=int, default=None, help="export the resumable checkpoint of this step instead of final/")
+    p.add_argument("--out", default=None, help="target folder (default: RUN/export/final or RUN/export/step_N)")
+    p.add_argument("--llama", action="store_true", help="a causal (AR) model as a plain transformers LlamaForCausalLM")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter folder into its base model: a plain model folder")
+    p.add_argument("adapter", help="an adapter folder (adapter_config.json), e.g. runs/tiny-lora-domain/final-adapter")
+    p.add_argument("--out", required=True, help="the merged model's folder")
+    p.set_defaults(func=_merge)
+
     from verifiers.cli import add_verify_arguments, run_verify
 
     p = sub.add_parser("verify", help="score completions with a sandboxed verifier")
@@ -256,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onpolicy {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # malformed input files of the commands that read them (path:line in the message)
-        if args.command not in ("verify", "eval", "bench"):
+        if args.command not in ("verify", "eval", "bench", "export", "merge"):
             raise
         print(f"onpolicy {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -430,7 +430,7 @@ class DiffusionTransformer(PreTrainedModel):
         """Continue each prompt with the block sampler (the one in `sampling.py`, shipped beside this
         file in an exported folder). Decoding options are `SamplerConfig`'s fields (`max_new_tokens`,
         `block_size`, `steps_per_block`, `threshold`, `temperature`, ...); unset ones come from the
-        model's saved `generation_config` (its recommended decoding), then SamplerConfig's defaults.
+        config's `decoding` (the recommended decoding saved with the model), then SamplerConfig's defaults.
 
         input_ids: [B, P] (left or right padding marked by `attention_mask`) or a list of id lists.
         Returns [B, P + G] ids: each prompt, then its completion cut before EOS, padded with the pad
@@ -445,8 +445,8 @@ class DiffusionTransformer(PreTrainedModel):
         unknown = sorted(set(decoding) - known)
         if unknown:
             raise ValueError(f"diffusion_generate: unknown options {unknown}; valid: {sorted(known)}")
-        saved = getattr(self, "generation_config", None)
-        options = {k: getattr(saved, k) for k in known if saved is not None and getattr(saved, k, None) is not None}
+        saved = getattr(self.config, "decoding", None) or {}
+        options = {k: v for k, v in saved.items() if k in known and v is not None}
         options.update({k: v for k, v in decoding.items() if v is not None})
         cfg = SamplerConfig(**{k: v for k, v in options.items() if k in known})
         if isinstance(input_ids, torch.Tensor):
