@@ -174,6 +174,12 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    from onpolicy.recipes import main as recipes_main
+
+    return recipes_main(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from onpolicy.bench import main as bench_main
 
@@ -264,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama", action="store_true", help="a causal (AR) model as a plain transformers LlamaForCausalLM")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("recipes", help="list the shipped recipes and DeepSpeed configs, or copy one out (cp NAME DEST)")
+    p.add_argument("action", nargs="?", choices=["cp"], help="cp: copy a recipe")
+    p.add_argument("names", nargs="*", help="NAME DEST, e.g. tiny/stage1_mask .")
+    p.set_defaults(func=_recipes)
+
     p = sub.add_parser("merge", help="merge a LoRA adapter folder into its base model: a plain model folder")
     p.add_argument("adapter", help="an adapter folder (adapter_config.json), e.g. runs/tiny-lora-domain/final-adapter")
     p.add_argument("--out", required=True, help="the merged model's folder")
@@ -290,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, CheckpointError, SandboxUnavailable) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError, SandboxUnavailable) as e:
         print(f"onpolicy {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # malformed input files of the commands that read them (path:line in the message)
-        if args.command not in ("verify", "eval", "bench", "export", "merge"):
+        if args.command not in ("verify", "eval", "bench", "export", "merge", "recipes"):
             raise
         print(f"onpolicy {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -395,9 +395,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, sta
     """Read a recipe YAML (optional) plus `key=value` overrides into the stage's dataclass."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        from onpolicy.recipes import find_recipe
+
+        path = find_recipe(path)  # a file here, else one of the shipped recipes
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")

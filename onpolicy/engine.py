@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -110,17 +108,21 @@ def shutdown() -> None:
 
 
 def deepspeed_config(path: str, micro_batch_size: int, grad_accum: int, world_size: int, grad_clip: float,
-                     precision: str = "fp32") -> dict:
-    """Read a recipes/deepspeed/*.json file and fill in the batch geometry and precision from our config.
+                     precision: str = "fp32", hidden_size: int | None = None) -> dict:
+    """Read a DeepSpeed JSON file (a path, or one of the shipped recipes/deepspeed/*.json) and fill it
+    from the recipe; nothing "auto" is passed through to DeepSpeed.
 
-    Hugging Face-style `"auto"` fields are filled from the recipe. The `bf16` block follows
-    `train.precision` (bf16: DeepSpeed keeps bf16 weights and fp32 master weights in the optimizer);
-    a file that says otherwise is refused rather than silently winning."""
-    p = Path(path)
-    if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
-        p = REPO_ROOT / p
-    if not p.is_file():
-        raise FileNotFoundError(f"train.deepspeed: DeepSpeed config not found: {path}")
+    Hugging Face-style `"auto"` fields are filled as transformers' integration fills them: the batch
+    geometry and clipping from train.*, the ZeRO bucket sizes from the model's hidden size, bf16 from
+    `train.precision` (bf16: bf16 weights, fp32 master weights in the optimizer). `optimizer` and
+    `scheduler` blocks whose values are all "auto" are dropped (train.* define AdamW and the schedule);
+    concrete values there, or a value that contradicts the recipe, are refused naming the key."""
+    from onpolicy.recipes import find_recipe
+
+    try:
+        p = find_recipe(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"train.deepspeed: {e}") from None
     cfg = json.loads(p.read_text())
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
         if cfg.get(key, "auto") != "auto":
@@ -137,9 +139,33 @@ def deepspeed_config(path: str, micro_batch_size: int, grad_accum: int, world_si
         raise ValueError(f"{p}: bf16.enabled is {bf16['enabled']} but train.precision is {precision}; "
                          "write \"auto\" (or leave the bf16 block out) and set train.precision")
     cfg["bf16"] = {**bf16, "enabled": precision == "bf16"}
+    for block in ("optimizer", "scheduler"):
+        params = (cfg.get(block) or {}).get("params", {})
+        concrete = sorted(k for k, v in params.items() if v != "auto")
+        if concrete:
+            raise ValueError(f"{p}: {block}.params {concrete} are set from the recipe (train.lr, train.betas, "
+                             f"train.weight_decay, train.warmup_steps); write \"auto\" or remove the {block} block")
+        cfg.pop(block, None)
+    zero = cfg.get("zero_optimization") or {}
+    buckets = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+               "stage3_param_persistence_threshold": lambda h: 10 * h}
+    for key, fill in buckets.items():
+        if zero.get(key) == "auto":
+            if hidden_size is None:
+                raise ValueError(f"{p}: zero_optimization.{key} is \"auto\" but the model's hidden size is unknown here")
+            zero[key] = fill(hidden_size)
+    left = _auto_keys(cfg)
+    if left:
+        raise ValueError(f"{p}: {', '.join(left)} are \"auto\", which onpolicy does not know how to fill; give values")
     cfg.setdefault("steps_per_print", 1 << 30)  # we log ourselves
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
+
+
+def _auto_keys(node, where: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _auto_keys(value, f"{where}{key}.")]
+    return [where[:-1]] if node == "auto" else []
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from onpolicy.errors import ConfigError
+from onpolicy.recipes import find_recipe
 
 STAGE_KEYS = ("name", "recipe", "init_from", "overrides", "minutes")
 
@@ -90,9 +91,10 @@ def _check(data: dict, allowed, where: str, path: Path) -> None:
 
 def load_pipeline(path: str | Path) -> Pipeline:
     """Read and check a pipeline file: keys, recipe files, stage names and their order."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        path = find_recipe(path)  # a file here, else a shipped pipeline
+    except FileNotFoundError:
+        raise ConfigError(f"pipeline file not found: {path}") from None
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -110,8 +112,10 @@ def load_pipeline(path: str | Path) -> Pipeline:
             raise ConfigError(f"{path}: two stages are named '{stage.name}'")
         if stage.init_from is not None and stage.init_from not in seen:
             raise ConfigError(f"{path}: stage '{stage.name}' starts from '{stage.init_from}', which is not an earlier stage")
-        if not Path(stage.recipe).is_file():
-            raise ConfigError(f"{path}: stage '{stage.name}': recipe not found: {stage.recipe}")
+        try:
+            stage.recipe = str(find_recipe(stage.recipe))  # a file here, else a shipped recipe
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: stage '{stage.name}': recipe not found: {stage.recipe}") from None
         seen.add(stage.name)
         stages.append(stage)
     ev, be = data.get("eval") or {}, data.get("bench") or {}

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from .conftest import run_cli
 
 

@@ -137,8 +137,13 @@ def _descends_from(pid, ancestor):
 
 def run_child(code, res_w, chal_r, out_w, err_w, req):
     os.setsid()
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
+    if req.get("stdin"):  # the program's standard input: an in-memory file (no pipe to fill and block on)
+        data = os.memfd_create("stdin")
+        os.write(data, req["stdin"].encode())
+        os.lseek(data, 0, os.SEEK_SET)
+        os.dup2(data, 0)
+    else:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.dup2(res_w, 3)
@@ -164,6 +169,7 @@ def run_child(code, res_w, chal_r, out_w, err_w, req):
         resource.setrlimit(which, (value, value + 1 if which == resource.RLIMIT_CPU else value))
     write, read, exit_ = os.write, os.read, os._exit  # held before the program can patch os
     sha256 = hashlib.sha256
+    sys.stdin = open(0, closefd=False)  # fd 0 as it is now (the worker's own stdin was its request pipe)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     try:

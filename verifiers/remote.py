@@ -1,9 +1,13 @@
 """Scale-out over HTTP with SandboxFusion's `POST /run_code` API (the subset we use):
 
-    request:  {"code", "language": "python", "run_timeout", "memory_limit_MB"}
+    request:  {"code", "language": "python", "run_timeout", "memory_limit_MB", "stdin"}
     response: {"status": "Success"|"Failed"|"SandboxError", "message",
                "run_result": {"status": "Finished"|"TimeLimitExceeded"|"Error", "return_code",
                               "stdout", "stderr", "execution_time"}}
+
+`stdin` (SandboxFusion's field, for stdin/stdout tasks as LiveCodeBench-style datasets have) is fed to
+the program as its standard input by `verifiers serve`; `RemoteVerifier.run_code(code, stdin=...)`
+sends it and returns the run (stdout included).
 
 `RemoteVerifier` is the client: point it at one SandboxFusion deployment or `verifiers serve`, or
 at a fleet of them. Requests are sharded round-robin over the servers with `concurrency` requests in
@@ -122,6 +126,21 @@ class RemoteVerifier:
             detail = "" if passed else ((run.get("stderr") or "").strip().splitlines() or [reply.get("message", "")])[-1]
         return Verdict(task.task_id, passed, 1.0 if passed else 0.0, status, detail[:500], round(seconds, 4))
 
+    def run_code(self, code: str, stdin: str | None = None, timeout_s: float | None = None) -> dict:
+        """One program on the fleet, as SandboxFusion runs it: the reply's run_result (status,
+        return_code, stdout, stderr, execution_time), with `stdin` as the program's standard input.
+        Raises ConnectionError when no server answers."""
+        body = {"code": code, "language": "python", "run_timeout": timeout_s or self.timeout_s, "memory_limit_MB": self.memory_mb}
+        if stdin is not None:
+            body["stdin"] = stdin
+        errors = {}
+        for server in self._order():
+            try:
+                return self._post(server, json.dumps(body).encode()).get("run_result") or {}
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as e:
+                errors[server] = f"{type(e).__name__}: {e}"
+        raise ConnectionError(f"no verifier server answered: {errors}")
+
     def verify(self, tasks: list[Task], completions: list[str]) -> list[Verdict]:
         if len(tasks) != len(completions):
             raise ValueError(f"{len(tasks)} tasks but {len(completions)} completions")
@@ -195,7 +214,10 @@ def make_server(host: str, port: int, sandbox: Sandbox, token: str | None = None
                 timeout = float(req.get("run_timeout", sandbox.limits.timeout_s))
                 limits = replace(sandbox.limits, timeout_s=timeout, cpu_s=max(1, int(timeout + 1)),
                                  memory_mb=int(req.get("memory_limit_MB", sandbox.limits.memory_mb)))
-                r = sandbox.run(str(req["code"]), limits)
+                stdin = req.get("stdin")
+                if stdin is not None and not isinstance(stdin, str):
+                    return self._reply(400, {"status": "SandboxError", "message": "stdin must be a string"})
+                r = sandbox.run(str(req["code"]), limits, stdin)
                 served["programs"] += 1
             except Exception as e:  # malformed request
                 return self._reply(400, {"status": "SandboxError", "message": f"{type(e).__name__}: {e}"})

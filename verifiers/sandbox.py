@@ -167,11 +167,11 @@ class _Worker:
         self.proc.stdout.close()
         self.proc = None
 
-    def run(self, program: str, limits: Limits) -> RunResult:
+    def run(self, program: str, limits: Limits, stdin: str | None = None) -> RunResult:
         if self.proc is None or self.proc.poll() is not None:
             self.stop()
             self.start()
-        req = {**asdict(limits), "program": program}
+        req = {**asdict(limits), "program": program, "stdin": stdin}
         start = time.monotonic()
         try:
             _send(self.proc.stdin, req)
@@ -247,10 +247,11 @@ class Sandbox:
     def size(self) -> int:
         return len(self._workers)
 
-    def run(self, program: str, limits: Limits | None = None) -> RunResult:
+    def run(self, program: str, limits: Limits | None = None, stdin: str | None = None) -> RunResult:
+        """Run one program; `stdin` (text) is what it reads from standard input (default: nothing)."""
         worker = self._free.get()
         try:
-            return worker.run(program, limits or self.limits)
+            return worker.run(program, limits or self.limits, stdin)
         except Exception as e:  # a broken worker costs this program, never the caller
             worker.stop()
             return RunResult("excluded", f"sandbox failure: {type(e).__name__}: {e}", 0.0)

@@ -1,7 +1,10 @@
 """Adapters both ways between our verifiers and TRL reward functions.
 
-TRL's reward-function signature (GRPOTrainer): f(prompts, completions, completion_ids, **columns)
--> list[float | None], where the dataset's other columns arrive as keyword lists.
+TRL's reward-function signature (GRPOTrainer): f(prompts, completions, completion_ids, trainer_state,
+**columns) -> list[float | None], where the dataset's other columns arrive as keyword lists. `None`
+means "no reward for this sample": TRL leaves it out of that function's statistics (nanmean), and so
+do we for infrastructure failures (status "excluded"): a broken sandbox or a server that is down is
+never a 0 reward.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ def as_reward_function(verifier: Verifier, tasks: dict[str, Task] | None = None,
     the columns `task_id, prompt, entry_point, test` when `tasks` is None.
     """
 
-    def reward(prompts, completions, completion_ids=None, **columns) -> list[float]:
+    def reward(prompts, completions, completion_ids=None, **columns) -> list[float | None]:
         n = len(completions)
         ids = columns.get("task_id")
         if tasks is not None:
@@ -33,7 +36,11 @@ def as_reward_function(verifier: Verifier, tasks: dict[str, Task] | None = None,
                 Task(str(ids[i]) if ids else str(i), _text(prompts[i]), columns["entry_point"][i], columns["test"][i])
                 for i in range(n)
             ]
-        return [v.score for v in verifier.verify(batch, [_text(c) for c in completions])]
+        try:
+            verdicts = verifier.verify(batch, [_text(c) for c in completions])
+        except Exception:  # the verifier itself broke: no verdicts, not zero rewards
+            return [None] * n
+        return [None if v.status == "excluded" else v.score for v in verdicts]
 
     reward.__name__ = name or f"{type(verifier).__name__}_reward"
     return reward
@@ -58,13 +65,17 @@ class RewardFunctionVerifier:
         self.name = getattr(fn, "__name__", "reward_function")
 
     def verify(self, tasks: list[Task], completions: list[str]) -> list[Verdict]:
+        # what GRPOTrainer passes: prompts, completions, completion_ids, trainer_state, and the dataset's
+        # columns (a task's fields) as keyword lists
         columns = {
             "task_id": [t.task_id for t in tasks],
             "entry_point": [t.entry_point for t in tasks],
             "test": [t.test for t in tasks],
+            "canonical_solution": [t.canonical_solution for t in tasks],
         }
         try:
-            scores = list(self.fn(prompts=[t.prompt for t in tasks], completions=list(completions), completion_ids=None, **columns))
+            scores = list(self.fn(prompts=[t.prompt for t in tasks], completions=list(completions), completion_ids=None,
+                                  trainer_state=None, **columns))
         except Exception as e:  # a crashing reward function costs these samples, not the run
             return [Verdict(t.task_id, False, 0.0, "excluded", f"{self.name} raised {type(e).__name__}: {e}", 0.0) for t in tasks]
         if len(scores) != len(tasks):

@@ -72,6 +72,21 @@ def prepare_data(cfg, builder: bool):
     return tokenizer, corpus, SpecialTokens.from_tokenizer(tokenizer)
 
 
+def model_hidden_size(m) -> int | None:
+    """The hidden size of the model a run trains (DeepSpeed's "auto" bucket sizes): the recipe's, or
+    model.init_from's own (None for a .gguf, whose config is inside the file)."""
+    if not m.init_from:
+        return m.hidden_size
+    from onpolicy.loading import ADAPTER_CONFIG, adapter_base, resolve_model_dir
+
+    if str(m.init_from) == "smollm2" or str(m.init_from).endswith(".gguf"):
+        return None
+    folder = resolve_model_dir(m.init_from)
+    if (folder / ADAPTER_CONFIG).exists():
+        folder = resolve_model_dir(adapter_base(folder))
+    return json.loads((folder / "config.json").read_text()).get("hidden_size")
+
+
 def build_model(cfg, special: SpecialTokens, ds_config: dict, adapt_attention: bool = True) -> torch.nn.Module:
     """The stage's model: from `model.init_from` or fresh from `model.*`; under ZeRO-3 built partitioned;
     with `lora.r > 0` wrapped in PEFT LoRA adapters. adapt_attention: give an init_from model the

@@ -66,6 +66,7 @@ from onpolicy.trainers.common import (
     export,
     flat_validation,
     make_engine,
+    model_hidden_size,
     noise_generator,
     plan_resume,
     resume,
@@ -230,7 +231,8 @@ def train(cfg: OnPolicyConfig) -> dict:
     rows_per_rank = r.prompts_per_step // dist.world_size * r.group_size
     grad_accum = math.ceil(rows_per_rank / t.micro_batch_size)
     plan = plan_resume(out, t.resume, dist.world_size)
-    ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip, t.precision))
+    ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip, t.precision,
+                                                 model_hidden_size(cfg.model)))
     model = build_model(cfg, special, ds_config, adapt_attention=False)
     reference = _Reference(model, cfg.loss.beta)
     engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)

@@ -52,6 +52,7 @@ from onpolicy.trainers.common import (
     export,
     flat_validation,
     make_engine,
+    model_hidden_size,
     plan_resume,
     resume,
     start_from_model,
@@ -160,7 +161,8 @@ def train(cfg: OrderConfig) -> dict:
 
     # The starting model, the verifier, the engine.
     plan = plan_resume(out, t.resume, dist.world_size)
-    ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, dist.world_size, t.grad_clip, t.precision))
+    ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, dist.world_size, t.grad_clip, t.precision,
+                                                 model_hidden_size(cfg.model)))
     model = build_model(cfg, special, ds_config, adapt_attention=False)
     if unwrap(model).config.attention == "causal":
         raise ConfigError("stage order distills diffusion trajectories; model.init_from is a causal (AR) model")
