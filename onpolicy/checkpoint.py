@@ -150,8 +150,17 @@ class ResumePlan:
         return ds_config
 
 
-def plan_resume(ckpt_dir: Path, enabled: bool, world_size: int) -> ResumePlan:
-    folder = latest_checkpoint(ckpt_dir) if enabled else None
+def plan_resume(ckpt_dir: Path, resume: bool | str, world_size: int) -> ResumePlan:
+    """What to resume from: nothing (False), the newest complete checkpoint in `ckpt_dir` (True), or
+    the checkpoint folder `resume` names (`train.resume=PATH`: complete, or a CheckpointError)."""
+    if isinstance(resume, str):
+        folder = Path(resume)
+        if not folder.is_dir():
+            raise CheckpointError(f"train.resume={resume}: no such checkpoint folder")
+        if not (folder / MANIFEST).is_file():
+            raise CheckpointError(f"train.resume={resume}: incomplete checkpoint (no {MANIFEST}; its save did not finish)")
+    else:
+        folder = latest_checkpoint(ckpt_dir) if resume else None
     if folder is None:
         return ResumePlan()
     manifest = _read(folder / MANIFEST)

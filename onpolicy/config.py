@@ -121,7 +121,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation micro-batches per pass
     save_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
-    resume: bool = True  # continue from the latest checkpoint in output_dir if there is one
+    resume: bool | str = True  # true: the latest checkpoint in output_dir, if any; false: start over; or a checkpoint folder
     stop_at_step: int | None = None  # end this invocation here (with a checkpoint); rerun to continue
 
 

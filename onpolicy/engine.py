@@ -168,6 +168,22 @@ def _auto_keys(node, where: str = "") -> list[str]:
     return [where[:-1]] if node == "auto" else []
 
 
+def step(engine) -> None:
+    """engine.step(), noting the global gradient norm (before clipping) at an optimizer step where
+    DeepSpeed keeps none (ZeRO-0 in fp32: plain torch gradients, read here before they are cleared)."""
+    if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        grads = [p.grad.detach().norm() for p in engine.module.parameters() if p.grad is not None]
+        engine.onpolicy_grad_norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else None
+    engine.step()
+
+
+def grad_norm(engine):
+    """The global gradient norm of the last optimizer step, before clipping (a tensor or float; None
+    when unknown). Read when logged, not per step."""
+    norm = engine.get_global_grad_norm()
+    return norm if norm is not None else getattr(engine, "onpolicy_grad_norm", None)
+
+
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 

@@ -1,5 +1,6 @@
 """Rank-0 reporting: one metrics dict per step, to a JSONL file always, to wandb if asked, and to a
-tqdm progress bar. wandb defaults to disabled and never needs a network unless mode is 'online'.
+tqdm progress bar. wandb defaults to disabled and never needs a network unless mode is 'online'
+(credentials from `wandb login` or WANDB_API_KEY); WANDB_MODE and WANDB_PROJECT override the recipe.
 """
 
 from __future__ import annotations
@@ -9,6 +10,19 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+
+def wandb_credentials() -> bool:
+    """Whether wandb can log in: WANDB_API_KEY, or the entry `wandb login` writes to ~/.netrc (or $NETRC)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
 
 
 class MetricsLogger:
@@ -32,9 +46,14 @@ class MetricsLogger:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         self.file = (output_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        wandb_mode = os.environ.get("WANDB_MODE") or wandb_mode  # wandb's own variables win, as in every wandb tool
+        wandb_project = os.environ.get("WANDB_PROJECT") or wandb_project
+        if wandb_mode not in ("disabled", "offline", "online", "dryrun", "run"):
+            raise RuntimeError(f"WANDB_MODE / logging.wandb = '{wandb_mode}' is not one of disabled, offline, online")
         if wandb_mode != "disabled":
-            if wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
-                raise RuntimeError("logging.wandb=online needs WANDB_API_KEY; use offline (sync later) or disabled")
+            if wandb_mode in ("online", "run") and not wandb_credentials():
+                raise RuntimeError("logging.wandb=online needs wandb credentials: run `wandb login` or set WANDB_API_KEY; "
+                                   "or use logging.wandb=offline (sync later) or disabled")
             import wandb
 
             self.wandb = wandb.init(
@@ -49,7 +68,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        metrics = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}  # tensors are read here, once
+        metrics = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items() if v is not None}  # tensors read here, once
         row = {"step": step, "time": round(time.perf_counter() - self._t0, 3), **metrics}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()

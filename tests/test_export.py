@@ -117,3 +117,35 @@ def test_onpolicy_export_cli_writes_a_self_contained_folder(tmp_path, init_model
     assert main(["export", str(init_model), "--llama", "--out", str(tmp_path / "llama")]) == 2  # not a causal model
     with pytest.raises(SystemExit):
         main(["export"])
+
+
+def test_hub_model_ids_are_accepted_where_a_folder_is(tmp_path, init_model):
+    """A Hub id resolves through the Hub cache (offline here: HF_HUB_OFFLINE=1 reads only the cache)."""
+    import shutil
+
+    from .conftest import run_cli
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-coder"
+    shutil.copytree(init_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = run_cli("sample", "acme/tiny-coder", "--prompt", "def add(a, b):\n", "--max-new-tokens", "8", env=env)
+    assert r.returncode == 0 and r.stdout.startswith("def add(a, b):"), r.stderr[-2000:]
+    r = run_cli("sample", "acme/not-cached", "--prompt", "x", env=env)
+    assert r.returncode == 2 and "acme/not-cached" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_wandb_online_accepts_a_wandb_login(tmp_path, monkeypatch):
+    from onpolicy.metrics import wandb_credentials
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not wandb_credentials()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")  # what `wandb login` writes
+    (tmp_path / "netrc").chmod(0o600)
+    assert wandb_credentials()
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    assert wandb_credentials()

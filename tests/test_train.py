@@ -69,6 +69,21 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, shared_corp
     x = torch.randint(5, 300, (1, 32))
     ma, mb = (AutoModel.from_pretrained(d / "final").eval() for d in (straight, split))
     torch.testing.assert_close(ma(x).logits, mb(x).logits, rtol=0, atol=0)
+    assert all(r["train/grad_norm"] > 0 for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())
+               if "train/loss" in r)
+
+    # train.resume=PATH: a chosen checkpoint (here another run's), into a fresh output folder
+    chosen = tmp_path / "chosen"
+    r = train("recipes/tiny/stage1_mask.yaml", chosen, shared_corpus, *common, f"train.resume={straight / 'checkpoints' / 'step_00000003'}")
+    assert "resumed at step 3" in r.stdout + r.stderr and [losses(chosen)[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]
+    r = run_cli("train", "recipes/tiny/stage1_mask.yaml", *TINY, f"logging.output_dir={tmp_path / 'x'}", f"train.resume={tmp_path / 'nope'}")
+    assert r.returncode == 2 and "no such checkpoint folder" in r.stderr
+
+    # `onpolicy export RUN --step N`: the resumable checkpoint of the last step is the final model
+    r = run_cli("export", str(straight), "--step", "6", "--out", str(tmp_path / "step6"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    exported = AutoModel.from_pretrained(tmp_path / "step6").eval()
+    torch.testing.assert_close(exported(x).logits, ma(x).logits, rtol=0, atol=0)
 
 
 def test_corrupt_checkpoint_is_detected_not_loaded(tmp_path, shared_corpus):

@@ -193,6 +193,7 @@ def test_onpolicy_verify_cli(tmp_path):
     r = run_cli("verify", str(tasks), str(comps), "--out", str(out), "--workers", "1")
     assert r.returncode == 0, r.stderr
     assert "pass rate 1/2" in r.stdout and "failed 1, passed 1" in r.stdout
+    assert "pass@1 0.500, pass@2 1.000 over 1 tasks (>= 2 samples each)" in r.stdout  # several samples per task
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [set(row) for row in rows] == [{"task_id", "passed", "score", "status", "detail", "seconds"}] * 2
     r = run_cli("verify", str(tmp_path / "missing.jsonl"), str(comps), "--out", str(out))
@@ -302,3 +303,15 @@ def test_strict_mode_fails_lying_return_values(nested):
         lax_verdicts = lax.verify(humaneval, ["    pass\n" + liar_program("always-equal object", t.entry_point, nested=False)
                                               for t in humaneval])
         assert [r.passed for r in lax_verdicts] == [True] * len(humaneval)
+
+
+def test_pass_at_ks_leaves_excluded_samples_out():
+    from verifiers.base import Verdict
+    from verifiers.passk import pass_at_ks
+
+    def v(task, passed, status=None):
+        return Verdict(task, passed, float(passed), status or ("passed" if passed else "failed"), "", 0.0)
+
+    verdicts = [v("a", True), v("a", False), v("a", False, "excluded"), v("b", False), v("b", False), v("b", True, "excluded")]
+    ks, n_tasks, n_min = pass_at_ks(verdicts)
+    assert (n_tasks, n_min) == (2, 2) and ks == {1: 0.25, 2: 0.5}

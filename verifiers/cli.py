@@ -65,6 +65,11 @@ def run_verify(args: argparse.Namespace) -> int:
     passed = sum(v.passed for v in verdicts)
     print(f"pass rate {passed}/{len(verdicts)} = {passed / max(1, len(verdicts)):.3f}; by status: "
           + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) + f"; wrote {out}")
+    from verifiers.passk import pass_at_ks
+
+    ks, n_tasks, n_min = pass_at_ks(verdicts)
+    if n_min > 1:  # several samples per task: the unbiased pass@k (Chen et al. 2021)
+        print(", ".join(f"pass@{k} {v:.3f}" for k, v in ks.items()) + f" over {n_tasks} tasks (>= {n_min} samples each)")
     return 0
 
 

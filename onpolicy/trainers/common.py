@@ -154,10 +154,11 @@ def make_engine(cfg, model: torch.nn.Module, ds_config: dict):
     return eng.initialize(model, optimizer, scheduler, ds_config), scheduler
 
 
-def plan_resume(out: Path, enabled: bool, world_size: int) -> ckpt.ResumePlan:
-    """The newest complete checkpoint under out/checkpoints (if enabled), and whether it needs the
-    universal path (saved by another number of processes): known before the engine is built."""
-    return ckpt.plan_resume(out / "checkpoints", enabled, world_size)
+def plan_resume(out: Path, resume: bool | str, world_size: int) -> ckpt.ResumePlan:
+    """The checkpoint to resume from (train.resume: the newest complete one under out/checkpoints, or
+    a chosen folder), and whether it needs the universal path (saved by another number of processes):
+    known before the engine is built."""
+    return ckpt.plan_resume(out / "checkpoints", resume, world_size)
 
 
 def resumed_grad_accum(plan: ckpt.ResumePlan, micro_batch_size: int, grad_accum: int, world_size: int) -> int:

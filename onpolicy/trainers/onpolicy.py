@@ -299,7 +299,7 @@ def train(cfg: OnPolicyConfig) -> dict:
             if not chunk:  # keep DeepSpeed's accumulation count: a zero loss on the same graph
                 loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
                 engine.backward(loss)
-                engine.step()
+                eng.step(engine)
                 continue
             rows = [it[0] for it in chunk]
             with autocast(dist.device, t.precision):
@@ -308,7 +308,7 @@ def train(cfg: OnPolicyConfig) -> dict:
                                                torch.tensor([it[2] for it in chunk], device=dist.device), cfg, gap, dist.device,
                                                on_policy=torch.tensor([it[3] for it in chunk], device=dist.device))
             engine.backward(loss * len(chunk) / len(items) * grad_accum)  # each row weighs the same
-            engine.step()
+            eng.step(engine)
             for k, v in stats.items():
                 step_stats[k] = step_stats.get(k, 0.0) + float(v) * len(chunk) / len(items)
         if cfg.loss.buffer_size:
@@ -335,7 +335,7 @@ def train(cfg: OnPolicyConfig) -> dict:
             "completions/mean_length": tokens / max(1, len(rollouts)),
             "verifier/excluded": int((~valid).sum()),
             **excluded,
-            "train/lr": scheduler.get_last_lr()[0],
+            "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine),
             "train/jump_gap": gap,
             "train/rows_trained": len(items),
             "train/buffer": len(buffer),

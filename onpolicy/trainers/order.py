@@ -212,11 +212,11 @@ def train(cfg: OrderConfig) -> dict:
                 token_logp, committed = replay_logprobs(engine, [rows[i] for i in idx], special)
                 loss, stats = order_loss(token_logp, committed)
             engine.backward(loss)
-            engine.step()
+            eng.step(engine)
             loss_acc.append(loss.detach())
         step += 1
         if step % cfg.logging.log_every == 0 or step == stop:
-            log.log(step, {"train/loss": eng.mean_over_ranks(torch.stack(loss_acc).mean()).item(), "train/lr": scheduler.get_last_lr()[0],
+            log.log(step, {"train/loss": eng.mean_over_ranks(torch.stack(loss_acc).mean()).item(), "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine),
                            "time/step": (time.perf_counter() - tic) / len(loss_acc) * t.grad_accum})
             log.progress(step, {"nll": f"{torch.stack(loss_acc).mean().item():.3f}"})
             tic, loss_acc = time.perf_counter(), []

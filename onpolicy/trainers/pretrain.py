@@ -177,7 +177,7 @@ def train(cfg: PretrainConfig) -> dict:
             with autocast(dist.device, t.precision):
                 loss, stats = stage1_loss(engine, x0, cfg.diffusion, special.mask, noise, edit)
             engine.backward(loss)
-            engine.step()
+            eng.step(engine)
             loss_acc.append(loss.detach())  # read once per log line, not per micro-batch
         step += 1
         window_tokens += tokens_per_step
@@ -187,7 +187,7 @@ def train(cfg: PretrainConfig) -> dict:
             metrics = {
                 "train/loss": eng.mean_over_ranks(torch.stack(loss_acc).mean()).item(),
                 **{f"train/{k}": v for k, v in stats.items()},
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine),
                 "perf/tokens_per_s": window_tokens / elapsed,
             }
             log.log(step, metrics)
