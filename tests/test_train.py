@@ -76,13 +76,18 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, shared_corp
     chosen = tmp_path / "chosen"
     r = train("recipes/tiny/stage1_mask.yaml", chosen, shared_corpus, *common, f"train.resume={straight / 'checkpoints' / 'step_00000003'}")
     assert "resumed at step 3" in r.stdout + r.stderr and [losses(chosen)[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]
-    r = run_cli("train", "recipes/tiny/stage1_mask.yaml", *TINY, f"logging.output_dir={tmp_path / 'x'}", f"train.resume={tmp_path / 'nope'}")
-    assert r.returncode == 2 and "no such checkpoint folder" in r.stderr
+    from onpolicy.checkpoint import CheckpointError, plan_resume
+
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        plan_resume(tmp_path / "x", str(tmp_path / "nope"), 1)
+    (tmp_path / "half" / "step_00000001").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        plan_resume(tmp_path / "x", str(tmp_path / "half" / "step_00000001"), 1)
 
     # `onpolicy export RUN --step N`: the resumable checkpoint of the last step is the final model
-    r = run_cli("export", str(straight), "--step", "6", "--out", str(tmp_path / "step6"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    exported = AutoModel.from_pretrained(tmp_path / "step6").eval()
+    from onpolicy.export import export_run
+
+    exported = AutoModel.from_pretrained(export_run(str(straight), str(tmp_path / "step6"), 6, llama=False)).eval()
     torch.testing.assert_close(exported(x).logits, ma(x).logits, rtol=0, atol=0)
 
 

@@ -35,7 +35,8 @@ def verifier():
 
 
 @needs_bwrap
-@pytest.mark.parametrize("name,count", [("humaneval", 164), ("mbpp", 974), ("mbpp-sanitized", 427)])
+@pytest.mark.parametrize("name,count", [("humaneval", 164), pytest.param("mbpp", 974, marks=pytest.mark.slow),
+                                        pytest.param("mbpp-sanitized", 427, marks=pytest.mark.slow)])
 def test_reference_solutions_pass_and_wrong_ones_fail(verifier, name, count):
     """All 1,565 references pass in strict mode (their return values are honest builtins)."""
     tasks = load_tasks(name)

@@ -258,12 +258,11 @@ def describe(val: dict) -> str:
 def start_from_model(cfg):
     """(output folder, DistInfo, tokenizer, SpecialTokens) of a stage that starts from a trained model
     (stages 3 and 4): distributed set-up, the seed, and the starting model's own tokenizer."""
-    from onpolicy.loading import resolve_model_dir
-    from onpolicy.tokenizer import load_tokenizer
+    from onpolicy.loading import load_model_tokenizer
 
     dist = eng.setup_distributed(".cache/onpolicy", cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(resolve_model_dir(cfg.model.init_from))
+    tokenizer = load_model_tokenizer(cfg.model.init_from)
     return Path(cfg.logging.output_dir), dist, tokenizer, SpecialTokens.from_tokenizer(tokenizer)
 
 
