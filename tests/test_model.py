@@ -203,3 +203,21 @@ def test_gradient_checkpointing_same_gradients(make_model, special):
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": False})
     assert model.gradient_checkpointing
+
+
+def test_one_token_cpu_decode_path_matches_linear_and_follows_the_weight():
+    from onpolicy.model import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(16, 48, bias=True)
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        fast = lin(x)  # one row, wide weight, no grad: the transposed layout
+        assert lin._decode_weight is not None
+        torch.testing.assert_close(fast, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=0, atol=1e-6)
+        lin.weight.mul_(2.0)  # an in-place update (an optimizer step, a load) refreshes the copy
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=0, atol=1e-6)
+    out = lin(x)  # with gradient: the ordinary path, and gradients flow to the weight
+    out.sum().backward()
+    assert lin.weight.grad is not None and out.grad_fn is not None
+    assert set(lin.state_dict()) == {"weight", "bias"}  # a plain nn.Linear to checkpoints and PEFT
