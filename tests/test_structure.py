@@ -100,3 +100,21 @@ def test_light_entry_points_do_not_load_torch():
                  "import sys; sys.modules['torch'] = None; from onpolicy.cli import main; main(['verify', '--help'])"):
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_exported_model_code_is_self_contained():
+    """The files an exported folder carries (onpolicy.export.CODE_FILES) import only the standard
+    library, torch, transformers and each other, relatively: the folder loads where onpolicy is not
+    installed (tests/test_export.py shows it end to end)."""
+    from onpolicy.export import CODE_FILES
+
+    shipped = {Path(src).stem for src in CODE_FILES.values()}
+    for src in CODE_FILES.values():
+        path = ROOT / "onpolicy" / src
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert (node.module or "").split(".")[0] in shipped, f"{src}: from .{node.module} is not shipped"
+                continue
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] in STDLIB | {"torch", "transformers"}, f"{src} imports {name}"
