@@ -53,6 +53,7 @@ def test_ar_baseline_recipe_trains(tmp_path, shared_corpus):
     assert AutoModel.from_pretrained(out / "final").config.attention == "causal"
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, shared_corpus):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ("train.max_steps=6", "train.save_every=3")
@@ -117,6 +118,7 @@ def test_truncated_export_is_detected(tmp_path, make_model):
         load_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 def test_ar_to_diffusion_initialisation(tmp_path, shared_corpus):
     """A causal baseline continued as block-causal mask diffusion from its own weights."""
     train("recipes/tiny/ar_baseline.yaml", tmp_path / "ar", shared_corpus, "train.max_steps=4")
