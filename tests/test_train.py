@@ -51,6 +51,9 @@ def test_ar_baseline_recipe_trains(tmp_path, shared_corpus):
     assert list((out / "wandb").glob("offline-run-*")), "wandb offline run written beside the metrics"
     assert summary["val_loss_end"] < summary["val_loss_start"]
     assert AutoModel.from_pretrained(out / "final").config.attention == "causal"
+    from transformers import LlamaForCausalLM
+
+    assert type(LlamaForCausalLM.from_pretrained(out / "final-llama")) is LlamaForCausalLM  # the AR run's plain-Llama twin
 
 
 @pytest.mark.slow

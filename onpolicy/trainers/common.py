@@ -185,7 +185,8 @@ def export(engine, tokenizer, out_dir: Path, is_main: bool, cfg=None, decoding: 
     """The model as a self-contained folder (onpolicy.export: weights, tokenizer, modeling code, model
     card; `decoding` = its recommended decoding). With LoRA the adapters are merged into a copy, so the
     folder is a plain model (loads without PEFT) and training can go on; the adapters alone are also
-    saved in PEFT's format in `<out_dir>-adapter/` (base: model.init_from)."""
+    saved in PEFT's format in `<out_dir>-adapter/` (base: model.init_from). A causal (AR) model is
+    also written as a plain Llama in `<out_dir>-llama/`."""
     from onpolicy.export import save_model_folder
 
     card = {"name": Path(out_dir).parent.name}
@@ -200,14 +201,29 @@ def export(engine, tokenizer, out_dir: Path, is_main: bool, cfg=None, decoding: 
         import copy
 
         if is_main:
-            save_model_folder(copy.deepcopy(module).merge_and_unload(), tokenizer, out_dir, decoding, card)
+            merged = copy.deepcopy(module).merge_and_unload()
+            save_model_folder(merged, tokenizer, out_dir, decoding, card)
+            save_llama_twin(merged, tokenizer, out_dir)
             save_adapter(module, tokenizer, Path(f"{out_dir}-adapter"), cfg.model.init_from if cfg is not None else None)
         eng.barrier()
         return
     with eng.full_parameters(engine) as model:
         if is_main:
             save_model_folder(model, tokenizer, out_dir, decoding, card)
+            save_llama_twin(model, tokenizer, out_dir)
     eng.barrier()
+
+
+def save_llama_twin(model, tokenizer, out_dir: Path) -> None:
+    """A causal (AR) model is also written as a plain transformers Llama in `<out_dir>-llama/`, which
+    transformers' generate, TRL and other tools take as it is (onpolicy.convert.to_llama)."""
+    if model.config.attention != "causal" or model.config.shift_logits:
+        return
+    from onpolicy.convert import to_llama
+
+    folder = Path(f"{out_dir}-llama")
+    to_llama(model).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
 
 
 def save_adapter(peft_model, tokenizer, folder: Path, base: str | None) -> None:
