@@ -11,6 +11,7 @@ file where the user stands is looked up there, with or without the leading `reci
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -45,8 +46,13 @@ def list_recipes() -> list[tuple[str, str]]:
     root = recipes_root()
     out = []
     for f in sorted(p for p in root.rglob("*") if p.suffix in SUFFIXES):
-        first = f.read_text().splitlines()[:1]
-        note = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        if f.suffix == ".json":  # DeepSpeed configs: JSON has no comment line, so say what it sets
+            zero = json.loads(f.read_text()).get("zero_optimization", {})
+            offload = " with CPU offload" if any(k.startswith("offload") for k in zero) else ""
+            note = f"DeepSpeed config: ZeRO stage {zero.get('stage', 0)}{offload} (train.deepspeed=recipes/{f.relative_to(root)})"
+        else:
+            first = f.read_text().splitlines()[:1]
+            note = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
         out.append((str(f.relative_to(root).with_suffix("")) if f.suffix == ".yaml" else str(f.relative_to(root)), note))
     return out
 
