@@ -414,26 +414,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, sta
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw, over)
     except Exception as e:  # type errors: "train.max_steps=ten"
         raise ConfigError(f"{path or 'config'}: {e}") from None
-    missing = [k for k in _unset(raw) if _unset(over, "", k) == [k]]  # `???` in the recipe, not overridden
-    if missing:  # `???` in a recipe: a value the user must give
+    given = _leaves(over)
+    missing = [k for k, v in _leaves(raw).items() if v == "???" and given.get(k, "???") == "???"]
+    if missing:  # `???` in a recipe: a value the user must give (and did not, by override)
         raise ConfigError(f"{path or 'config'}: set {', '.join(missing)} (e.g. {missing[0]}=...); the recipe leaves it to you")
     cfg = OmegaConf.to_object(merged)
     cfg.validate()
     return cfg
 
 
-def _unset(node: Any, where: str = "", absent: str | None = None) -> list[str]:
-    """Keys whose value is `???` (a value the recipe leaves to the user); with `absent`, [absent] when
-    that dotted key is not in `node` at all."""
-    if absent is not None:
-        for part in absent.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return [absent]
-            node = node[part]
-        return _unset(node, absent + ".")
-    if isinstance(node, dict):
-        return [k for key, value in node.items() for k in _unset(value, f"{where}{key}.")]
-    return [where[:-1]] if node == "???" else []
+def _leaves(node: Any, where: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every leaf of a nested mapping."""
+    if not isinstance(node, dict):
+        return {where[:-1]: node}
+    return {k: v for key, value in node.items() for k, v in _leaves(value, f"{where}{key}.").items()}
 
 
 def _one_of(value: str, options: tuple[str, ...], key: str) -> None:

@@ -70,6 +70,20 @@ def smollm2_folder() -> Path:
     return Path(spec.origin).parent
 
 
+def is_gguf(spec: str | Path) -> bool:
+    """Whether a model spec names a GGUF file (`smollm2` or a .gguf path) rather than a folder."""
+    return str(spec) == SMOLLM2 or str(spec).endswith(".gguf")
+
+
+def gguf_source(spec: str | Path) -> tuple[Path, str]:
+    """(folder, file name) of a GGUF model spec."""
+    if str(spec) == SMOLLM2:
+        return smollm2_folder(), SMOLLM2_FILE
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"GGUF file not found: {spec}")
+    return Path(spec).parent, Path(spec).name
+
+
 def load_hf_causal(spec: str | Path):
     """(transformers causal LM, tokenizer with our special tokens) for "smollm2", a .gguf file, an HF
     causal-LM folder or a Hub id (`onpolicy.loading.resolve_model_dir`)."""
@@ -78,15 +92,7 @@ def load_hf_causal(spec: str | Path):
     from onpolicy.loading import resolve_model_dir
     from onpolicy.tokenizer import load_tokenizer
 
-    spec = str(spec)
-    if spec == SMOLLM2:
-        folder, gguf = smollm2_folder(), SMOLLM2_FILE
-    elif spec.endswith(".gguf"):
-        folder, gguf = Path(spec).parent, Path(spec).name
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"GGUF file not found: {spec}")
-    else:
-        folder, gguf = resolve_model_dir(spec), None
+    folder, gguf = gguf_source(spec) if is_gguf(spec) else (resolve_model_dir(spec), None)
     kw = {"gguf_file": gguf} if gguf else {}
     tokenizer = load_tokenizer(folder, **kw)
     lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kw)

@@ -73,11 +73,11 @@ def load_pretrained(path: str | Path, device: str = "cpu", merge_adapter: bool =
     outside causal LM is converted weight for weight (`onpolicy.convert`, causal mode); an adapter
     folder gives its base with the adapters merged (or, merge_adapter=False, a PeftModel). A corrupt
     folder raises CheckpointError."""
-    from onpolicy.hf_causal import SMOLLM2
+    from onpolicy.hf_causal import is_gguf
     from onpolicy.model import DiffusionTransformer
     from onpolicy.tokenizer import load_tokenizer
 
-    if str(path) == SMOLLM2 or str(path).endswith(".gguf"):
+    if is_gguf(path):
         from onpolicy.convert import load_causal
 
         model, tokenizer = load_causal(path)
@@ -100,10 +100,10 @@ def load_pretrained(path: str | Path, device: str = "cpu", merge_adapter: bool =
 def _load_adapter(folder: Path, device: str, merge: bool):
     from peft import PeftModel
 
-    from onpolicy.tokenizer import load_tokenizer
+    from onpolicy.tokenizer import has_tokenizer, load_tokenizer
 
     base, tokenizer = load_pretrained(adapter_base(folder), device)
-    if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
+    if has_tokenizer(folder):
         tokenizer = load_tokenizer(folder)
     try:
         model = PeftModel.from_pretrained(base, str(folder))
@@ -117,9 +117,9 @@ def load_model(spec: str | Path, device: str = "cpu"):
     """(model, tokenizer) for the sampler: ours (folder, run folder or adapter, merged), or an outside
     causal LM ("smollm2", a .gguf file, an HF Llama-family folder or Hub id) decoded through
     `onpolicy.hf_causal` with its own transformers implementation."""
-    from onpolicy.hf_causal import SMOLLM2, load_causal_lm
+    from onpolicy.hf_causal import is_gguf, load_causal_lm
 
-    if str(spec) == SMOLLM2 or str(spec).endswith(".gguf"):
+    if is_gguf(spec):
         return load_causal_lm(spec, device)
     folder = resolve_model_dir(spec)
     if not (folder / ADAPTER_CONFIG).exists() and not is_ours(folder):
@@ -129,15 +129,13 @@ def load_model(spec: str | Path, device: str = "cpu"):
 
 def load_model_tokenizer(spec: str | Path):
     """The tokenizer a model spec brings (with our special tokens), without loading its weights."""
-    from onpolicy.hf_causal import SMOLLM2, SMOLLM2_FILE, smollm2_folder
-    from onpolicy.tokenizer import load_tokenizer
+    from onpolicy.hf_causal import gguf_source, is_gguf
+    from onpolicy.tokenizer import has_tokenizer, load_tokenizer
 
-    if str(spec) == SMOLLM2:
-        return load_tokenizer(smollm2_folder(), gguf_file=SMOLLM2_FILE)
-    if str(spec).endswith(".gguf"):
-        return load_tokenizer(Path(spec).parent, gguf_file=Path(spec).name)
+    if is_gguf(spec):
+        folder, gguf = gguf_source(spec)
+        return load_tokenizer(folder, gguf_file=gguf)
     folder = resolve_model_dir(spec)
-    own = (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
-    if (folder / ADAPTER_CONFIG).exists() and not own:
+    if (folder / ADAPTER_CONFIG).exists() and not has_tokenizer(folder):
         return load_model_tokenizer(adapter_base(folder))
     return load_tokenizer(folder)

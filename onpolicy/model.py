@@ -217,10 +217,10 @@ class Linear(nn.Linear):
         w = self.weight
         if (x.device.type == "cpu" and x.numel() == self.in_features and self.out_features > self.in_features
                 and not torch.is_grad_enabled() and w.numel() == self.in_features * self.out_features):
-            key = (w._version, w.data_ptr(), w.dtype)
+            key = (w._version, w.data_ptr(), x.dtype)
             if self._decode_weight is None or self._decode_weight[0] != key:
-                self._decode_weight = (key, w.detach().t().contiguous())
-            out = x @ self._decode_weight[1].to(x.dtype)
+                self._decode_weight = (key, w.detach().t().to(x.dtype).contiguous())
+            out = x @ self._decode_weight[1]
             return out if self.bias is None else out + self.bias
         return F.linear(x, w, self.bias)
 
@@ -472,7 +472,7 @@ class DiffusionTransformer(PreTrainedModel):
         saved = getattr(self.config, "decoding", None) or {}
         options = {k: v for k, v in saved.items() if k in known and v is not None}
         options.update({k: v for k, v in decoding.items() if v is not None})
-        cfg = SamplerConfig(**{k: v for k, v in options.items() if k in known})
+        cfg = SamplerConfig(**options)
         if isinstance(input_ids, torch.Tensor):
             keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             prompts = [row[m].tolist() for row, m in zip(input_ids, keep)]

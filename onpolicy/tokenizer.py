@@ -42,12 +42,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds an HF tokenizer of its own."""
+    return (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists()
+
+
 def load_tokenizer(path: str | Path, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """Load a local HF tokenizer folder (or the tokenizer inside a GGUF file there) and add whichever of
     our special tokens it lacks. A pad token that is the EOS token (as in SmolLM2) is replaced by our
     own: padding is never predicted, EOS must be."""
     path = Path(path)
-    if gguf_file is None and not (path / "tokenizer_config.json").exists() and not (path / "tokenizer.json").exists():
+    if gguf_file is None and not has_tokenizer(path):
         raise FileNotFoundError(f"no tokenizer at {path} (expected tokenizer.json or tokenizer_config.json)")
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kw)

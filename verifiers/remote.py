@@ -89,12 +89,24 @@ class RemoteVerifier:
     def _one(self, task: Task, completion: str) -> Verdict:
         marker = f"__onpolicy_done_{secrets.token_hex(16)}__"
         code = task.program(completion, self.strict) + f"print({marker!r})\n"
-        body = json.dumps({"code": code, "language": "python", "run_timeout": self.timeout_s, "memory_limit_MB": self.memory_mb}).encode()
-        start, errors = time.monotonic(), {}
+        body = {"code": code, "language": "python", "run_timeout": self.timeout_s, "memory_limit_MB": self.memory_mb}
+        start = time.monotonic()
+        reply, errors = self._request(body)
+        if reply is not None:
+            return self._verdict(task, reply, marker, time.monotonic() - start)
+        why = "; ".join(f"{u}: {e}" for u, e in errors.items())
+        return Verdict(task.task_id, False, 0.0, "excluded",
+                       f"verifier server unreachable after {self.retries + 1} tries of {len(self.servers)} server(s) ({why})"[:500],
+                       round(time.monotonic() - start, 4))
+
+    def _request(self, body: dict) -> tuple[dict | None, dict[str, str]]:
+        """POST `body` to the fleet: live servers first, a failing one benched for cooldown_s and the
+        next tried, `retries + 1` rounds. (reply, {}) or (None, each server's last error)."""
+        data, errors = json.dumps(body).encode(), {}
         for attempt in range(self.retries + 1):
             for server in self._order():
                 try:
-                    reply = self._post(server, body)
+                    reply = self._post(server, data)
                 except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as e:
                     reason = e.reason if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError) else e
                     errors[server] = f"{type(e).__name__}: {reason}"
@@ -104,13 +116,10 @@ class RemoteVerifier:
                     continue
                 with self._lock:
                     self.answered[server] += 1
-                return self._verdict(task, reply, marker, time.monotonic() - start)
+                return reply, {}
             if attempt < self.retries:
                 time.sleep(min(2.0, 0.2 * 2**attempt))
-        why = "; ".join(f"{u}: {e}" for u, e in errors.items())
-        return Verdict(task.task_id, False, 0.0, "excluded",
-                       f"verifier server unreachable after {self.retries + 1} tries of {len(self.servers)} server(s) ({why})"[:500],
-                       round(time.monotonic() - start, 4))
+        return None, errors
 
     @staticmethod
     def _verdict(task: Task, reply: dict, marker: str, seconds: float) -> Verdict:
@@ -129,17 +138,14 @@ class RemoteVerifier:
     def run_code(self, code: str, stdin: str | None = None, timeout_s: float | None = None) -> dict:
         """One program on the fleet, as SandboxFusion runs it: the reply's run_result (status,
         return_code, stdout, stderr, execution_time), with `stdin` as the program's standard input.
-        Raises ConnectionError when no server answers."""
+        Raises ConnectionError when no server answers (failover and retries as `verify`)."""
         body = {"code": code, "language": "python", "run_timeout": timeout_s or self.timeout_s, "memory_limit_MB": self.memory_mb}
         if stdin is not None:
             body["stdin"] = stdin
-        errors = {}
-        for server in self._order():
-            try:
-                return self._post(server, json.dumps(body).encode()).get("run_result") or {}
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as e:
-                errors[server] = f"{type(e).__name__}: {e}"
-        raise ConnectionError(f"no verifier server answered: {errors}")
+        reply, errors = self._request(body)
+        if reply is None:
+            raise ConnectionError(f"no verifier server answered: {errors}")
+        return reply.get("run_result") or {}
 
     def verify(self, tasks: list[Task], completions: list[str]) -> list[Verdict]:
         if len(tasks) != len(completions):

@@ -77,9 +77,10 @@ def model_hidden_size(m) -> int | None:
     model.init_from's own (None for a .gguf, whose config is inside the file)."""
     if not m.init_from:
         return m.hidden_size
+    from onpolicy.hf_causal import is_gguf
     from onpolicy.loading import ADAPTER_CONFIG, adapter_base, resolve_model_dir
 
-    if str(m.init_from) == "smollm2" or str(m.init_from).endswith(".gguf"):
+    if is_gguf(m.init_from):
         return None
     folder = resolve_model_dir(m.init_from)
     if (folder / ADAPTER_CONFIG).exists():
