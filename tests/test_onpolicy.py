@@ -49,6 +49,19 @@ def test_a_hanging_and_raising_verifier_costs_samples_not_the_run(init_model, tm
 
 
 @pytest.mark.slow
+def test_stage4_moves_the_model_to_the_rollout_block_size(init_model, tmp_path):
+    """rollout.sampler.block_size above the model's: the start is judged at its own block (the bar), then
+    rollouts, replay, validation and the export use the new block."""
+    out = tmp_path / "grow"
+    r = stage4(init_model, out, "train.max_steps=1", "rollout.sampler.block_size=8")
+    assert "block size 4 -> 8" in r.stdout + r.stderr
+    assert json.loads((init_model / "config.json").read_text())["block_size"] == 4
+    assert json.loads((out / "final" / "config.json").read_text())["block_size"] == 8
+    assert json.loads((out / "best" / "config.json").read_text())["block_size"] == 4  # the start, until a better one
+    assert len([m for m in metrics(out) if "reward" in m]) == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [0, 4])
 def test_stage4_trains_with_and_without_lora(init_model, tmp_path, lora):
     out = tmp_path / f"lora{lora}"

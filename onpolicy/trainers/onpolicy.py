@@ -95,6 +95,12 @@ def jump_gap(cfg: OnPolicyConfig, step: int) -> int:
     return round(loss.jump_gap_start + frac * (loss.jump_gap_end - loss.jump_gap_start))
 
 
+def own_block_size(config) -> int | None:
+    """The block a block-causal model was trained with (None for other attention modes). Stage 4 may
+    decode at another (`rollout.sampler.block_size`, e.g. larger, to commit more per forward)."""
+    return config.block_size if config.attention == "block_causal" else None
+
+
 def rollout_phase(engine, tokenizer, tasks, cfg: OnPolicyConfig, step: int, pool: VerifierPool):
     """Decode G samples of each task; verification runs in the background as batches finish."""
     module = engine.module
@@ -256,13 +262,20 @@ def train(cfg: OnPolicyConfig) -> dict:
               f"{r.group_size} samples per step, ZeRO-{eng.zero_stage(ds_config)}, world={dist.world_size}, "
               f"LoRA r={cfg.lora.r}, surrogate={cfg.loss.surrogate}, reward={cfg.reward.form}"
               + (f", resumed at step {step}" if step else ""))
-    if bar is None:  # the starting model sets the quality bar
-        start = validate(engine, tokenizer, val_tasks, cfg.rollout.sampler, cfg.validation.fast_threshold, r.batch_size, t.seed, pool)
+    own_block = own_block_size(unwrap(engine.module).config)
+    if bar is None:  # the starting model sets the quality bar, decoding at its own block size
+        start = validate(engine, tokenizer, val_tasks, replace(r.sampler, block_size=own_block), cfg.validation.fast_threshold,
+                         r.batch_size, t.seed, pool)
         bar, best = start["slow"]["pass@1"], start
         history.append({"step": 0, **start})
         log.log(0, flat_validation(start))
         log.write(f"[onpolicy] start: {describe(start)}")
         export(engine, tokenizer, out / "best", dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
+    if r.sampler.block_size and own_block and r.sampler.block_size != own_block:
+        # a larger (or smaller) block than the model was trained with: from here on it decodes, replays and is
+        # exported at the rollout's block (block ids follow each trajectory's block; the weights are unchanged)
+        unwrap(engine.module).config.block_size = cfg.model.block_size = r.sampler.block_size
+        log.write(f"[onpolicy] block size {own_block} -> {r.sampler.block_size} (rollout.sampler.block_size)")
 
     # 3. The loop.
     stop = min(t.max_steps, t.stop_at_step or t.max_steps)

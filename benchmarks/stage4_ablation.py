@@ -1,0 +1,124 @@
+"""Stage 4's ablation at equal compute: which part of the loss and reward moves the frontier.
+
+    python benchmarks/stage4_ablation.py --init runs/tiny-tasks-from-ar-b4/final --steps 12 \\
+        --out benchmarks/results/stage4_ablation.json --png benchmarks/results/stage4_ablation.png
+
+Every arm is `onpolicy train recipes/tiny/stage4_onpolicy.yaml` (as a user runs it) from the same
+starting model, with the same prompts (same seed), group size, completion length, learning rate and
+number of steps; only the switches below differ:
+
+    accuracy only        reward.alpha=0, loss.surrogate=none       (the verifier's score alone, plain GRPO-style)
+    reward only          loss.surrogate=none                       (multiplicative speed reward, no surrogate)
+    progress             loss.surrogate=progress                   (the progress-cost surrogate alone)
+    jump                 loss.surrogate=jump                       (verified jump distillation alone: the recipe)
+    both                 loss.surrogate=both                       (the combination)
+    additive             reward.form=additive, loss.surrogate=jump (additive instead of multiplicative reward)
+
+Each arm validates on the same validation tasks at one token per step and at the fast threshold
+every `--every` steps (the trainer's own validation, logged in its metrics.jsonl). The JSON holds
+every arm's curve, its last validation, its seconds of training; the PNG draws tokens per forward
+(fast) and pass@1 (both decodings) over the steps, one colour per arm. `--set KEY=VALUE` adds
+overrides to every arm (e.g. a block size). Nothing else should run on the machine meanwhile if the
+seconds matter; pass@1 and tokens per forward are counts and do not depend on load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ARMS = {
+    "accuracy only": ["reward.alpha=0", "loss.surrogate=none"],
+    "reward only": ["loss.surrogate=none"],
+    "progress": ["loss.surrogate=progress"],
+    "jump": ["loss.surrogate=jump"],
+    "both": ["loss.surrogate=both"],
+    "additive": ["reward.form=additive", "loss.surrogate=jump"],
+}
+
+
+def folder_name(arm: str) -> str:
+    return arm.replace(" ", "-")
+
+
+def run_arm(arm: str, args) -> Path:
+    out = args.runs / folder_name(arm)
+    if (out / "summary.json").is_file():  # finished earlier: reuse (delete the folder to rerun)
+        return out
+    cmd = ["train", args.recipe, f"model.init_from={args.init}", f"train.max_steps={args.steps}",
+           f"train.warmup_steps={max(1, args.steps // 10)}", f"validation.every={args.every}", f"validation.n_tasks={args.val_tasks}",
+           f"train.save_every={args.steps}", f"logging.output_dir={out}", "logging.progress=false", *ARMS[arm], *args.set]
+    print(f"[ablation] {arm}: onpolicy {' '.join(cmd)}", flush=True)
+    subprocess.run([sys.executable, "-m", "onpolicy.cli", *cmd], cwd=ROOT, check=True)
+    return out
+
+
+def read_arm(arm: str, out: Path) -> dict:
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [{"step": m["step"], **{k[4:]: v for k, v in m.items() if k.startswith("val/")}} for m in metrics if "val/slow/pass@1" in m]
+    steps = [m for m in metrics if "time/rollout" in m]
+    seconds = sum(m["time/rollout"] + m["time/verify"] + m["time/train"] for m in steps)
+    return {"arm": arm, "overrides": ARMS[arm], "folder": str(out), "validation": val, "last": val[-1], "train_seconds": seconds,
+            "rollout_pass_rate": [m["rollout/pass_rate"] for m in steps],
+            "rollout_tokens_per_forward": [m["rollout/tokens_per_forward"] for m in steps]}
+
+
+def plot(arms: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for i, a in enumerate(arms):
+        colour = f"C{i}"
+        steps = [v["step"] for v in a["validation"]]
+        a1.plot(steps, [v["fast/tokens_per_forward"] for v in a["validation"]], "o-", color=colour, label=a["arm"])
+        a2.plot(steps, [v["slow/pass@1"] for v in a["validation"]], "s-", color=colour, label=f"{a['arm']}, 1 token/step")
+        a2.plot(steps, [v["fast/pass@1"] for v in a["validation"]], "^--", color=colour, alpha=0.6, label=f"{a['arm']}, fast")
+    a1.set(xlabel="stage-4 step", ylabel="tokens per forward (fast setting, validation)", title="speed over stage-4 steps")
+    a2.set(xlabel="stage-4 step", ylabel="validation pass@1", title="quality over stage-4 steps (solid: 1 token/step; dashed: fast)")
+    a1.legend(fontsize=8)
+    a2.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", required=True, help="the starting model (every arm starts from it)")
+    p.add_argument("--recipe", default="recipes/tiny/stage4_onpolicy.yaml")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--every", type=int, default=6)
+    p.add_argument("--val-tasks", type=int, default=100)
+    p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides for every arm")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "stage4-ablation")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stage4_ablation.json")
+    p.add_argument("--png", type=Path, default=None)
+    args = p.parse_args()
+    arms = [read_arm(arm, run_arm(arm, args)) for arm in args.arms]
+    start = arms[0]["validation"][0]
+    report = {"init": args.init, "recipe": args.recipe, "steps": args.steps, "validation_tasks": args.val_tasks, "extra": args.set,
+              "start": start, "arms": arms}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"{'arm':15s} {'slow pass@1':>11s} {'fast pass@1':>11s} {'fast tok/fwd':>12s} {'train s':>8s}")
+    print(f"{'start':15s} {start['slow/pass@1']:11.3f} {start['fast/pass@1']:11.3f} {start['fast/tokens_per_forward']:12.2f}")
+    for a in arms:
+        last = a["last"]
+        print(f"{a['arm']:15s} {last['slow/pass@1']:11.3f} {last['fast/pass@1']:11.3f} {last['fast/tokens_per_forward']:12.2f} "
+              f"{a['train_seconds']:8.0f}")
+    if args.png:
+        plot(arms, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
