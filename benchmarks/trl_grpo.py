@@ -2,13 +2,17 @@
 for stage 4's step time and pass@1 gained per CPU-minute.
 
     python benchmarks/trl_grpo.py --ar runs/tiny-tasks-ar --steps 10 --out benchmarks/results/trl_grpo_cpu.json
+    python benchmarks/trl_grpo.py --ar runs/tiny-tasks-ar-300/final --steps 20 --threads 1 --eval-limit 300 \
+        --ours runs/stage4-ablation/jump --out benchmarks/results/trl_grpo_vs_ours_cpu.json
 
 The AR checkpoint becomes a transformers Llama with the same weights (`onpolicy.convert.to_llama`,
 logits equal, tested). Same prompts as stage 4 (generated train tasks, token-healed as our sampler
 sees them), the same group size, completion length, learning rate and sampling temperature as
 recipes/tiny/stage4_onpolicy.yaml; the reward is `verifiers.trl.as_reward_function` over
 `PythonTestVerifier`, with the completion cut as `onpolicy eval` cuts it. pass@1 before and after on
-held-out generated tasks through `onpolicy eval`'s path (greedy).
+held-out generated tasks through `onpolicy eval`'s path (greedy). With `--ours RUN`, the same for a
+stage-4 run: its start (`model.init_from`) and its `final/` at one token per step, its seconds the
+sum of its steps' rollout, verify and training time. "Per CPU-minute" counts seconds x torch threads.
 
 Needs `pip install -e .[trl]`. Run 2026-11-29 with --steps 3 (results in BENCHMARKS.md).
 """
@@ -41,9 +45,13 @@ def main() -> int:
     p.add_argument("--recipe", default="recipes/tiny/stage4_onpolicy.yaml", help="stage-4 recipe whose settings TRL copies")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eval-limit", type=int, default=100)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--ours", default=None, help="a stage-4 run folder to set beside TRL")
     p.add_argument("--work", default="runs/trl-grpo")
     p.add_argument("--out", default="benchmarks/results/trl_grpo_cpu.json")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.recipe, [f"model.init_from={args.ar}"])
     r = cfg.rollout
     model, tokenizer = load_pretrained(args.ar)
@@ -96,13 +104,35 @@ def main() -> int:
                      "lr": cfg.train.lr, "temperature": r.sampler.temperature},
         "pass@1_before": before["pass@1"], "pass@1_before_ci95": before["pass@1_ci95"],
         "pass@1_after": after["pass@1"], "pass@1_after_ci95": after["pass@1_ci95"],
-        "pass@1_gained_per_cpu_minute": (after["pass@1"] - before["pass@1"]) / (seconds / 60),
         "log": trainer.state.log_history,
     }
+    report["pass@1_gained_per_cpu_minute"] = (after["pass@1"] - before["pass@1"]) / (seconds * torch.get_num_threads() / 60)
+    if args.ours:
+        report["ours"] = stage4_side(Path(args.ours), pass_at_1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"TRL GRPO: {report['seconds_per_step']:.1f} s/step; held-out pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}")
+    if args.ours:
+        o = report["ours"]
+        print(f"ours: {o['seconds_per_step']:.1f} s/step; held-out pass@1 {o['pass@1_before']:.3f} -> {o['pass@1_after']:.3f}")
     return 0
+
+
+def stage4_side(run: Path, pass_at_1) -> dict:
+    """Our stage-4 run beside TRL's: seconds per step from its metrics, held-out pass@1 of its start and
+    its final model (one token per step, greedy), gain per CPU-minute (seconds x its torch threads)."""
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "time/train" in m]
+    seconds = sum(m["time/rollout"] + m["time/verify"] + m["time/train"] for m in steps)
+    threads = cfg["train"]["threads"] or torch.get_num_threads()
+    before, after = pass_at_1(cfg["model"]["init_from"]), pass_at_1(str(run / "final"))
+    return {"run": str(run), "steps": len(steps), "seconds": seconds, "seconds_per_step": seconds / max(1, len(steps)), "threads": threads,
+            "pass@1_before": before["pass@1"], "pass@1_before_ci95": before["pass@1_ci95"],
+            "pass@1_after": after["pass@1"], "pass@1_after_ci95": after["pass@1_ci95"],
+            "pass@1_gained_per_cpu_minute": (after["pass@1"] - before["pass@1"]) / (seconds * threads / 60)}
 
 
 if __name__ == "__main__":
