@@ -104,9 +104,9 @@ def main() -> int:
                      "lr": cfg.train.lr, "temperature": r.sampler.temperature},
         "pass@1_before": before["pass@1"], "pass@1_before_ci95": before["pass@1_ci95"],
         "pass@1_after": after["pass@1"], "pass@1_after_ci95": after["pass@1_ci95"],
+        "pass@1_gained_per_cpu_minute": per_cpu_minute(after["pass@1"] - before["pass@1"], seconds, torch.get_num_threads()),
         "log": trainer.state.log_history,
     }
-    report["pass@1_gained_per_cpu_minute"] = (after["pass@1"] - before["pass@1"]) / (seconds * torch.get_num_threads() / 60)
     if args.ours:
         report["ours"] = stage4_side(Path(args.ours), pass_at_1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,11 @@ def stage4_side(run: Path, pass_at_1) -> dict:
     return {"run": str(run), "steps": len(steps), "seconds": seconds, "seconds_per_step": seconds / max(1, len(steps)), "threads": threads,
             "pass@1_before": before["pass@1"], "pass@1_before_ci95": before["pass@1_ci95"],
             "pass@1_after": after["pass@1"], "pass@1_after_ci95": after["pass@1_ci95"],
-            "pass@1_gained_per_cpu_minute": (after["pass@1"] - before["pass@1"]) / (seconds * threads / 60)}
+            "pass@1_gained_per_cpu_minute": per_cpu_minute(after["pass@1"] - before["pass@1"], seconds, threads)}
+
+
+def per_cpu_minute(gain: float, seconds: float, threads: int) -> float:
+    return gain / (seconds * threads / 60)
 
 
 if __name__ == "__main__":

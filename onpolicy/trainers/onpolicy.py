@@ -264,7 +264,7 @@ def train(cfg: OnPolicyConfig) -> dict:
               + (f", resumed at step {step}" if step else ""))
     own_block = own_block_size(unwrap(engine.module).config)
     if bar is None:  # the starting model sets the quality bar, decoding at its own block size
-        start = validate(engine, tokenizer, val_tasks, replace(r.sampler, block_size=own_block), cfg.validation.fast_threshold,
+        start = validate(engine, tokenizer, val_tasks, replace(r.sampler, block_size=own_block or r.sampler.block_size), cfg.validation.fast_threshold,
                          r.batch_size, t.seed, pool)
         bar, best = start["slow"]["pass@1"], start
         history.append({"step": 0, **start})
