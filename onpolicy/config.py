@@ -200,6 +200,7 @@ class RolloutConfig:
     verifier: str = "python-tests"  # a name, package.module:Class, entry point, or package.module:reward_function (TRL)
     verifier_timeout: float = 120.0  # seconds one verify call may take; past it its samples are excluded
     strict: bool | None = None  # return-value check (verifiers.base): None = each task's own (generated: on)
+    dynamic_sampling: int = 0  # DAPO: up to N extra rounds of fresh prompts in place of groups whose rewards do not vary
 
 
 @dataclass
@@ -269,6 +270,8 @@ class OnPolicyConfig:
         _one_of(loss.surrogate, SURROGATES, "loss.surrogate")
         if r.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2 (advantages are relative to the group)")
+        if r.dynamic_sampling < 0:
+            raise ConfigError(f"rollout.dynamic_sampling must be >= 0 (extra rounds of fresh prompts), got {r.dynamic_sampling}")
         if r.sampler.remask_threshold is not None:
             raise ConfigError("rollout.sampler.remask_threshold: self-correction makes trajectories unreplayable; leave it unset")
         if loss.commit_actions and r.sampler.commit_temperature is None:

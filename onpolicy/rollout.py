@@ -71,19 +71,20 @@ class Decoded:
         return 1.0 / self.tokens_per_forward if self.tokens_per_forward else float("inf")
 
 
-def rollout_seed(seed: int, step: int, task_index: int, sample: int) -> int:
+def rollout_seed(seed: int, step: int, task_index: int | tuple, sample: int) -> int:
     """The sampling seed of one (run seed, training step, task, sample): a hash, independent of batching."""
     digest = hashlib.sha256(repr((seed, step, task_index, sample)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig, samples: int = 1, seed: int = 0,
-                 batch_size: int = 8, chat: bool = False, step: int = 0,
+                 batch_size: int = 8, chat: bool = False, step: int = 0, keys: list | None = None,
                  progress: Callable[[int], None] | None = None,
                  on_batch: Callable[[list[Rollout]], None] | None = None) -> Decoded:
     """Decode `samples` completions of every task through the one sampler, in batches of `batch_size`
     rows. Records come back in (task, sample) order; `on_batch` sees each batch's records as soon as
-    they exist (the on-policy stage starts verifying them while the next batch decodes)."""
+    they exist (the on-policy stage starts verifying them while the next batch decodes). `keys` replace the
+    task positions in the seeds (a task decoded in another call of the same step gets other draws)."""
     special = SpecialTokens.from_tokenizer(tokenizer)
     encoded = [encode_prompt(tokenizer, t.prompt, chat) for t in tasks]
     jobs = [(i, s) for i in range(len(tasks)) for s in range(samples)]
@@ -91,7 +92,7 @@ def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         traj = generate(model, [encoded[i][0] for i, _ in chunk], special, sampler_cfg,
-                        seeds=[rollout_seed(seed, step, i, s) for i, s in chunk])
+                        seeds=[rollout_seed(seed, step, keys[i] if keys else i, s) for i, s in chunk])
         new = []
         for row, (i, s) in enumerate(chunk):
             record = traj.row(row)

@@ -49,6 +49,25 @@ def test_a_hanging_and_raising_verifier_costs_samples_not_the_run(init_model, tm
 
 
 @pytest.mark.slow
+def test_dynamic_sampling_replaces_groups_without_signal(init_model, tmp_path):
+    """DAPO's dynamic sampling: with a verifier that passes all of a task's samples or none and an
+    accuracy-only reward, no group is live: every extra round runs, decodes as many fresh prompts as are
+    missing, and its dead groups are dropped. With a per-sample coin most groups are live: a step stops
+    as soon as it has one live group per prompt, never with more."""
+    dead = tmp_path / "dead"
+    stage4(init_model, dead, "train.max_steps=1", "rollout.dynamic_sampling=2", "reward.alpha=0",
+           "rollout.verifier=tests.plugins:TaskCoinVerifier")
+    (m,) = [m for m in metrics(dead) if "reward" in m]
+    assert (m["rollout/rounds"], m["rollout/prompts_decoded"], m["rollout/live_groups"]) == (3, 6, 0)
+    assert m["frac_reward_zero_std"] == 1.0
+    live = tmp_path / "live"
+    stage4(init_model, live, "train.max_steps=2", "rollout.dynamic_sampling=3")
+    for m in [m for m in metrics(live) if "reward" in m]:
+        assert m["rollout/live_groups"] <= 2 and (m["rollout/live_groups"] == 2 or m["rollout/rounds"] == 4), m
+        assert m["rollout/prompts_decoded"] >= 2 and m["time/step"] >= m["time/rollout"] + m["time/verify"]
+
+
+@pytest.mark.slow
 def test_stage4_moves_the_model_to_the_rollout_block_size(init_model, tmp_path):
     """rollout.sampler.block_size above the model's: the start is judged at its own block (the bar), then
     rollouts, replay, validation and the export use the new block."""

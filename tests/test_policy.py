@@ -10,6 +10,7 @@ from onpolicy.diffusion.policy import (
     group_advantages,
     jump_distillation_loss,
     kl_penalty,
+    live_groups,
     progress_cost_loss,
     soft_commit_logprob,
     step_progress,
@@ -45,6 +46,14 @@ def test_group_advantages_and_excluded_samples():
     # a group left with one valid sample has no baseline
     adv, _ = group_advantages(torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]]), "group")
     assert adv.tolist() == [[0.0, 0.0]]
+
+
+def test_live_groups_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [0.7, 0.7, 0.7, 0.2], [1.0, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([[True] * 4, [True] * 4, [True, True, True, False], [True, False, False, False]])
+    # varies; all equal; equal once the excluded 0.2 is left out; one valid sample (no baseline)
+    assert live_groups(r, valid).tolist() == [True, False, False, False]
+    assert live_groups(torch.tensor([[0.3, 0.3 + 1e-3]]), torch.ones(1, 2, dtype=torch.bool)).tolist() == [True]
 
 
 def test_soft_commit_logprob_by_hand():

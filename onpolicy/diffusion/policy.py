@@ -67,6 +67,16 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "g
     return adv, stats
 
 
+def live_groups(rewards: torch.Tensor, valid: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[P, G] rewards and validity -> [P] bool: the groups whose valid rewards vary (at least two valid
+    samples, max - min > eps). Only these carry a policy gradient under group-relative advantages; DAPO's
+    dynamic sampling replaces the others with fresh prompts."""
+    big = torch.finfo(rewards.dtype).max
+    hi = torch.where(valid, rewards, -big).max(1).values
+    lo = torch.where(valid, rewards, big).min(1).values
+    return (valid.sum(1) > 1) & (hi - lo > eps)
+
+
 def soft_commit_logprob(score: torch.Tensor, open_: torch.Tensor, committed: torch.Tensor, threshold: float,
                         temperature: float) -> torch.Tensor:
     """log-probability of one step's commit decisions under the soft threshold: [N, T] x 3 -> [N].

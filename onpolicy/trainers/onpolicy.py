@@ -30,7 +30,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from omegaconf import OmegaConf
@@ -44,6 +44,7 @@ from onpolicy.diffusion.policy import (
     group_advantages,
     jump_distillation_loss,
     kl_penalty,
+    live_groups,
     progress_cost_loss,
     soft_commit_logprob,
     trajectory_reward,
@@ -101,7 +102,13 @@ def own_block_size(config) -> int | None:
     return config.block_size if config.attention == "block_causal" else None
 
 
-def rollout_phase(engine, tokenizer, tasks, cfg: OnPolicyConfig, step: int, pool: VerifierPool):
+def extra_prompts(n_tasks: int, step: int, round_: int, seed: int) -> list[int]:
+    """The candidate prompts of dynamic-sampling round `round_` (>= 1) of a step: a seeded permutation of
+    its own, so a resumed run draws what the uninterrupted one would."""
+    return torch.randperm(n_tasks, generator=noise_generator(seed, -5, step, round_)).tolist()
+
+
+def rollout_phase(engine, tokenizer, tasks, cfg: OnPolicyConfig, step: int, pool: VerifierPool, keys: list | None = None):
     """Decode G samples of each task; verification runs in the background as batches finish."""
     module = engine.module
     module.eval()
@@ -117,9 +124,85 @@ def rollout_phase(engine, tokenizer, tasks, cfg: OnPolicyConfig, step: int, pool
         ctx = contextlib.nullcontext()
     with ctx, torch.no_grad():
         decoded = decode_tasks(module, tokenizer, tasks, cfg.rollout.sampler, cfg.rollout.group_size, cfg.train.seed,
-                               cfg.rollout.batch_size, step=step, on_batch=pool.submit)
+                               cfg.rollout.batch_size, step=step, keys=keys, on_batch=pool.submit)
     module.train()
     return decoded
+
+
+@dataclass
+class StepSamples:
+    """What one step trains on (whole groups, in order) and what it decoded in all (for the metrics)."""
+
+    rollouts: list
+    verdicts: list
+    rewards: torch.Tensor  # [N] Eq. 10
+    valid: torch.Tensor  # [N] False: excluded by an infrastructure failure
+    passed: torch.Tensor  # [N]
+    decoded_verdicts: list = field(default_factory=list)  # every decoded sample, kept or not
+    decoded_tokens: int = 0
+    decoded_forwards: int = 0
+    prompts_decoded: int = 0
+    live: int = 0  # groups whose rewards vary among those kept
+    rounds: int = 0
+    t_rollout: float = 0.0
+    t_verify: float = 0.0
+
+    @property
+    def pass_rate(self) -> float:
+        counted = [v.passed for v in self.decoded_verdicts if v.status != "excluded"]
+        return sum(counted) / len(counted) if counted else 0.0
+
+
+def sample_step(engine, tokenizer, pool_tasks, cfg: OnPolicyConfig, step: int, pool: VerifierPool, dist) -> StepSamples:
+    """Steps 1-3 of the loop for this rank's prompts: decode G samples of each, verify, reward.
+
+    DAPO's dynamic sampling (`rollout.dynamic_sampling` = N > 0): while fewer of this rank's groups carry a
+    policy gradient (rewards that vary, `live_groups`) than it has prompts, up to N extra rounds decode as many
+    fresh prompts as are missing; their live groups join the step, their dead ones are dropped. Round 0's dead
+    groups stay (their passing samples feed the surrogates). Each extra round costs at most one round 0.
+    """
+    r, t = cfg.rollout, cfg.train
+    mine = step_prompts(len(pool_tasks), step, r.prompts_per_step, t.seed)[dist.rank :: dist.world_size]
+    want, taken = len(mine), set(mine)
+    out = StepSamples([], [], torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))
+    for round_ in range(r.dynamic_sampling + 1):
+        if round_:
+            mine = [i for i in extra_prompts(len(pool_tasks), step, round_, t.seed)[dist.rank :: dist.world_size]
+                    if i not in taken][: max(0, want - out.live)]
+            taken.update(mine)
+        tic = time.perf_counter()
+        decoded = rollout_phase(engine, tokenizer, [pool_tasks[i] for i in mine], cfg, step, pool,
+                                keys=[(round_, i) for i in mine] if round_ else None)
+        decoded_at = time.perf_counter()
+        verdicts = pool.results()
+        out.t_rollout += decoded_at - tic
+        out.t_verify += time.perf_counter() - decoded_at
+        rollouts = decoded.rollouts
+        if rollouts:
+            valid = torch.tensor([v.status != "excluded" for v in verdicts], dtype=torch.bool)
+            score = torch.tensor([v.score if v.status != "excluded" else 0.0 for v in verdicts])
+            steps_k = torch.tensor([ro.forwards for ro in rollouts])
+            length = torch.tensor([len(ro.trajectory.canvas) for ro in rollouts])
+            rewards = trajectory_reward(score, steps_k, length, cfg.reward.form, cfg.reward.alpha, cfg.reward.lam)
+            live = live_groups(rewards.view(-1, r.group_size), valid.view(-1, r.group_size))
+            keep = torch.ones_like(live) if round_ == 0 else live
+            rows = keep.repeat_interleave(r.group_size).nonzero().flatten().tolist()
+            out.rollouts += [rollouts[i] for i in rows]
+            out.verdicts += [verdicts[i] for i in rows]
+            out.rewards = torch.cat([out.rewards, rewards[rows]])
+            out.valid = torch.cat([out.valid, valid[rows]])
+            out.passed = torch.cat([out.passed, torch.tensor([verdicts[i].passed for i in rows], dtype=torch.bool)])
+            out.decoded_verdicts += verdicts
+            out.decoded_tokens += sum(ro.n_tokens for ro in rollouts)
+            out.decoded_forwards += sum(ro.forwards for ro in rollouts)
+            out.prompts_decoded += len(mine)
+            out.live += int(live.sum())
+        out.rounds = round_ + 1
+        # every rank takes part in every round (a ZeRO-3 rollout gathers the weights collectively): stop
+        # when no rank misses live groups
+        if round_ == r.dynamic_sampling or float(eng.mean_over_ranks(torch.tensor(float(out.live < want)))) == 0.0:
+            break
+    return out
 
 
 def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
@@ -281,21 +364,11 @@ def train(cfg: OnPolicyConfig) -> dict:
     stop = min(t.max_steps, t.stop_at_step or t.max_steps)
     while step < stop:
         tic = time.perf_counter()
-        # 3a. rollout (verification starts in the background as batches finish)
-        mine = step_prompts(len(pool_tasks), step, r.prompts_per_step, t.seed)[dist.rank :: dist.world_size]
-        decoded = rollout_phase(engine, tokenizer, [pool_tasks[i] for i in mine], cfg, step, pool)
-        t_rollout = time.perf_counter() - tic
-        verdicts = pool.results()
-        t_verify = time.perf_counter() - tic - t_rollout
-
-        # 3b. rewards and group-relative advantages
-        rollouts = decoded.rollouts
-        valid = torch.tensor([v.status != "excluded" for v in verdicts])
-        passed = torch.tensor([v.passed for v in verdicts])
-        score = torch.tensor([v.score if v.status != "excluded" else 0.0 for v in verdicts])
-        steps_k = torch.tensor([ro.forwards for ro in rollouts])
-        length = torch.tensor([len(ro.trajectory.canvas) for ro in rollouts])
-        rewards = trajectory_reward(score, steps_k, length, cfg.reward.form, cfg.reward.alpha, cfg.reward.lam)
+        # 3a. rollout and verification (which starts in the background as batches finish), 3b. rewards;
+        # dynamic sampling may decode more prompts in place of groups without signal
+        got = sample_step(engine, tokenizer, pool_tasks, cfg, step, pool, dist)
+        rollouts, rewards, valid, passed = got.rollouts, got.rewards, got.valid, got.passed
+        t_rollout, t_verify = got.t_rollout, got.t_verify
         adv, adv_stats = group_advantages(rewards.view(-1, r.group_size), valid.view(-1, r.group_size), cfg.reward.scale_rewards)
         adv = adv.flatten()
 
@@ -328,25 +401,28 @@ def train(cfg: OnPolicyConfig) -> dict:
             buffer += [rollouts[i].trajectory for i in (passed & valid).nonzero().flatten().tolist()]
             buffer = buffer[-cfg.loss.buffer_size :]
         step += 1
-        t_train = time.perf_counter() - tic - t_rollout - t_verify
+        t_step = time.perf_counter() - tic
+        t_train = t_step - t_rollout - t_verify
 
         # 3d. metrics (TRL's names where they exist)
-        tokens = sum(ro.n_tokens for ro in rollouts)
-        forwards = sum(ro.forwards for ro in rollouts)
+        tokens, forwards = got.decoded_tokens, got.decoded_forwards  # every decoded sample: what the policy does
         excluded: dict[str, int] = {}
-        for v in verdicts:
+        for v in got.decoded_verdicts:
             if v.status == "excluded":
                 key = f"verifier/excluded/{excluded_reason(v.detail)}"
                 excluded[key] = excluded.get(key, 0) + 1
         metrics = {
             **{k: float(v) for k, v in adv_stats.items()},
             **{k: v for k, v in step_stats.items()},
-            "rollout/pass_rate": float(passed[valid].float().mean()) if valid.any() else 0.0,
+            "rollout/pass_rate": got.pass_rate,
+            "rollout/prompts_decoded": got.prompts_decoded,
+            "rollout/rounds": got.rounds,
+            "rollout/live_groups": got.live,
             "rollout/tokens_per_forward": tokens / max(1, forwards),
             "rollout/forwards_per_token": forwards / max(1, tokens),
             "rollout/tokens_per_step": tokens / max(1, forwards),  # every forward of a row is one of its steps
-            "completions/mean_length": tokens / max(1, len(rollouts)),
-            "verifier/excluded": int((~valid).sum()),
+            "completions/mean_length": tokens / max(1, len(got.decoded_verdicts)),
+            "verifier/excluded": sum(v.status == "excluded" for v in got.decoded_verdicts),
             **excluded,
             "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine),
             "train/jump_gap": gap,
@@ -355,7 +431,8 @@ def train(cfg: OnPolicyConfig) -> dict:
             "time/rollout": t_rollout,
             "time/verify": t_verify,
             "time/train": t_train,
-            "time/verifier_share": t_verify / max(1e-9, t_rollout + t_verify + t_train),
+            "time/step": t_step,
+            "time/verifier_share": t_verify / max(1e-9, t_step),
         }
         log.log(step, metrics)
         log.progress(step, {"reward": f"{metrics['reward']:.3f}", "pass": f"{metrics['rollout/pass_rate']:.2f}",
