@@ -30,6 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from onpolicy.metrics import step_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 
 ARMS = {
@@ -62,7 +64,7 @@ def read_arm(arm: str, out: Path) -> dict:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [{"step": m["step"], **{k[4:]: v for k, v in m.items() if k.startswith("val/")}} for m in metrics if "val/slow/pass@1" in m]
     steps = [m for m in metrics if "time/rollout" in m]
-    seconds = sum(m["time/rollout"] + m["time/verify"] + m["time/train"] for m in steps)
+    seconds = sum(step_seconds(m) for m in steps)
     return {"arm": arm, "overrides": ARMS[arm], "folder": str(out), "validation": val, "last": val[-1], "train_seconds": seconds,
             "rollout_pass_rate": [m["rollout/pass_rate"] for m in steps],
             "rollout_tokens_per_forward": [m["rollout/tokens_per_forward"] for m in steps]}

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from onpolicy.metrics import step_seconds
+
 
 def main() -> int:
     from datasets import Dataset
@@ -125,8 +127,8 @@ def stage4_side(run: Path, pass_at_1) -> dict:
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in steps if "time/train" in m]
-    seconds = sum(m["time/rollout"] + m["time/verify"] + m["time/train"] for m in steps)
+    steps = [m for m in steps if "time/rollout" in m]
+    seconds = sum(step_seconds(m) for m in steps)
     threads = cfg["train"]["threads"] or torch.get_num_threads()
     before, after = pass_at_1(cfg["model"]["init_from"]), pass_at_1(str(run / "final"))
     return {"run": str(run), "steps": len(steps), "seconds": seconds, "seconds_per_step": seconds / max(1, len(steps)), "threads": threads,

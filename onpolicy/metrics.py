@@ -25,6 +25,12 @@ def wandb_credentials() -> bool:
         return False
 
 
+def step_seconds(row: dict) -> float:
+    """Wall-clock seconds of one logged RL step: its `time/step`, or (runs logged before it existed) the
+    sum of its rollout, verify and train times."""
+    return row["time/step"] if "time/step" in row else row["time/rollout"] + row["time/verify"] + row["time/train"]
+
+
 class MetricsLogger:
     def __init__(
         self,
