@@ -70,23 +70,31 @@ def read_arm(arm: str, out: Path) -> dict:
             "rollout_tokens_per_forward": [m["rollout/tokens_per_forward"] for m in steps]}
 
 
-def plot(arms: list[dict], path: Path) -> None:
+def plot(arms: list[dict], path: Path, n_tasks: int) -> None:
+    """Tokens per forward and pass@1 over the steps, each arm a colour; pass@1 at one token per step with
+    its 95% Wilson interval over the `n_tasks` validation tasks (the arms differ by less than it)."""
     import matplotlib
+
+    from onpolicy.evaluation import wilson_interval
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 6))
     for i, a in enumerate(arms):
         colour = f"C{i}"
         steps = [v["step"] for v in a["validation"]]
         a1.plot(steps, [v["fast/tokens_per_forward"] for v in a["validation"]], "o-", color=colour, label=a["arm"])
-        a2.plot(steps, [v["slow/pass@1"] for v in a["validation"]], "s-", color=colour, label=f"{a['arm']}, 1 token/step")
+        slow = [v["slow/pass@1"] for v in a["validation"]]
+        ci = [wilson_interval(round(p * n_tasks), n_tasks) for p in slow]
+        shift = [x + 0.15 * (i - len(arms) / 2) for x in steps]  # side by side, so the bars stay readable
+        a2.errorbar(shift, slow, yerr=[[p - lo for p, (lo, _) in zip(slow, ci)], [hi - p for p, (_, hi) in zip(slow, ci)]],
+                    fmt="s-", color=colour, capsize=2, label=f"{a['arm']}, 1 token/step (95% CI)")
         a2.plot(steps, [v["fast/pass@1"] for v in a["validation"]], "^--", color=colour, alpha=0.6, label=f"{a['arm']}, fast")
     a1.set(xlabel="stage-4 step", ylabel="tokens per forward (fast setting, validation)", title="speed over stage-4 steps")
     a2.set(xlabel="stage-4 step", ylabel="validation pass@1", title="quality over stage-4 steps (solid: 1 token/step; dashed: fast)")
     a1.legend(fontsize=8)
-    a2.legend(fontsize=7, ncol=2)
+    a2.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -94,7 +102,7 @@ def plot(arms: list[dict], path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", required=True, help="the starting model (every arm starts from it)")
+    p.add_argument("--init", help="the starting model (every arm starts from it); required unless --replot")
     p.add_argument("--recipe", default="recipes/tiny/stage4_onpolicy.yaml")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--steps", type=int, default=12)
@@ -104,7 +112,14 @@ def main() -> int:
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "stage4-ablation")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stage4_ablation.json")
     p.add_argument("--png", type=Path, default=None)
+    p.add_argument("--replot", type=Path, default=None, help="only redraw --png from this report JSON (no training)")
     args = p.parse_args()
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        plot(report["arms"], args.png, report["validation_tasks"])
+        return 0
+    if not args.init:
+        p.error("--init FOLDER is required (the starting model every arm trains from)")
     arms = [read_arm(arm, run_arm(arm, args)) for arm in args.arms]
     start = arms[0]["validation"][0]
     report = {"init": args.init, "recipe": args.recipe, "steps": args.steps, "validation_tasks": args.val_tasks, "extra": args.set,
@@ -118,7 +133,7 @@ def main() -> int:
         print(f"{a['arm']:15s} {last['slow/pass@1']:11.3f} {last['fast/pass@1']:11.3f} {last['fast/tokens_per_forward']:12.2f} "
               f"{a['train_seconds']:8.0f}")
     if args.png:
-        plot(arms, args.png)
+        plot(arms, args.png, args.val_tasks)
     return 0
 
 
