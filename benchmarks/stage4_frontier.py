@@ -47,13 +47,25 @@ def main() -> int:
     p.add_argument("--run", default=None, help="a stage-4 run folder: plot its training curves")
     p.add_argument("--out", default="benchmarks/results/stage4_frontier.json")
     p.add_argument("--png", default=None)
+    p.add_argument("--reuse", default=None, help="an earlier report (same tasks and limit): its rows of a model with the same "
+                   "name and folder are taken instead of decoding again (greedy decoding is deterministic)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = load_task_set(args.tasks, args.limit)
-    rows = []
+    rows, old = [], []
+    if args.reuse:
+        earlier = json.loads(Path(args.reuse).read_text())
+        if (earlier["tasks"], earlier["n_tasks"]) != (args.tasks, len(tasks)):
+            raise SystemExit(f"--reuse {args.reuse}: it evaluated {earlier['n_tasks']} {earlier['tasks']} tasks, not {len(tasks)} {args.tasks}")
+        old = earlier["rows"]
     with PythonTestVerifier() as verifier:
         for name, folder in args.model:
+            kept = [r for r in old if (r["model"], r["folder"]) == (name, folder)]
+            if kept:
+                rows += kept
+                print(f"{name:10s} {len(kept)} settings from {args.reuse}", flush=True)
+                continue
             model, tokenizer = load_model(folder)
             block = getattr(model.config, "block_size", 1)
             for label, cfg in settings(block, args.thresholds, args.steps):
