@@ -118,3 +118,10 @@ def test_stage4_two_ranks_zero2(init_model, tmp_path):
                "rollout.dynamic_sampling=1", nproc=2)  # the ranks agree on the rounds (a collective per round)
     assert "world=2" in r.stdout + r.stderr and "ZeRO-2" in r.stdout + r.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_step_seconds_reads_time_step_or_sums_the_split():
+    from onpolicy.metrics import step_seconds
+
+    assert step_seconds({"time/step": 9.5, "time/rollout": 1.0, "time/verify": 1.0, "time/train": 1.0}) == 9.5
+    assert step_seconds({"time/rollout": 2.0, "time/verify": 0.5, "time/train": 4.0}) == 6.5  # runs logged before time/step
