@@ -15,6 +15,7 @@ import torch
 REWARD_FORMS = ("multiplicative", "additive")
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+ZERO_STD = 1e-6  # a group whose rewards' std is below this carries no policy gradient
 
 
 def trajectory_reward(score: torch.Tensor, steps: torch.Tensor, length: torch.Tensor, form: str, alpha: float,
@@ -44,10 +45,7 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "g
     as Dr. GRPO suggests against the difficulty bias), or nothing ("none"). Returns ([P, G], stats).
     """
     v = valid.float()
-    n = v.sum(1, keepdim=True)  # [P, 1]
-    mean = (rewards * v).sum(1, keepdim=True) / n.clamp(min=1)
-    centred = (rewards - mean) * v
-    group_std = ((centred**2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # unbiased, as TRL
+    n, centred, group_std = _group_spread(rewards, valid)
     if scale == "group":
         adv = centred / (group_std + eps)
     elif scale == "batch":
@@ -62,19 +60,27 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "g
     stats = {
         "reward": (rewards * v).sum() / v.sum().clamp(min=1),
         "reward_std": group_std[counted].mean() if counted.any() else torch.tensor(0.0),
-        "frac_reward_zero_std": (group_std[counted] < 1e-6).float().mean() if counted.any() else torch.tensor(1.0),
+        "frac_reward_zero_std": (group_std[counted] < ZERO_STD).float().mean() if counted.any() else torch.tensor(1.0),
     }
     return adv, stats
 
 
-def live_groups(rewards: torch.Tensor, valid: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def live_groups(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[P, G] rewards and validity -> [P] bool: the groups whose valid rewards vary (at least two valid
-    samples, max - min > eps). Only these carry a policy gradient under group-relative advantages; DAPO's
-    dynamic sampling replaces the others with fresh prompts."""
-    big = torch.finfo(rewards.dtype).max
-    hi = torch.where(valid, rewards, -big).max(1).values
-    lo = torch.where(valid, rewards, big).min(1).values
-    return (valid.sum(1) > 1) & (hi - lo > eps)
+    samples, std >= ZERO_STD: the complement of `frac_reward_zero_std`). Only these carry a policy gradient
+    under group-relative advantages; DAPO's dynamic sampling replaces the others with fresh prompts."""
+    n, _, group_std = _group_spread(rewards, valid)
+    return (n[:, 0] > 1) & (group_std[:, 0] >= ZERO_STD)
+
+
+def _group_spread(rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group of [P, G]: valid samples n [P, 1], rewards minus the group's valid mean [P, G] (0 where
+    excluded), and their unbiased std [P, 1] (as TRL)."""
+    v = valid.float()
+    n = v.sum(1, keepdim=True)
+    mean = (rewards * v).sum(1, keepdim=True) / n.clamp(min=1)
+    centred = (rewards - mean) * v
+    return n, centred, ((centred**2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
 
 
 def soft_commit_logprob(score: torch.Tensor, open_: torch.Tensor, committed: torch.Tensor, threshold: float,

@@ -134,7 +134,6 @@ class StepSamples:
     """What one step trains on (whole groups, in order) and what it decoded in all (for the metrics)."""
 
     rollouts: list
-    verdicts: list
     rewards: torch.Tensor  # [N] Eq. 10
     valid: torch.Tensor  # [N] False: excluded by an infrastructure failure
     passed: torch.Tensor  # [N]
@@ -164,7 +163,7 @@ def sample_step(engine, tokenizer, pool_tasks, cfg: OnPolicyConfig, step: int, p
     r, t = cfg.rollout, cfg.train
     mine = step_prompts(len(pool_tasks), step, r.prompts_per_step, t.seed)[dist.rank :: dist.world_size]
     want, taken = len(mine), set(mine)
-    out = StepSamples([], [], torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))
+    out = StepSamples([], torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))
     for round_ in range(r.dynamic_sampling + 1):
         if round_:
             mine = [i for i in extra_prompts(len(pool_tasks), step, round_, t.seed)[dist.rank :: dist.world_size]
@@ -188,7 +187,6 @@ def sample_step(engine, tokenizer, pool_tasks, cfg: OnPolicyConfig, step: int, p
             keep = torch.ones_like(live) if round_ == 0 else live
             rows = keep.repeat_interleave(r.group_size).nonzero().flatten().tolist()
             out.rollouts += [rollouts[i] for i in rows]
-            out.verdicts += [verdicts[i] for i in rows]
             out.rewards = torch.cat([out.rewards, rewards[rows]])
             out.valid = torch.cat([out.valid, valid[rows]])
             out.passed = torch.cat([out.passed, torch.tensor([verdicts[i].passed for i in rows], dtype=torch.bool)])
