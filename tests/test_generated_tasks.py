@@ -86,9 +86,25 @@ def test_truncate_completion_and_task_sets():
     assert [level_of(t) for t in easy] == [1, 2] * 4
     assert [t.task_id for t in load_task_set("generated:train:levels=1,2,3,4", 8)] == [
         t.task_id for t in load_task_set("generated:train", 8)]
-    for bad in ("generated:train:level=1", "generated:train:levels=5", "generated:train:levels=", "repair:train:levels=1:x"):
-        with pytest.raises(ValueError, match="levels=L"):
+    for bad in ("generated:train:level=1", "generated:train:levels=5", "generated:train:levels=", "repair:train:levels=1:x",
+                "generated:heldout:skip=-1", "generated:heldout:skip=1:skip=2", "generated:heldout:seed=x"):
+        with pytest.raises(ValueError, match=r"levels=L\[,L...\]\]\[:seed=S\]\[:skip=N\]"):
             load_task_set(bad, 4)
+
+
+@pytest.mark.parametrize("kind", ["generated", "repair"])
+def test_seed_and_skip_give_tasks_disjoint_from_the_reported_ones(kind):
+    """`:seed=0:skip=N` is the tail of the seed-0 draw after its first N (the ones eval reports),
+    whatever seed the caller (a training run) passes."""
+    from onpolicy.data.tasks import load_task_set
+
+    reported = load_task_set(f"{kind}:heldout", 30)
+    tail = load_task_set(f"{kind}:heldout:seed=0:skip=30", 10, seed=7)
+    assert [t.task_id for t in reported + tail] == [t.task_id for t in load_task_set(f"{kind}:heldout", 40)]
+    assert not {t.prompt for t in tail} & {t.prompt for t in reported}
+    assert [t.task_id for t in load_task_set(f"{kind}:heldout:seed=3", 5, seed=0)] == [
+        t.task_id for t in load_task_set(f"{kind}:heldout", 5, seed=3)]
+    assert [t.prompt for t in load_task_set(f"{kind}:heldout", 5, seed=3)] != [t.prompt for t in reported[:5]]
 
 
 def test_prompt_is_cut_before_trailing_whitespace_and_the_model_writes_it():

