@@ -10,6 +10,9 @@ for each model, its fastest setting whose pass@1 stays within `--tolerance` of t
 and the ratio of tokens per forward (generated tokens before EOS / all the row's forwards, prompt
 and cache writes included) to the first model's. 95% Wilson intervals on every pass@1. With `--run`,
 a PNG of tokens per forward and pass@1 over the stage-4 steps is drawn from its metrics.jsonl.
+`at_first_speeds` reads each frontier at the first model's speeds as well (pass@1 interpolated
+linearly in tokens per forward between two measured settings; none outside the measured range):
+quality at equal speed, the other side of the same comparison.
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ def settings(block: int, thresholds: list[float], steps: list[int]):
     return out
 
 
+def pass_at(rows: list[dict], speed: float) -> float | None:
+    """A frontier's pass@1 at `speed` tokens per forward: linear between the two measured settings
+    around it (the upper envelope where settings overlap in speed); None outside the measured range."""
+    points = sorted((r["tokens_per_forward"], r["pass@1"]) for r in rows)
+    found = [a[1] + (b[1] - a[1]) * (speed - a[0]) / (b[0] - a[0]) if b[0] > a[0] else max(a[1], b[1])
+             for a, b in zip(points, points[1:]) if a[0] <= speed <= b[0]]
+    return max(found, default=None)
+
+
 def main() -> int:
     from onpolicy.data.tasks import load_task_set
     from onpolicy.evaluation import evaluate_checkpoint
@@ -47,24 +59,26 @@ def main() -> int:
     p.add_argument("--run", default=None, help="a stage-4 run folder: plot its training curves")
     p.add_argument("--out", default="benchmarks/results/stage4_frontier.json")
     p.add_argument("--png", default=None)
-    p.add_argument("--reuse", default=None, help="an earlier report (same tasks and limit): its rows of a model with the same "
-                   "name and folder are taken instead of decoding again (greedy decoding is deterministic)")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="JSON", help="earlier reports (same tasks and limit): their rows of a "
+                   "model folder are taken (under this run's name for it) instead of decoding again (greedy decoding is deterministic)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = load_task_set(args.tasks, args.limit)
-    rows, old = [], []
-    if args.reuse:
-        earlier = json.loads(Path(args.reuse).read_text())
+    rows, old = [], {}
+    for report in args.reuse:
+        earlier = json.loads(Path(report).read_text())
         if (earlier["tasks"], earlier["n_tasks"]) != (args.tasks, len(tasks)):
-            raise SystemExit(f"--reuse {args.reuse}: it evaluated {earlier['n_tasks']} {earlier['tasks']} tasks, not {len(tasks)} {args.tasks}")
-        old = earlier["rows"]
+            raise SystemExit(f"--reuse {report}: it evaluated {earlier['n_tasks']} {earlier['tasks']} tasks, not {len(tasks)} {args.tasks}")
+        for r in earlier["rows"]:
+            if old.setdefault(r["folder"], (report, []))[0] == report:  # the first report that holds a folder gives its rows
+                old[r["folder"]][1].append(r)
     with PythonTestVerifier() as verifier:
         for name, folder in args.model:
-            kept = [r for r in old if (r["model"], r["folder"]) == (name, folder)]
-            if kept:
-                rows += kept
-                print(f"{name:10s} {len(kept)} settings from {args.reuse}", flush=True)
+            if folder in old:
+                report, kept = old[folder]
+                rows += [{**r, "model": name} for r in kept]
+                print(f"{name:10s} {len(kept)} settings from {report}", flush=True)
                 continue
             model, tokenizer = load_model(folder)
             block = getattr(model.config, "block_size", 1)
@@ -83,14 +97,19 @@ def main() -> int:
     base = fastest[first]["tokens_per_forward"] if fastest[first] else None
     summary = {name: None if f is None else {**f, "speedup_vs_first": f["tokens_per_forward"] / base if base else None}
                for name, f in fastest.items()}
+    speeds = sorted({round(r["tokens_per_forward"], 2) for r in rows if r["model"] == first})
+    at_speeds = {name: {f"{x:.2f}": pass_at([r for r in rows if r["model"] == name], x) for x in speeds} for name, _ in args.model}
     report = {"tasks": args.tasks, "n_tasks": len(tasks), "bar": bar, "tolerance": args.tolerance, "fastest_within_bar": summary,
-              "rows": rows}
+              "at_first_speeds": at_speeds, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"bar (pass@1 of {first} at one token per step): {bar:.3f}")
     for name, f in summary.items():
         print(f"{name:10s} fastest within {args.tolerance:.2f}: " + ("none" if f is None else
               f"{f['setting']}, pass@1 {f['pass@1']:.3f}, {f['tokens_per_forward']:.2f} tokens/forward (x{f['speedup_vs_first'] or 0:.2f})"))
+    print(f"pass@1 at {first}'s tokens per forward: " + "  ".join(f"{x:.2f}" for x in speeds))
+    for name, row in at_speeds.items():
+        print(f"{name:10s} " + "  ".join("  -  " if v is None else f"{v:.3f}" for v in row.values()))
     if args.png:
         plot(rows, bar, args.tolerance, Path(args.png), args.run)
     return 0

@@ -1,0 +1,24 @@
+"""The frontier report's reading of a frontier at a given speed (benchmarks/stage4_frontier.py)."""
+
+import importlib.util
+from pathlib import Path
+
+
+def _frontier():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stage4_frontier.py"
+    spec = importlib.util.spec_from_file_location("stage4_frontier", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pass_at_interpolates_between_measured_settings_and_refuses_outside_them():
+    pass_at = _frontier().pass_at
+    rows = [{"tokens_per_forward": x, "pass@1": y} for x, y in [(2.0, 0.20), (1.0, 0.30), (3.0, 0.05)]]
+    assert pass_at(rows, 1.0) == 0.30
+    assert abs(pass_at(rows, 1.5) - 0.25) < 1e-12  # halfway between (1, 0.30) and (2, 0.20)
+    assert abs(pass_at(rows, 2.6) - 0.11) < 1e-12  # 0.20 + (0.05 - 0.20) * 0.6
+    assert pass_at(rows, 0.9) is None and pass_at(rows, 3.1) is None
+    # two settings at the same speed: the better one is the frontier there
+    same = rows + [{"tokens_per_forward": 2.0, "pass@1": 0.26}]
+    assert pass_at(same, 2.0) == 0.26
