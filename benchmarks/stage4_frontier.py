@@ -128,7 +128,7 @@ def plot(rows: list[dict], bar: float, tolerance: float, path: Path, run: str | 
         x = [r["tokens_per_forward"] for r in mine]
         y = [r["pass@1"] for r in mine]
         err = [[r["pass@1"] - r["pass@1_ci95"][0] for r in mine], [r["pass@1_ci95"][1] - r["pass@1"] for r in mine]]
-        ax.errorbar(x, y, yerr=err, marker="os^Dvp"[i % 6], capsize=3, label=name)
+        ax.errorbar(x, y, yerr=err, marker="os^DvpX*"[i % 8], capsize=3, label=name)
     ax.axhspan(bar - tolerance, bar + 1, color="green", alpha=0.06, label=f"within {tolerance:.2f} of the bar")
     ax.axhline(bar, color="green", lw=0.8, ls="--")
     ax.set(xlabel="tokens per forward (held-out, greedy)", ylabel="pass@1 (95% interval)", title="speed-quality frontier",
