@@ -70,9 +70,9 @@ def main() -> int:
         earlier = json.loads(Path(report).read_text())
         if (earlier["tasks"], earlier["n_tasks"]) != (args.tasks, len(tasks)):
             raise SystemExit(f"--reuse {report}: it evaluated {earlier['n_tasks']} {earlier['tasks']} tasks, not {len(tasks)} {args.tasks}")
-        for r in earlier["rows"]:
-            if old.setdefault(r["folder"], (report, []))[0] == report:  # the first report that holds a folder gives its rows
-                old[r["folder"]][1].append(r)
+        for folder in dict.fromkeys(r["folder"] for r in earlier["rows"]):
+            if folder not in old:  # the first report that holds a folder gives its rows
+                old[folder] = (report, [r for r in earlier["rows"] if r["folder"] == folder])
     with PythonTestVerifier() as verifier:
         for name, folder in args.model:
             if folder in old:

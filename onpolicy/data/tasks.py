@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+from onpolicy.data.generated import LEVELS
 from verifiers.base import Task
 
 TASK_SETS = ("generated:<split>[:levels=1,2][:seed=S][:skip=N]", "repair:<split>[:levels=...][:seed=S][:skip=N]", "humaneval", "mbpp", "mbpp-test", "mbpp-sanitized", "FILE.jsonl")
@@ -34,16 +35,10 @@ def load_task_set(name: str, limit: int | None = None, seed: int = 0) -> list[Ta
         options = _options(name, rest)
         n = limit or 500
         skip = options.get("skip", 0)
-        tasks = make(split, n + skip, seed=options.get("seed", seed), levels=options.get("levels", _all_levels()))
+        tasks = make(split, n + skip, seed=options.get("seed", seed), levels=options.get("levels", LEVELS))
         return tasks[skip:]
     tasks = load_tasks(name)
     return tasks[:limit] if limit else tasks
-
-
-def _all_levels() -> tuple[int, ...]:
-    from onpolicy.data.generated import LEVELS
-
-    return LEVELS
 
 
 def _options(name: str, rest: list[str]) -> dict:
@@ -53,7 +48,7 @@ def _options(name: str, rest: list[str]) -> dict:
     first 300 (`--limit 300`, seed 0), whatever the training seed."""
     kind = name.split(":")[0]
     usage = f"task set '{name}': expected {kind}:<split>[:levels=L[,L...]][:seed=S][:skip=N] with levels in " + \
-        ", ".join(map(str, _all_levels()))
+        ", ".join(map(str, LEVELS))
     options: dict = {}
     for part in rest:
         key, eq, value = part.partition("=")
@@ -64,7 +59,7 @@ def _options(name: str, rest: list[str]) -> dict:
         except ValueError:
             raise ValueError(usage) from None
     levels = options.get("levels")
-    if levels is not None and (not levels or not set(levels) <= set(_all_levels())):
+    if levels is not None and (not levels or not set(levels) <= set(LEVELS)):
         raise ValueError(usage)
     if options.get("skip", 0) < 0 or options.get("seed", 0) < 0:
         raise ValueError(usage)
