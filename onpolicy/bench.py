@@ -72,7 +72,7 @@ def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None
             passed = sum(v.passed for v in verdicts) / len(verdicts)
         results[s.name] = {
             "model": s.model,
-            "block_size": s.sampler.block_size if s.model == "diffusion" else 1,
+            "block_size": 1 if s.model == "ar" else s.sampler.block_size,
             "threshold": s.sampler.threshold,
             "steps_per_block": s.sampler.steps_per_block,
             "tokens": run.tokens,

@@ -55,9 +55,12 @@ def test_bench_reports_every_setting(tokenizer, tmp_path):
     grid = settings([4, 8], [0.5], max_new_tokens=8, with_ar=True)
     assert [s.name for s in grid] == ["ar", "diffusion B=4 1 tok/step", "diffusion B=4 p>=0.5",
                                       "diffusion B=8 1 tok/step", "diffusion B=8 p>=0.5"]
+    grid += settings([4], [], max_new_tokens=8, with_ar=False, model="before")  # `bench --before`
+    models["before"] = models["diffusion"]
     with PythonTestVerifier(workers=1) as v:
         results = run_bench(models, tokenizer, tasks, grid, v)
     assert results["ar"]["speed_vs_ar"] == 1.0 and results["ar"]["block_size"] == 1
+    assert results["before B=4 1 tok/step"]["block_size"] == 4 and results["diffusion B=8 p>=0.5"]["block_size"] == 8
     for r in results.values():
         assert r["tokens_per_s"] > 0 and 0 <= r["sampler_overhead"] < 1 and r["pass_at_1"] == 0.0
         assert r["tokens_per_forward"] == pytest.approx(1 / r["forwards_per_token"])
