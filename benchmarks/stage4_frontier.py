@@ -123,12 +123,14 @@ def plot(rows: list[dict], bar: float, tolerance: float, path: Path, run: str | 
 
     fig, axes = plt.subplots(1, 2 if run else 1, figsize=(13 if run else 7, 4.8), squeeze=False)
     ax = axes[0][0]
-    for i, name in enumerate(dict.fromkeys(r["model"] for r in rows)):
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    colors = plt.cm.tab20.colors if len(names) > 10 else [f"C{i}" for i in range(10)]  # no two models share a colour
+    for i, name in enumerate(names):
         mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["tokens_per_forward"])
         x = [r["tokens_per_forward"] for r in mine]
         y = [r["pass@1"] for r in mine]
         err = [[r["pass@1"] - r["pass@1_ci95"][0] for r in mine], [r["pass@1_ci95"][1] - r["pass@1"] for r in mine]]
-        ax.errorbar(x, y, yerr=err, marker="os^DvpX*"[i % 8], capsize=3, label=name)
+        ax.errorbar(x, y, yerr=err, marker="os^DvpX*"[i % 8], color=colors[i % len(colors)], capsize=3, label=name)
     ax.axhspan(bar - tolerance, bar + 1, color="green", alpha=0.06, label=f"within {tolerance:.2f} of the bar")
     ax.axhline(bar, color="green", lw=0.8, ls="--")
     ax.set(xlabel="tokens per forward (held-out, greedy)", ylabel="pass@1 (95% interval)", title="speed-quality frontier",
