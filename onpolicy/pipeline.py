@@ -234,9 +234,10 @@ def bench_last(p: Pipeline) -> dict:
     """`onpolicy bench` of the last stage against the AR baseline (and the model before), batch 1."""
     b = p.bench
     out = p.output_dir / "bench.json"
-    if out.is_file():
-        return json.loads(out.read_text())
     after = b.after or p.stages[-1].name
+    compared = [p.output_dir / name for name in (after, b.ar, b.before) if name]
+    if out.is_file() and not newer_than(out, compared):
+        return json.loads(out.read_text())
     cmd = [sys.executable, "-m", "onpolicy.cli", "bench", str(model_folder(p.output_dir / after)),
            "--ar", str(model_folder(p.output_dir / b.ar)), "--tasks", b.tasks, "--limit", str(b.limit),
            "--block-sizes", str(_block_size(p.output_dir / after)), "--thresholds", *map(str, b.thresholds),
@@ -248,6 +249,13 @@ def bench_last(p: Pipeline) -> dict:
     if code != 0:
         raise ConfigError(f"bench failed (exit {code}); its log: {p.output_dir / 'bench.log'}")
     return json.loads(out.read_text())
+
+
+def newer_than(result: Path, runs: list[Path]) -> bool:
+    """Whether a model one of `runs` hands on was written after `result` (a stage re-run since): the
+    cached result compares models that are gone."""
+    written = result.stat().st_mtime
+    return any(f.stat().st_mtime > written for run in runs for f in model_folder(run).iterdir())
 
 
 def _block_size(run: Path) -> int:

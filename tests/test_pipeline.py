@@ -107,3 +107,24 @@ def test_pipeline_file_errors_name_the_problem(tmp_path):
     assert r.returncode == 2 and "unknown key 'stagez'" in r.stderr
     r = run_cli("pipeline", "recipes/tiny/pipeline.yaml", "--plan")
     assert r.returncode == 0 and "estimate: ~" in r.stdout and "stage4" in r.stdout
+
+
+def test_a_cached_bench_is_stale_once_a_compared_stage_is_rerun(tmp_path):
+    """bench.json is reused on a re-run only while the models it compares are older than it."""
+    import os
+
+    from onpolicy.pipeline import newer_than
+
+    runs = []
+    for name in ("ar", "stage4"):
+        (tmp_path / name / "final").mkdir(parents=True)
+        (tmp_path / name / "final" / "config.json").write_text("{}")
+        runs.append(tmp_path / name)
+    bench = tmp_path / "bench.json"
+    bench.write_text("{}")
+    os.utime(bench, (2e9, 2e9))
+    for run in runs:
+        os.utime(run / "final" / "config.json", (1e9, 1e9))
+    assert not newer_than(bench, runs)
+    os.utime(runs[1] / "final" / "config.json", (3e9, 3e9))  # stage 4 re-run after the bench
+    assert newer_than(bench, runs)
