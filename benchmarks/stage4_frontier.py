@@ -124,7 +124,7 @@ def plot(rows: list[dict], bar: float, tolerance: float, path: Path, run: str | 
     fig, axes = plt.subplots(1, 2 if run else 1, figsize=(13 if run else 7, 4.8), squeeze=False)
     ax = axes[0][0]
     names = list(dict.fromkeys(r["model"] for r in rows))
-    colors = plt.cm.tab20.colors if len(names) > 10 else [f"C{i}" for i in range(10)]  # no two models share a colour
+    colors = plt.cm.tab20.colors if len(names) > 10 else plt.cm.tab10.colors  # no two models share a colour
     for i, name in enumerate(names):
         mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["tokens_per_forward"])
         x = [r["tokens_per_forward"] for r in mine]

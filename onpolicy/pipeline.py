@@ -208,8 +208,8 @@ def evaluate_stages(p: Pipeline, log) -> dict:
     with PythonTestVerifier() as verifier:
         for stage in p.stages:
             cache = p.output_dir / stage.name / "pipeline_eval.json"
-            if cache.is_file():
-                out[stage.name] = json.loads(cache.read_text())
+            if (cached := fresh_cache(cache, [p.output_dir / stage.name])) is not None:
+                out[stage.name] = cached
                 continue
             tic = time.perf_counter()
             model, tokenizer = load_model(str(model_folder(p.output_dir / stage.name)))
@@ -235,9 +235,8 @@ def bench_last(p: Pipeline) -> dict:
     b = p.bench
     out = p.output_dir / "bench.json"
     after = b.after or p.stages[-1].name
-    compared = [p.output_dir / name for name in (after, b.ar, b.before) if name]
-    if out.is_file() and not newer_than(out, compared):
-        return json.loads(out.read_text())
+    if (cached := fresh_cache(out, [p.output_dir / name for name in (after, b.ar, b.before) if name])) is not None:
+        return cached
     cmd = [sys.executable, "-m", "onpolicy.cli", "bench", str(model_folder(p.output_dir / after)),
            "--ar", str(model_folder(p.output_dir / b.ar)), "--tasks", b.tasks, "--limit", str(b.limit),
            "--block-sizes", str(_block_size(p.output_dir / after)), "--thresholds", *map(str, b.thresholds),
@@ -253,9 +252,14 @@ def bench_last(p: Pipeline) -> dict:
 
 def newer_than(result: Path, runs: list[Path]) -> bool:
     """Whether a model one of `runs` hands on was written after `result` (a stage re-run since): the
-    cached result compares models that are gone."""
+    cached result measured models that are gone."""
     written = result.stat().st_mtime
     return any(f.stat().st_mtime > written for run in runs for f in model_folder(run).iterdir())
+
+
+def fresh_cache(result: Path, runs: list[Path]) -> dict | None:
+    """A cached evaluation or bench of `runs`' models, or None when it is missing or older than one of them."""
+    return json.loads(result.read_text()) if result.is_file() and not newer_than(result, runs) else None
 
 
 def _block_size(run: Path) -> int:
