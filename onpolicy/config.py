@@ -228,6 +228,9 @@ class LossConfig:
     jump_gap_start: int = 2  # steps jumped at the start (from s_j straight to s_j+gap) ...
     jump_gap_end: int = 8  # ... growing linearly to this at the last step
     certainty: float = 0.3  # entropy of correct predictions (dParallel's certainty forcing)
+    distill_failed: float = 0.0  # jump-distillation weight of rollouts that failed verification (0: verified
+    # only; 1: every rollout, dParallel's self-distillation of the model's own paths, correctness left to the policy term)
+    distill_rows: int = 16  # at most this many failed rollouts per step join for it (seeded pick: each costs a replay)
     beta: float = 0.0  # KL to the frozen start (with LoRA: the base, adapters off); 0 = none
     buffer_size: int = 0  # verified trajectories kept for the surrogates (mode filtering); 0 = current step only
     buffer_rows: int = 16  # of them replayed per step (surrogate terms only: they are off-policy)
@@ -278,6 +281,8 @@ class OnPolicyConfig:
             raise ConfigError("loss.commit_actions needs soft commits: set rollout.sampler.commit_temperature (and threshold)")
         if r.sampler.commit_temperature is not None and r.sampler.threshold is None:
             raise ConfigError("rollout.sampler.commit_temperature needs rollout.sampler.threshold")
+        if loss.distill_failed < 0 or loss.distill_rows < 0:
+            raise ConfigError(f"loss.distill_failed and loss.distill_rows must be >= 0, got {loss.distill_failed}, {loss.distill_rows}")
         if self.train.micro_batch_size < 1 or loss.jump_gap_start < 1 or loss.jump_gap_end < loss.jump_gap_start:
             raise ConfigError("loss.jump_gap_start must be >= 1 and <= loss.jump_gap_end")
 

@@ -27,6 +27,13 @@ class TaskCoinVerifier:
                         "task coin", 0.0) for t in tasks]
 
 
+class FailAllVerifier:
+    """Fails every completion: no reward varies and nothing is verified."""
+
+    def verify(self, tasks, completions):
+        return [Verdict(t.task_id, False, 0.0, "failed", "fails all", 0.0) for t in tasks]
+
+
 class FlakyVerifier(CoinVerifier):
     """Hangs on chunks holding task 0 of the pool's order, raises on chunks holding task 1, else a coin."""
 

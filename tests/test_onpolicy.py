@@ -81,6 +81,22 @@ def test_stage4_moves_the_model_to_the_rollout_block_size(init_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_distill_failed_feeds_failed_rollouts_to_the_jump_term(init_model, tmp_path):
+    """Nothing passes: by default no row carries a signal and the weights stay; with
+    loss.distill_failed=1 every rollout is self-distilled by the jump term and the weights move."""
+    runs = {}
+    for w in (0, 1):
+        out = tmp_path / f"distill{w}"
+        stage4(init_model, out, "train.max_steps=1", "reward.alpha=0", "loss.surrogate=jump", "loss.buffer_size=0",
+               f"loss.distill_failed={w}", "rollout.verifier=tests.plugins:FailAllVerifier")
+        (runs[w],) = [m for m in metrics(out) if "reward" in m]
+        moved = any(not torch.equal(a, b) for a, b in zip(weights(init_model).values(), weights(out / "final").values()))
+        assert moved == bool(w), w
+    assert runs[0]["train/rows_trained"] == 0 and runs[0]["rollout/pass_rate"] == 0.0
+    assert runs[1]["train/rows_trained"] == 8 and runs[1]["jump_ce"] > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [0, 4])
 def test_stage4_trains_with_and_without_lora(init_model, tmp_path, lora):
     out = tmp_path / f"lora{lora}"

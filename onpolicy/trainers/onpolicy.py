@@ -204,11 +204,13 @@ def sample_step(engine, tokenizer, pool_tasks, cfg: OnPolicyConfig, step: int, p
 
 
 def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
-                     cfg: OnPolicyConfig, gap: int, device, on_policy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                     cfg: OnPolicyConfig, gap: int, device, on_policy: torch.Tensor | None = None,
+                     distill: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The stage-4 loss of one micro-batch of recorded trajectories, over their replayed states.
 
     adv: [B] advantages; passed: [B] bool (verified correct); on_policy: [B] bool, False for buffer rows
-    (decoded by older weights: surrogate terms only). Every term is a pure function of
+    (decoded by older weights: surrogate terms only); distill: [B] jump-distillation weight of each row
+    (default: 1 for passing rows, 0 otherwise; `loss.distill_failed` weighs failed rows). Every term is a pure function of
     `onpolicy.diffusion.policy`; this function only gathers their inputs from the replay.
     """
     lc, sc = cfg.loss, cfg.rollout.sampler
@@ -217,6 +219,7 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
     jump_total, progress_total = torch.zeros((), device=device), torch.zeros((), device=device)
     stats: dict[str, torch.Tensor] = {}
     entropy_sum, entropy_n = torch.zeros(()), 0
+    distill = passed.float() if distill is None else distill
     for st in replay_step_logits(model, rows, special):
         logp_all = st.logits.float().log_softmax(-1)  # [B, T, V]
         tok = final_token_logprob(logp_all, st)  # [B, T] log p(final token | state before step j)
@@ -234,9 +237,9 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
                                       st.now.reshape(b * blocks, st.block), sc.threshold, sc.commit_temperature)
             decisions.append(dec.view(b, blocks))
             decision_mask.append(open_.view(b, blocks, st.block).any(-1))
-        if passed.any() and lc.surrogate in ("jump", "both"):
+        if bool((distill > 0).any()) and lc.surrogate in ("jump", "both"):
             jump = open_ & (st.step_index < st.index + gap)  # committed between s_j and s_j+gap
-            jl, js = jump_distillation_loss(st.logits, st.canvas, jump, passed.float(), lc.certainty)
+            jl, js = jump_distillation_loss(st.logits, st.canvas, jump, distill, lc.certainty)
             jump_total = jump_total + jl
             stats = {**stats, **{k: stats.get(k, 0) + v for k, v in js.items()}}
         if passed.any() and lc.surrogate in ("progress", "both"):
@@ -372,11 +375,19 @@ def train(cfg: OnPolicyConfig) -> dict:
 
         # 3c. loss over the replayed states, in micro-batches; rows that carry no signal are skipped. Verified
         # trajectories of earlier steps (the buffer) join for the surrogate terms only (they are off-policy).
-        useful = ((adv != 0) | (passed & valid)).nonzero().flatten().tolist()
-        items = [(rollouts[i].trajectory, float(adv[i]), bool(passed[i] & valid[i]), True) for i in useful]
+        # With `loss.distill_failed` > 0, up to `loss.distill_rows` failed rollouts also feed the jump term
+        # (self-distillation of the model's own paths).
+        ok = passed & valid
+        distill = ok.float()
+        if cfg.loss.distill_failed > 0:
+            failed = (valid & ~ok).nonzero().flatten()
+            pick = failed[torch.randperm(len(failed), generator=noise_generator(t.seed, -6, step))[: cfg.loss.distill_rows]]
+            distill[pick] = cfg.loss.distill_failed
+        useful = ((adv != 0) | (distill > 0)).nonzero().flatten().tolist()
+        items = [(rollouts[i].trajectory, float(adv[i]), bool(ok[i]), True, float(distill[i])) for i in useful]
         if buffer and cfg.loss.buffer_rows:
             pick = torch.randperm(len(buffer), generator=noise_generator(t.seed, -4, step))[: cfg.loss.buffer_rows].tolist()
-            items += [(buffer[i], 0.0, True, False) for i in pick]
+            items += [(buffer[i], 0.0, True, False, 1.0) for i in pick]
         gap = jump_gap(cfg, step)
         step_stats: dict[str, float] = {}
         for chunk in (items[k::grad_accum] for k in range(grad_accum)):
@@ -390,7 +401,8 @@ def train(cfg: OnPolicyConfig) -> dict:
                 loss, stats = micro_batch_loss(engine, reference.model(engine.module), rows, special,
                                                torch.tensor([it[1] for it in chunk], device=dist.device),
                                                torch.tensor([it[2] for it in chunk], device=dist.device), cfg, gap, dist.device,
-                                               on_policy=torch.tensor([it[3] for it in chunk], device=dist.device))
+                                               on_policy=torch.tensor([it[3] for it in chunk], device=dist.device),
+                                               distill=torch.tensor([it[4] for it in chunk], device=dist.device))
             engine.backward(loss * len(chunk) / len(items) * grad_accum)  # each row weighs the same
             eng.step(engine)
             for k, v in stats.items():
