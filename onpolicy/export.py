@@ -40,8 +40,11 @@ def save_model_folder(model, tokenizer, out_dir: Path, decoding: dict | None = N
     """Write `model` (a DiffusionTransformer, on any device) as a self-contained folder."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.config.decoding = {"block_size": model.config.block_size, "max_new_tokens": 128, "temperature": 0.0,
-                             **(getattr(model.config, "decoding", None) or {}), **(decoding or {})}
+    # a decoding block inherited from the parent model's config is not this model's: the block it was trained
+    # (or moved) to is; only an explicit `decoding` may recommend another
+    inherited = {k: v for k, v in (getattr(model.config, "decoding", None) or {}).items() if k != "block_size"}
+    model.config.decoding = {"max_new_tokens": 128, "temperature": 0.0, **inherited, "block_size": model.config.block_size,
+                             **(decoding or {})}
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     model.save_pretrained(str(out_dir), state_dict=state)
     tokenizer.save_pretrained(str(out_dir))

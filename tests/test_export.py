@@ -50,6 +50,7 @@ def test_exported_diffusion_model_loads_without_onpolicy(tmp_path):
 
     tok, special = _tokenizer_and_special()
     model = _model(special, "block_causal", block_size=4, shift_logits=True, num_key_value_heads=2)
+    model.config.decoding = {"block_size": 32}  # inherited from a parent model trained at block 32
     folder = save_model_folder(model, tok, tmp_path / "export", decoding={"threshold": 0.9, "max_new_tokens": 12},
                                card={"base_model": "my/base", "stage": "onpolicy", "recipe": "stage: onpolicy\n",
                                      "eval": {"pass@1": 0.25}})

@@ -75,7 +75,9 @@ def test_stage4_moves_the_model_to_the_rollout_block_size(init_model, tmp_path):
     r = stage4(init_model, out, "train.max_steps=1", "rollout.sampler.block_size=8")
     assert "block size 4 -> 8" in r.stdout + r.stderr
     assert json.loads((init_model / "config.json").read_text())["block_size"] == 4
-    assert json.loads((out / "final" / "config.json").read_text())["block_size"] == 8
+    final = json.loads((out / "final" / "config.json").read_text())
+    assert final["block_size"] == 8 and final["decoding"]["block_size"] == 8  # not the start's recommended block
+    assert json.loads((out / "model" / "config.json").read_text())["block_size"] == 8  # export --step N of a checkpoint
     assert json.loads((out / "best" / "config.json").read_text())["block_size"] == 4  # the start, until a better one
     assert len([m for m in metrics(out) if "reward" in m]) == 1
 

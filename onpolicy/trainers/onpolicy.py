@@ -359,6 +359,7 @@ def train(cfg: OnPolicyConfig) -> dict:
         # a larger (or smaller) block than the model was trained with: from here on it decodes, replays and is
         # exported at the rollout's block (block ids follow each trajectory's block; the weights are unchanged)
         unwrap(engine.module).config.block_size = cfg.model.block_size = r.sampler.block_size
+        save_skeleton(out, unwrap(engine.module), tokenizer, dist.is_main)  # `export --step N`: checkpoints are at the new block
         log.write(f"[onpolicy] block size {own_block} -> {r.sampler.block_size} (rollout.sampler.block_size)")
 
     # 3. The loop.
