@@ -95,7 +95,7 @@ def test_distill_failed_feeds_failed_rollouts_to_the_jump_term(init_model, tmp_p
         moved = any(not torch.equal(a, b) for a, b in zip(weights(init_model).values(), weights(out / "final").values()))
         assert moved == bool(w), w
     assert runs[0]["train/rows_trained"] == 0 and runs[0]["rollout/pass_rate"] == 0.0
-    assert runs[1]["train/rows_trained"] == 8 and runs[1]["jump_ce"] > 0
+    assert runs[1]["train/rows_trained"] == runs[1]["train/rows_distilled_failed"] == 8 and runs[1]["jump_ce"] > 0
 
 
 @pytest.mark.slow

@@ -438,6 +438,7 @@ def train(cfg: OnPolicyConfig) -> dict:
             "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine),
             "train/jump_gap": gap,
             "train/rows_trained": len(items),
+            "train/rows_distilled_failed": int(((distill > 0) & ~ok).sum()),
             "train/buffer": len(buffer),
             "time/rollout": t_rollout,
             "time/verify": t_verify,
