@@ -172,7 +172,8 @@ def jump_distillation_loss(logits: torch.Tensor, target: torch.Tensor, jump: tor
     earlier state s_i of a passing trajectory, predict every token committed by a later state s_j.
 
     logits: [N, T, V] the model's logits in state s_i; target: [N, T] the final tokens; jump: [N, T] bool
-    positions masked in s_i and committed by s_j; weight: [N] (1 for passing rows, 0 otherwise).
+    positions masked in s_i and committed by s_j; weight: [N] per row (1 for passing rows, 0 for failed ones,
+    or the stage's `loss.distill_failed` for failed rows it self-distils too).
     loss = CE on the jump positions + certainty * entropy of the prediction where it is already right
     (dParallel: sharpen correct predictions so a threshold sampler commits them together).
     """
