@@ -204,13 +204,13 @@ def sample_step(engine, tokenizer, pool_tasks, cfg: OnPolicyConfig, step: int, p
 
 
 def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
-                     cfg: OnPolicyConfig, gap: int, device, on_policy: torch.Tensor | None = None,
-                     distill: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                     distill: torch.Tensor, cfg: OnPolicyConfig, gap: int, device,
+                     on_policy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The stage-4 loss of one micro-batch of recorded trajectories, over their replayed states.
 
-    adv: [B] advantages; passed: [B] bool (verified correct); on_policy: [B] bool, False for buffer rows
-    (decoded by older weights: surrogate terms only); distill: [B] jump-distillation weight of each row
-    (default: 1 for passing rows, 0 otherwise; `loss.distill_failed` weighs failed rows). Every term is a pure function of
+    adv: [B] advantages; passed: [B] bool (verified correct); distill: [B] jump-distillation weight of each
+    row (1 for passing rows, `loss.distill_failed` for failed rows picked for it, else 0); on_policy: [B] bool,
+    False for buffer rows (decoded by older weights: surrogate terms only). Every term is a pure function of
     `onpolicy.diffusion.policy`; this function only gathers their inputs from the replay.
     """
     lc, sc = cfg.loss, cfg.rollout.sampler
@@ -219,7 +219,7 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
     jump_total, progress_total = torch.zeros((), device=device), torch.zeros((), device=device)
     stats: dict[str, torch.Tensor] = {}
     entropy_sum, entropy_n = torch.zeros(()), 0
-    distill = passed.float() if distill is None else distill
+    jump_term = lc.surrogate in ("jump", "both") and bool((distill > 0).any())  # once, not per replayed step
     for st in replay_step_logits(model, rows, special):
         logp_all = st.logits.float().log_softmax(-1)  # [B, T, V]
         tok = final_token_logprob(logp_all, st)  # [B, T] log p(final token | state before step j)
@@ -237,7 +237,7 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
                                       st.now.reshape(b * blocks, st.block), sc.threshold, sc.commit_temperature)
             decisions.append(dec.view(b, blocks))
             decision_mask.append(open_.view(b, blocks, st.block).any(-1))
-        if bool((distill > 0).any()) and lc.surrogate in ("jump", "both"):
+        if jump_term:
             jump = open_ & (st.step_index < st.index + gap)  # committed between s_j and s_j+gap
             jl, js = jump_distillation_loss(st.logits, st.canvas, jump, distill, lc.certainty)
             jump_total = jump_total + jl
@@ -401,9 +401,9 @@ def train(cfg: OnPolicyConfig) -> dict:
             with autocast(dist.device, t.precision):
                 loss, stats = micro_batch_loss(engine, reference.model(engine.module), rows, special,
                                                torch.tensor([it[1] for it in chunk], device=dist.device),
-                                               torch.tensor([it[2] for it in chunk], device=dist.device), cfg, gap, dist.device,
-                                               on_policy=torch.tensor([it[3] for it in chunk], device=dist.device),
-                                               distill=torch.tensor([it[4] for it in chunk], device=dist.device))
+                                               torch.tensor([it[2] for it in chunk], device=dist.device),
+                                               torch.tensor([it[4] for it in chunk], device=dist.device), cfg, gap, dist.device,
+                                               on_policy=torch.tensor([it[3] for it in chunk], device=dist.device))
             engine.backward(loss * len(chunk) / len(items) * grad_accum)  # each row weighs the same
             eng.step(engine)
             for k, v in stats.items():
