@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -163,6 +164,48 @@ def test_fleet_shards_fails_over_and_guards_with_a_token(monkeypatch):
             for server in servers:
                 server.shutdown()
                 server.server_close()
+
+
+class _Canned(BaseHTTPRequestHandler):
+    """A stand-in server: `truncate` promises a body and closes after the headers (a server killed
+    mid-reply); otherwise it answers every program as passed."""
+
+    truncate = False
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"status": "Success", "onpolicy_passed": True, "run_result": {}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not self.truncate:
+            self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_dying_mid_reply_is_benched_and_the_program_goes_elsewhere():
+    """The reply's headers arrive, its body never does (http.client.IncompleteRead, which is neither
+    an OSError nor a URLError): the client must treat it as a failed request, not crash the batch."""
+    dying = ThreadingHTTPServer(("127.0.0.1", 0), type("Dying", (_Canned,), {"truncate": True}))
+    healthy = ThreadingHTTPServer(("127.0.0.1", 0), _Canned)
+    for server in (dying, healthy):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    dying_url, healthy_url = (f"http://127.0.0.1:{server.server_port}" for server in (dying, healthy))
+    try:
+        fleet = RemoteVerifier([dying_url, healthy_url], retries=0, concurrency=1, cooldown_s=60)
+        verdicts = fleet.verify([ADD] * 4, ["    return a + b\n"] * 4)
+        assert [v.status for v in verdicts] == ["passed"] * 4
+        assert fleet.failures[dying_url] >= 1 and fleet.answered[healthy_url] == 4 and fleet.answered[dying_url] == 0
+        (alone,) = RemoteVerifier(dying_url, retries=1).verify([ADD], ["    return a + b\n"])
+        assert alone.status == "excluded" and "IncompleteRead" in alone.detail
+    finally:
+        for server in (dying, healthy):
+            server.shutdown()
+            server.server_close()
 
 
 @pytest.mark.slow

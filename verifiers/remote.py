@@ -26,6 +26,7 @@ VERIFIERS_TOKEN), which the client sends as `Authorization: Bearer ...`.
 from __future__ import annotations
 
 import hmac
+import http.client
 import ipaddress
 import json
 import os
@@ -107,7 +108,9 @@ class RemoteVerifier:
             for server in self._order():
                 try:
                     reply = self._post(server, data)
-                except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as e:
+                except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+                    # HTTPException: a server killed mid-reply (IncompleteRead, BadStatusLine); OSError
+                    # covers refused/reset connections and timeouts; ValueError a reply that is not JSON
                     reason = e.reason if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError) else e
                     errors[server] = f"{type(e).__name__}: {reason}"
                     with self._lock:
@@ -160,7 +163,7 @@ class RemoteVerifier:
             try:
                 with urllib.request.urlopen(server + "/health", timeout=5) as resp:
                     out[server] = json.loads(resp.read())
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
                 out[server] = {"status": "down", "error": f"{type(e).__name__}: {e}"}
         return out
 
