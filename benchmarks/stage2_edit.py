@@ -3,10 +3,12 @@ budget, several seeds.
 
     python benchmarks/stage2_edit.py --seeds 0 1 2 --steps 30 --out benchmarks/results/stage2_edit.json
 
-Both arms continue the same stage-1 model (`recipes/tiny/stage2_edit.yaml`'s init_from) for `--steps`
-steps on the same data, through `onpolicy train`: `diffusion.edit_fraction=1` (stage 2: edits under the
-masks, loss on every position of an edited row) or `=0` (stage 1: masks only). Each trained model, and
-the starting model, is then measured on:
+Both arms continue the same stage-1 model (`--start`, default `recipes/tiny/stage2_edit.yaml`'s init_from)
+for `--steps` steps on the same data, through `onpolicy train`: `diffusion.edit_fraction=1` (stage 2:
+edits under the masks, loss on every position of an edited row) or `=0` (stage 1: masks only). More
+arms (variants of stage 2) are named with `--arm NAME=key=value,key=value` (recipe overrides), e.g.
+`--arm gentle=diffusion.edit_fraction=1,train.lr=1e-4`. Each trained model, and the starting model, is
+then measured on:
 
 1. repair tasks (`repair:heldout`, greedy, one token per step): pass@1 and the exact-repair rate (the
    completion's code equals the reference body, whitespace-normalised);
@@ -34,14 +36,23 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "recipes/tiny/stage2_edit.yaml"
 
 
-def train_arm(arm: str, seed: int, steps: int, runs: Path) -> Path:
-    out = runs / f"{arm}-s{seed}"
+ARMS = {"stage1": ["diffusion.edit_fraction=0"], "stage2": ["diffusion.edit_fraction=1"]}
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    """`NAME=key=value,key=value` -> (NAME, [key=value, ...])."""
+    name, sep, overrides = text.partition("=")
+    if not sep or not name or "=" not in overrides:
+        raise argparse.ArgumentTypeError(f"--arm wants NAME=key=value[,key=value...], got {text!r}")
+    return name, overrides.split(",")
+
+
+def train_arm(overrides: list[str], seed: int, steps: int, start: Path, out: Path, common: list[str]) -> Path:
     if (out / "final" / "config.json").is_file():
         return out / "final"
-    edit = {"stage2": 1.0, "stage1": 0.0}[arm]
-    cmd = [sys.executable, "-m", "onpolicy.cli", "train", RECIPE, f"diffusion.edit_fraction={edit}", f"train.seed={seed}",
-           f"train.max_steps={steps}", f"train.save_every={steps}", f"train.eval_every={steps}", f"logging.output_dir={out}",
-           "logging.progress=false"]
+    cmd = [sys.executable, "-m", "onpolicy.cli", "train", RECIPE, f"model.init_from={start}", *common, *overrides, f"train.seed={seed}",
+           f"train.max_steps={steps}", f"train.save_every={steps}",
+           f"train.eval_every={steps}", f"logging.output_dir={out}", "logging.progress=false"]
     subprocess.run(cmd, cwd=ROOT, check=True)
     return out / "final"
 
@@ -112,7 +123,7 @@ def summarise(results: dict, arms: list[str]) -> dict:
             ("generate", "pass@1"), ("generate_selfcorrect", "pass@1")]
     table = {}
     for arm in arms:
-        runs = [v for k, v in results.items() if k.startswith(arm + "-")]
+        runs = [v for k, v in results.items() if k.rpartition("-s")[0] == arm]
         row = {}
         for section, key in keys:
             vals = [r[section][key] for r in runs]
@@ -133,26 +144,37 @@ def main() -> int:
     p.add_argument("--remask", type=float, default=0.3, help="self-correction: re-open a token below this probability")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "stage2-bench")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stage2_edit.json")
+    p.add_argument("--start", help="the stage-1 model both arms continue (default: the recipe's init_from)")
+    p.add_argument("--arm", type=parse_arm, action="append", default=[],
+                   help="one more arm: NAME=key=value[,key=value...] (recipe overrides); repeatable")
+    p.add_argument("--only", nargs="+", metavar="ARM", help="run these arms only (default: stage1, stage2 and every --arm)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for every arm")
     args = p.parse_args()
 
     import yaml
 
     from onpolicy.loading import resolve_model_dir
 
-    start = resolve_model_dir(yaml.safe_load((ROOT / RECIPE).read_text())["model"]["init_from"])
+    start = resolve_model_dir(args.start or yaml.safe_load((ROOT / RECIPE).read_text())["model"]["init_from"])
+    arms = defined = {**ARMS, **dict(args.arm)}
+    if args.only:
+        unknown = sorted(set(args.only) - set(arms))
+        if unknown:
+            p.error(f"--only {unknown}: no such arm (arms: {sorted(arms)})")
+        arms = {name: arms[name] for name in args.only}
     results = json.loads(args.out.read_text())["per_model"] if args.out.is_file() else {}
-    todo = [("start", None)] + [(f"{arm}-s{seed}", (arm, seed)) for seed in args.seeds for arm in ("stage1", "stage2")]
+    todo = [("start", None)] + [(f"{arm}-s{seed}", (arm, seed)) for seed in args.seeds for arm in arms]
     for name, job in todo:
         if name in results:
             continue
-        folder = start if job is None else train_arm(job[0], job[1], args.steps, args.runs)
+        folder = start if job is None else train_arm(arms[job[0]], job[1], args.steps, start, args.runs / name, args.set)
         seed = 0 if job is None else job[1]
         results[name] = measure(folder, args, seed)
         print(name, json.dumps(results[name]), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"per_model": results, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
-    summary = {"start": results["start"], **summarise(results, ["stage1", "stage2"])}
-    args.out.write_text(json.dumps({"summary": summary, "per_model": results,
+        args.out.write_text(json.dumps({"per_model": results, "args": {k: str(v) for k, v in vars(args).items()}, "arms": defined}, indent=1))
+    summary = {"start": results["start"], **summarise(results, list(arms))}
+    args.out.write_text(json.dumps({"summary": summary, "per_model": results, "arms": defined,
                                     "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     print(json.dumps(summary, indent=1))
     return 0

@@ -10,7 +10,7 @@ use an exact KV cache); a causal model trains next-token prediction, the AR base
 
 Stage 2 (PAPER.md section 2) is an option of this loop, not a copy: the last `diffusion.edit_fraction`
 of the steps add edit corruption (substitutions, deletions, insertions) and count every position of
-an edited row; `recipes/tiny/stage2_edit.yaml` continues a stage-1 model with edits on every step.
+an edited row; `recipes/tiny/stage2_edit.yaml` continues a stage-1 model with edits on a quarter of the rows of every step.
 
 Every run is resumable and exactly reproducible: the data order and the noise of step s are pure
 functions of (seed, s, the micro-batch's place in the global batch), so a resumed run sees the same
