@@ -90,3 +90,43 @@ def test_edit_loss_hand_checked():
     plain, _ = masked_diffusion_loss(logits, x0, masked, weight)
     none, _ = edit_diffusion_loss(logits, x0, masked, weight, torch.tensor([False, False]))
     assert torch.isfinite(loss) and none.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for a bidirectional model: records the corrupted input and predicts uniformly."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"attention": "bidirectional"})()
+        self.seen = None
+
+    def forward(self, input_ids):
+        self.seen = input_ids
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, VOCAB, requires_grad=True)})()
+
+
+@pytest.mark.parametrize("mode", ["mix", "stack"])
+def test_stage2_batch_layout_mix_and_stack(mode):
+    """mix: about `edit_share` of the rows are edit-corrupted and never masked, the rest are masked and
+    never edited; stack: every row is edited, then masked."""
+    from onpolicy.config import DiffusionConfig
+    from onpolicy.trainers.pretrain import stage1_loss
+
+    mask_id, g = SPECIALS[3], torch.Generator().manual_seed(0)
+    x0 = torch.randint(5, VOCAB, (400, 32), generator=torch.Generator().manual_seed(1))
+    diff = DiffusionConfig(edit_mode=mode, edit_share=0.25, edit_alpha_max=0.5, t_sampling="stratified")
+    model = _Recorder()
+    loss, _ = stage1_loss(model, x0, diff, mask_id, g, ordinary=ordinary_mask())
+    x_t = model.seen
+    is_mask = x_t == mask_id
+    fill = is_mask.flip(1).cummin(1).values.flip(1)  # a trailing run of MASK: the canvas filled after deletions
+    has_mask = (is_mask & ~fill).any(1)  # masked by the diffusion corruption
+    changed = ((x_t != x0) & ~is_mask).any(1)  # an edit left a trace outside the masks
+    assert torch.isfinite(loss)
+    if mode == "mix":
+        assert not (has_mask & changed).any()  # no row is both masked and edited
+        share = changed.float().mean().item()
+        assert 0.15 < share < 0.30  # edit_share 0.25 (rows with t near 0 get no edits)
+        assert has_mask.float().mean().item() > 0.6
+    else:
+        assert changed.float().mean().item() > 0.8 and (has_mask & changed).float().mean().item() > 0.6
