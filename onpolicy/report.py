@@ -51,6 +51,8 @@ def stage_table(p, evals: dict) -> dict:
             "eval_command": f"onpolicy eval {ev['model']} --tasks generated:heldout --limit {p.eval.limit} "
                             f"--max-new-tokens {p.eval.max_new_tokens}",
         }
+        if Path(ev["model"]).name == "best" and (picked := run / "best" / "validation.json").is_file():
+            out[stage.name]["best_step"] = json.loads(picked.read_text()).get("step", 0)  # 0: the stage's start
     return out
 
 
@@ -235,6 +237,12 @@ def write_report(p, evals: dict, bench: dict) -> dict:
         lines.append(f"| {name} | {row['train_minutes']:.1f} | {_pct(row['pass@1']['validation'])} | {_pct(row['pass@1']['heldout'])} | "
                      f"{_pct(row['pass@1']['repair'])} | {row['tokens_per_forward']['one_per_step']:.2f} | "
                      + (f"{row['tokens_per_forward']['fast']:.2f} | {_pct(fast)} |" if fast else "- | - |"))
+    for name, row in table.items():
+        if "best_step" in row:
+            lines += ["", f"{name} hands on `best/`, its checkpoint by the stage's rule (both pass@1 within the tolerance of its "
+                      "start's, then the most tokens per forward): "
+                      + (f"step {row['best_step']}." if row["best_step"] else
+                         "**its starting model** (no validation after step 0 met the rule), so this row repeats the stage it started from.")]
     lines += ["", f"Each row's numbers come back from `onpolicy eval MODEL --tasks SET --limit {p.eval.limit} "
               f"--max-new-tokens {p.eval.max_new_tokens}` (add `--threshold {p.eval.fast_threshold}` for the fast columns); "
               "the AR comparison is `bench.json`, written by `onpolicy bench`.", "",

@@ -74,6 +74,9 @@ def test_miniature_pipeline_end_to_end_and_rerun_skips(tmp_path):
         assert all(len(v["ci95"]) == 2 and 0 <= v["value"] <= 1 for v in row["pass@1"].values())
         assert row["tokens_per_forward"]["one_per_step"] > 0 and row["train_minutes"] > 0
     assert report["stages"]["stage4"]["model"].endswith("best")  # stage 4 hands on its best checkpoint
+    best_step = report["stages"]["stage4"]["best_step"]  # which one (0: its start), said in the report too
+    assert best_step == json.loads((out / "stage4" / "summary.json").read_text())["best"].get("step", 0)
+    assert "stage4 hands on `best/`" in (out / "report.md").read_text()
     comparison = report["ar_comparison"]
     assert comparison["ar_tokens_per_s"] > 0 and comparison["fastest"]["speed_vs_ar"] > 0
     # the numbers are what `onpolicy bench` wrote and what `onpolicy eval` prints for the same model
