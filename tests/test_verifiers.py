@@ -171,10 +171,11 @@ class _Canned(BaseHTTPRequestHandler):
     mid-reply); otherwise it answers every program as passed."""
 
     truncate = False
+    reply: object = {"status": "Success", "onpolicy_passed": True, "run_result": {}}
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"status": "Success", "onpolicy_passed": True, "run_result": {}}).encode()
+        body = json.dumps(self.reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -202,6 +203,15 @@ def test_a_server_dying_mid_reply_is_benched_and_the_program_goes_elsewhere():
         assert fleet.failures[dying_url] >= 1 and fleet.answered[healthy_url] == 4 and fleet.answered[dying_url] == 0
         (alone,) = RemoteVerifier(dying_url, retries=1).verify([ADD], ["    return a + b\n"])
         assert alone.status == "excluded" and "IncompleteRead" in alone.detail
+        # valid JSON that is not an object: the same (excluded with the reason, the batch goes on)
+        odd = ThreadingHTTPServer(("127.0.0.1", 0), type("Odd", (_Canned,), {"reply": ["not", "an", "object"]}))
+        threading.Thread(target=odd.serve_forever, daemon=True).start()
+        try:
+            (bad,) = RemoteVerifier(f"http://127.0.0.1:{odd.server_port}", retries=0).verify([ADD], ["    return a + b\n"])
+            assert bad.status == "excluded" and "not a JSON object" in bad.detail
+        finally:
+            odd.shutdown()
+            odd.server_close()
     finally:
         for server in (dying, healthy):
             server.shutdown()

@@ -85,7 +85,10 @@ class RemoteVerifier:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(server + "/run_code", data=body, headers=headers)
         with urllib.request.urlopen(req, timeout=self.request_timeout_s) as resp:
-            return json.loads(resp.read())
+            reply = json.loads(resp.read())
+        if not isinstance(reply, dict):
+            raise ValueError(f"the reply is not a JSON object: {str(reply)[:80]}")
+        return reply
 
     def _one(self, task: Task, completion: str) -> Verdict:
         marker = f"__onpolicy_done_{secrets.token_hex(16)}__"
