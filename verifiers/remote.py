@@ -45,6 +45,10 @@ from verifiers.sandbox import Sandbox
 
 TOKEN_ENV = "VERIFIERS_TOKEN"
 URL_ENV = "VERIFIERS_URL"
+# What a failed request to a server raises: refused or reset connections and timeouts (OSError, URLError),
+# a server killed mid-reply (HTTPException: IncompleteRead, BadStatusLine), a reply that is not a JSON
+# object (ValueError).
+REQUEST_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)
 
 
 class RemoteVerifier:
@@ -111,9 +115,7 @@ class RemoteVerifier:
             for server in self._order():
                 try:
                     reply = self._post(server, data)
-                except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-                    # HTTPException: a server killed mid-reply (IncompleteRead, BadStatusLine); OSError
-                    # covers refused/reset connections and timeouts; ValueError a reply that is not JSON
+                except REQUEST_ERRORS as e:
                     reason = e.reason if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError) else e
                     errors[server] = f"{type(e).__name__}: {reason}"
                     with self._lock:
@@ -166,7 +168,7 @@ class RemoteVerifier:
             try:
                 with urllib.request.urlopen(server + "/health", timeout=5) as resp:
                     out[server] = json.loads(resp.read())
-            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            except REQUEST_ERRORS as e:
                 out[server] = {"status": "down", "error": f"{type(e).__name__}: {e}"}
         return out
 
