@@ -34,6 +34,7 @@ EDIT_MODES = ("stack", "mix")
 PRECISIONS = ("bf16", "fp32")
 WANDB_MODES = ("disabled", "offline", "online")
 SURROGATES = ("none", "progress", "jump", "both")  # stage 4's edit-distance surrogate(s)
+JUMP_STATES = ("every", "sampled")  # stage 4: which replayed states of jump-only rows the jump term reads
 
 
 @dataclass
@@ -231,6 +232,8 @@ class LossConfig:
     distill_failed: float = 0.0  # jump-distillation weight of rollouts that failed verification (0: verified
     # only; 1: every rollout, dParallel's self-distillation of the model's own paths, correctness left to the policy term)
     distill_rows: int = 16  # at most this many failed rollouts per step join for it (seeded pick: each costs a replay)
+    jump_states: str = "every"  # rows that feed only the jump term (failed rows picked above, buffer rows, groups
+    # without reward variance): "every" replays each of their steps; "sampled" one seeded state per block, one forward
     beta: float = 0.0  # KL to the frozen start (with LoRA: the base, adapters off); 0 = none
     buffer_size: int = 0  # verified trajectories kept for the surrogates (mode filtering); 0 = current step only
     buffer_rows: int = 16  # of them replayed per step (surrogate terms only: they are off-policy)
@@ -269,6 +272,7 @@ class OnPolicyConfig:
             raise ConfigError("stage onpolicy starts from a trained model: set model.init_from=FOLDER")
         _one_of(rw.form, REWARD_FORMS, "reward.form")
         _one_of(rw.scale_rewards, SCALE_REWARDS, "reward.scale_rewards")
+        _one_of(loss.jump_states, JUMP_STATES, "loss.jump_states")
         _one_of(loss.loss_type, LOSS_TYPES, "loss.loss_type")
         _one_of(loss.surrogate, SURROGATES, "loss.surrogate")
         if r.group_size < 2:

@@ -165,7 +165,7 @@ def _pack(rows: list[TrajectoryRow], special: SpecialTokens, mode: str, device) 
 class ReplayStep:
     """The model's view of one step index j of a batch of recorded trajectories."""
 
-    index: int  # j
+    index: int | torch.Tensor  # j; or [B, G], each position's block's own j (`replay_sampled_states`)
     logits: torch.Tensor  # [B, G, V] proposal logits of the canvas positions in the state before step j
     now: torch.Tensor  # [B, G] bool: positions committed at step j
     step_index: torch.Tensor  # [B, G] the step (0-based, within the block for block_causal) of every position, -1 = none
@@ -173,38 +173,62 @@ class ReplayStep:
     block: int
 
 
+def _state_logits(model, p: _Packed, shown: torch.Tensor, mode: str, special: SpecialTokens) -> torch.Tensor:
+    """Proposal logits of the canvas positions with `shown` ([B, G] bool) committed and the rest masked.
+    block_causal: the BD3 training layout, noisy canvas then clean canvas: each block's noisy copy reads
+    earlier blocks from the clean copy, which is exactly what the KV cache held at sampling time."""
+    prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(p.prompt_valid, p.canvas.shape[1], p.block)
+    pos, blocks = torch.cat([prompt_pos, gen_pos], 1), torch.cat([prompt_blocks, gen_blocks], 1)
+    valid = torch.cat([p.prompt_valid, p.valid], 1)
+    ids = torch.cat([p.prompt, torch.where(shown, p.canvas, special.mask)], 1)
+    clean = torch.cat([p.prompt, p.canvas], 1) if mode == "block_causal" else None
+    extra = {"clean_input_ids": clean} if clean is not None else {}
+    logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks, **extra).logits
+    return proposal_logits(logits[:, p.prompt.shape[1] :], special)
+
+
 def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens) -> Iterator[ReplayStep]:
     """For every step index j: the logits the model gives the canvas positions in the state before step
     j, and which positions step j committed (see ReplayStep). Logits are the sampler's proposal logits
     (noise token and padding excluded), with gradient if enabled.
 
-    block_causal: the BD3 training layout, noisy canvas then clean canvas, one forward per step
-    index for every block at once: block b's noisy copy holds its state before its j-th step and
-    reads earlier blocks from the clean copy, which is exactly what the KV cache held at sampling
-    time. bidirectional: one forward per step over the whole canvas. causal: one teacher-forced
-    forward (position t - 1 predicts t)."""
+    block_causal: one forward per step index for every block at once (block b's noisy copy holds its
+    state before its j-th step; `_state_logits`). bidirectional: one forward per step over the whole
+    canvas. causal: one teacher-forced forward (position t - 1 predicts t)."""
     mode = getattr(model, "module", model).config.attention  # a DeepSpeed engine keeps its model in .module
     device = next(model.parameters()).device
     p = _pack(rows, special, mode, device)
-    prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(p.prompt_valid, p.canvas.shape[1], p.block)
-    pos, blocks = torch.cat([prompt_pos, gen_pos], 1), torch.cat([prompt_blocks, gen_blocks], 1)
-    valid = torch.cat([p.prompt_valid, p.valid], 1)
-    p_len = p.prompt.shape[1]
     if mode == "causal":
+        prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(p.prompt_valid, p.canvas.shape[1], p.block)
         ids = torch.cat([p.prompt, p.canvas], 1)
-        logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks).logits
+        logits = model(input_ids=ids, attention_mask=torch.cat([p.prompt_valid, p.valid], 1),
+                       position_ids=torch.cat([prompt_pos, gen_pos], 1), block_ids=torch.cat([prompt_blocks, gen_blocks], 1)).logits
+        p_len = p.prompt.shape[1]
         yield ReplayStep(0, proposal_logits(logits[:, p_len - 1 : -1], special), p.step_index >= 0, p.step_index, p.canvas, p.block)
         return
     for j in range(int(p.step_index.max()) + 1):
         shown = (p.step_index >= 0) & (p.step_index < j)
-        noisy = torch.where(shown, p.canvas, special.mask)
-        ids = torch.cat([p.prompt, noisy], 1)
-        if mode == "block_causal":
-            clean = torch.cat([p.prompt, p.canvas], 1)
-            logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks, clean_input_ids=clean).logits
-        else:
-            logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks).logits
-        yield ReplayStep(j, proposal_logits(logits[:, p_len:], special), p.step_index == j, p.step_index, p.canvas, p.block)
+        yield ReplayStep(j, _state_logits(model, p, shown, mode, special), p.step_index == j, p.step_index,
+                         p.canvas, p.block)
+
+
+def replay_sampled_states(model, rows: list[TrajectoryRow], special: SpecialTokens, generator: torch.Generator) -> ReplayStep:
+    """One forward for a batch of block-causal trajectories: each block at one of its own recorded states,
+    drawn uniformly from its steps (seeded by `generator`). A sample of `replay_step_logits`' states at
+    1 / (steps per block) of its cost, for terms that read a state's logits but not every step's
+    commits (the jump distillation of rows that carry no policy gradient). `index` is [B, G]: each
+    position's block's drawn j."""
+    mode = getattr(model, "module", model).config.attention
+    if mode != "block_causal":
+        raise ValueError(f"replay_sampled_states needs block_causal attention (each block its own state), not {mode}")
+    p = _pack(rows, special, mode, next(model.parameters()).device)
+    by_block = p.step_index.view(len(rows), -1, p.block)
+    n_steps = by_block.max(-1).values + 1  # [B, n_blocks], 0 for a block with nothing committed
+    j = (torch.rand(n_steps.shape, generator=generator) * n_steps.cpu()).long().to(n_steps.device)
+    index = j.repeat_interleave(p.block, 1)  # [B, G]
+    shown = (p.step_index >= 0) & (p.step_index < index)
+    return ReplayStep(index, _state_logits(model, p, shown, mode, special), p.step_index == index, p.step_index,
+                      p.canvas, p.block)
 
 
 def final_token_logprob(logp_all: torch.Tensor, step: ReplayStep) -> torch.Tensor:

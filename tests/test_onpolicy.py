@@ -85,17 +85,23 @@ def test_stage4_moves_the_model_to_the_rollout_block_size(init_model, tmp_path):
 @pytest.mark.slow
 def test_distill_failed_feeds_failed_rollouts_to_the_jump_term(init_model, tmp_path):
     """Nothing passes: by default no row carries a signal and the weights stay; with
-    loss.distill_failed=1 every rollout is self-distilled by the jump term and the weights move."""
+    loss.distill_failed=1 every rollout is self-distilled by the jump term and the weights move, at every
+    replayed state or (loss.jump_states=sampled: they carry no policy gradient) at one drawn state per block."""
     runs = {}
-    for w in (0, 1):
-        out = tmp_path / f"distill{w}"
+    for name, extra in (("off", ["loss.distill_failed=0"]), ("every", ["loss.distill_failed=1"]),
+                        ("sampled", ["loss.distill_failed=1", "loss.jump_states=sampled"])):
+        out = tmp_path / name
         stage4(init_model, out, "train.max_steps=1", "reward.alpha=0", "loss.surrogate=jump", "loss.buffer_size=0",
-               f"loss.distill_failed={w}", "rollout.verifier=tests.plugins:FailAllVerifier")
-        (runs[w],) = [m for m in metrics(out) if "reward" in m]
+               "rollout.verifier=tests.plugins:FailAllVerifier", *extra)
+        (runs[name],) = [m for m in metrics(out) if "reward" in m]
         moved = any(not torch.equal(a, b) for a, b in zip(weights(init_model).values(), weights(out / "final").values()))
-        assert moved == bool(w), w
-    assert runs[0]["train/rows_trained"] == 0 and runs[0]["rollout/pass_rate"] == 0.0
-    assert runs[1]["train/rows_trained"] == runs[1]["train/rows_distilled_failed"] == 8 and runs[1]["jump_ce"] > 0
+        assert moved == (name != "off"), name
+    assert runs["off"]["train/rows_trained"] == 0 and runs["off"]["rollout/pass_rate"] == 0.0
+    assert runs["every"]["train/rows_trained"] == runs["every"]["train/rows_distilled_failed"] == 8 and runs["every"]["jump_ce"] > 0
+    assert runs["every"]["train/rows_jump_only_sampled"] == 0 and "jump_ce_sampled" not in runs["every"]
+    sampled = runs["sampled"]
+    assert sampled["train/rows_jump_only_sampled"] == sampled["train/rows_distilled_failed"] == 8
+    assert sampled["jump_ce_sampled"] > 0 and "jump_ce" not in sampled  # no row went through the full replay
 
 
 @pytest.mark.slow
@@ -143,3 +149,23 @@ def test_step_seconds_reads_time_step_or_sums_the_split():
 
     assert step_seconds({"time/step": 9.5, "time/rollout": 1.0, "time/verify": 1.0, "time/train": 1.0}) == 9.5
     assert step_seconds({"time/rollout": 2.0, "time/verify": 0.5, "time/train": 4.0}) == 6.5  # runs logged before time/step
+
+
+def test_only_rows_without_policy_gradient_or_progress_cost_take_the_sampled_jump():
+    """loss.jump_states=sampled sends a row to the one-forward jump term only when the jump is all it feeds:
+    advantage 0, picked for distillation, and no progress cost to read its every step (surrogate both and passed)."""
+    from onpolicy.config import OnPolicyConfig
+    from onpolicy.trainers.onpolicy import is_jump_only
+
+    def cfg(states, surrogate):
+        c = OnPolicyConfig()
+        c.loss.jump_states, c.loss.surrogate = states, surrogate
+        return c
+
+    sampled = cfg("sampled", "jump")
+    assert is_jump_only(0.0, False, 1.0, sampled) and is_jump_only(0.0, True, 1.0, sampled)  # failed pick; buffer / all-pass group
+    assert not is_jump_only(0.5, True, 1.0, sampled) and not is_jump_only(-0.5, False, 1.0, sampled)  # policy gradient
+    assert not is_jump_only(0.0, False, 0.0, sampled)  # not picked for distillation
+    assert not is_jump_only(0.0, False, 1.0, cfg("every", "jump"))
+    assert not is_jump_only(0.0, True, 1.0, cfg("sampled", "both")) and is_jump_only(0.0, False, 1.0, cfg("sampled", "both"))
+    assert not is_jump_only(0.0, True, 1.0, cfg("sampled", "progress"))

@@ -175,6 +175,38 @@ def test_replay_matches_the_sampler_exactly(peaked, special, attention, block, u
                     assert alone.tokens[0] == traj.tokens[i] and alone.row_forwards[0] == traj.row_forwards[i]
 
 
+def test_sampled_states_are_replayed_states(peaked, special):
+    """replay_sampled_states: one state per block, drawn within that block's own steps and reproducible from
+    the generator's seed; each block's logits there equal replay_step_logits' at that step (1e-5); over
+    draws every step of every block comes up."""
+    from onpolicy.rollout import replay_sampled_states, replay_step_logits
+
+    block = 4
+    model = peaked("block_causal", block_size=block)
+    cfg = SamplerConfig(max_new_tokens=24, block_size=block, threshold=0.5, temperature=1.0)
+    rows = [generate(model, PROMPTS, special, cfg, seeds=[1, 2, 3, 4]).row(i) for i in range(len(PROMPTS))]
+    every = list(replay_step_logits(model, rows, special))
+    steps = every[0].step_index.view(len(rows), -1, block)
+    n_steps = steps.max(-1).values + 1  # [B, n_blocks]
+    assert n_steps.max() > 1  # blocks of several steps, or the draw is trivial
+    drawn = set()
+    for seed in range(40):
+        st = replay_sampled_states(model, rows, special, torch.Generator().manual_seed(seed))
+        j = st.index.view(len(rows), -1, block)
+        assert (j == j[..., :1]).all() and torch.equal(st.now, st.step_index == st.index)
+        j = j[..., 0]
+        assert ((j >= 0) & ((j < n_steps) | (n_steps == 0))).all()
+        for i, b in (n_steps > 0).nonzero().tolist():
+            at = slice(b * block, (b + 1) * block)
+            assert torch.allclose(st.logits[i, at], every[int(j[i, b])].logits[i, at], atol=1e-5), (seed, i, b)
+            drawn.add((i, b, int(j[i, b])))
+    assert drawn == {(i, b, k) for i, b in (n_steps > 0).nonzero().tolist() for k in range(int(n_steps[i, b]))}
+    again = replay_sampled_states(model, rows, special, torch.Generator().manual_seed(39))
+    assert torch.equal(again.index, st.index)
+    with pytest.raises(ValueError, match="block_causal"):
+        replay_sampled_states(peaked("causal", block_size=1), rows, special, torch.Generator())
+
+
 def test_replay_logprobs_carry_gradient(peaked, special):
     from onpolicy.rollout import replay_logprobs
 

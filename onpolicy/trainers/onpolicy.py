@@ -49,6 +49,7 @@ from onpolicy.diffusion.policy import (
     soft_commit_logprob,
     trajectory_reward,
 )
+from onpolicy.errors import ConfigError
 from onpolicy.export import save_skeleton
 from onpolicy.metrics import MetricsLogger
 from onpolicy.rollout import (
@@ -56,6 +57,7 @@ from onpolicy.rollout import (
     decode_tasks,
     excluded_reason,
     final_token_logprob,
+    replay_sampled_states,
     replay_step_logits,
 )
 from onpolicy.sampling import TrajectoryRow
@@ -203,6 +205,28 @@ def sample_step(engine, tokenizer, pool_tasks, cfg: OnPolicyConfig, step: int, p
     return out
 
 
+def jump_positions(st, gap: int) -> torch.Tensor:
+    """[B, T] bool: positions still masked in the replayed state s_j and committed by s_j+gap (the jump's targets)."""
+    return (st.step_index >= st.index) & (st.step_index < st.index + gap)
+
+
+def is_jump_only(adv: float, passed: bool, distill: float, cfg: OnPolicyConfig) -> bool:
+    """A row whose only term is the jump distillation: no policy gradient (advantage 0), and no progress
+    cost (that reads every step of a passing row). With `loss.jump_states: sampled` such rows are replayed
+    at one drawn state per block (`sampled_jump_loss`); their KL term, if any, is not computed."""
+    return (cfg.loss.jump_states == "sampled" and adv == 0 and distill > 0 and cfg.loss.surrogate in ("jump", "both")
+            and not (passed and cfg.loss.surrogate == "both"))
+
+
+def sampled_jump_loss(model, rows, special: SpecialTokens, distill: torch.Tensor, cfg: OnPolicyConfig, gap: int,
+                      generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """The jump term of jump-only rows from one forward: each block at one state drawn from its recorded
+    steps (`rollout.replay_sampled_states`), the same `jump_distillation_loss` as at every state."""
+    st = replay_sampled_states(model, rows, special, generator)
+    loss, stats = jump_distillation_loss(st.logits, st.canvas, jump_positions(st, gap), distill, cfg.loss.certainty)
+    return cfg.loss.jump_weight * loss, {f"{k}_sampled": v for k, v in stats.items()}
+
+
 def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
                      distill: torch.Tensor, cfg: OnPolicyConfig, gap: int, device,
                      on_policy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -238,8 +262,7 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
             decisions.append(dec.view(b, blocks))
             decision_mask.append(open_.view(b, blocks, st.block).any(-1))
         if jump_term:
-            jump = open_ & (st.step_index < st.index + gap)  # committed between s_j and s_j+gap
-            jl, js = jump_distillation_loss(st.logits, st.canvas, jump, distill, lc.certainty)
+            jl, js = jump_distillation_loss(st.logits, st.canvas, jump_positions(st, gap), distill, lc.certainty)
             jump_total = jump_total + jl
             stats = {**stats, **{k: stats.get(k, 0) + v for k, v in js.items()}}
         if passed.any() and lc.surrogate in ("progress", "both"):
@@ -347,6 +370,9 @@ def train(cfg: OnPolicyConfig) -> dict:
               f"LoRA r={cfg.lora.r}, surrogate={cfg.loss.surrogate}, reward={cfg.reward.form}"
               + (f", resumed at step {step}" if step else ""))
     own_block = own_block_size(unwrap(engine.module).config)
+    if cfg.loss.jump_states == "sampled" and own_block is None:
+        raise ConfigError(f"loss.jump_states=sampled needs a block-causal model (each block at its own state); "
+                          f"{cfg.model.init_from} is {unwrap(engine.module).config.attention}: use loss.jump_states=every")
     if bar is None:  # the starting model sets the quality bar, decoding at its own block size
         start = validate(engine, tokenizer, val_tasks, replace(r.sampler, block_size=own_block or r.sampler.block_size), cfg.validation.fast_threshold,
                          r.batch_size, t.seed, pool)
@@ -391,23 +417,33 @@ def train(cfg: OnPolicyConfig) -> dict:
             items += [(buffer[i], 0.0, True, False, 1.0) for i in pick]
         gap = jump_gap(cfg, step)
         step_stats: dict[str, float] = {}
-        for chunk in (items[k::grad_accum] for k in range(grad_accum)):
+        for k, chunk in enumerate(items[k::grad_accum] for k in range(grad_accum)):
             if not chunk:  # keep DeepSpeed's accumulation count: a zero loss on the same graph
                 loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
                 engine.backward(loss)
                 eng.step(engine)
                 continue
-            rows = [it[0] for it in chunk]
+            cheap = [it for it in chunk if is_jump_only(it[1], it[2], it[4], cfg)]
+            full = [it for it in chunk if not is_jump_only(it[1], it[2], it[4], cfg)]
+            loss, parts = 0.0, []
             with autocast(dist.device, t.precision):
-                loss, stats = micro_batch_loss(engine, reference.model(engine.module), rows, special,
-                                               torch.tensor([it[1] for it in chunk], device=dist.device),
-                                               torch.tensor([it[2] for it in chunk], device=dist.device),
-                                               torch.tensor([it[4] for it in chunk], device=dist.device), cfg, gap, dist.device,
-                                               on_policy=torch.tensor([it[3] for it in chunk], device=dist.device))
-            engine.backward(loss * len(chunk) / len(items) * grad_accum)  # each row weighs the same
+                if full:
+                    part, stats = micro_batch_loss(engine, reference.model(engine.module), [it[0] for it in full], special,
+                                                   torch.tensor([it[1] for it in full], device=dist.device),
+                                                   torch.tensor([it[2] for it in full], device=dist.device),
+                                                   torch.tensor([it[4] for it in full], device=dist.device), cfg, gap, dist.device,
+                                                   on_policy=torch.tensor([it[3] for it in full], device=dist.device))
+                    loss, parts = loss + part * len(full), parts + [(stats, len(full))]
+                if cheap:
+                    part, stats = sampled_jump_loss(engine, [it[0] for it in cheap], special,
+                                                    torch.tensor([it[4] for it in cheap], device=dist.device), cfg, gap,
+                                                    noise_generator(t.seed, -7, step, k))
+                    loss, parts = loss + part * len(cheap), parts + [(stats, len(cheap))]
+            engine.backward(loss / len(items) * grad_accum)  # each row weighs the same
             eng.step(engine)
-            for k, v in stats.items():
-                step_stats[k] = step_stats.get(k, 0.0) + float(v) * len(chunk) / len(items)
+            for stats, n in parts:
+                for key, v in stats.items():
+                    step_stats[key] = step_stats.get(key, 0.0) + float(v) * n / len(items)
         if cfg.loss.buffer_size:
             buffer += [rollouts[i].trajectory for i in (passed & valid).nonzero().flatten().tolist()]
             buffer = buffer[-cfg.loss.buffer_size :]
@@ -439,6 +475,7 @@ def train(cfg: OnPolicyConfig) -> dict:
             "train/jump_gap": gap,
             "train/rows_trained": len(items),
             "train/rows_distilled_failed": int(((distill > 0) & ~ok).sum()),
+            "train/rows_jump_only_sampled": sum(is_jump_only(it[1], it[2], it[4], cfg) for it in items),
             "train/buffer": len(buffer),
             "time/rollout": t_rollout,
             "time/verify": t_verify,
