@@ -19,6 +19,10 @@ then measured on:
    self-correction (`remask_threshold`): pass@1 and how many tokens self-correction re-opened.
 
 Means over seeds with the seeds' spread, and 95% Wilson intervals pooled over seeds' samples.
+
+Re-running with the same `--out` and `--runs` reuses what they hold (a measurement, a trained arm) only
+if it was made the same way: the start, the arm's overrides, `--set`, the seed, `--steps` (and for a
+measurement `--limit` and `--remask`); anything else stops with the difference named.
 """
 
 from __future__ import annotations
@@ -47,13 +51,26 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
     return name, overrides.split(",")
 
 
+def made_with(stored: dict | None, key: dict, what: str) -> bool:
+    """Whether `stored` (the key something was made with, None for a result from before keys were kept) is
+    `key`; a different one is a clear error, not a silent reuse of another experiment's numbers."""
+    if stored is None or stored == key:
+        return True
+    diff = {k: (stored.get(k), v) for k, v in key.items() if stored.get(k) != v}
+    raise SystemExit(f"{what} was made with other settings (stored, now): {diff}; use another --out and --runs")
+
+
 def train_arm(overrides: list[str], seed: int, steps: int, start: Path, out: Path, common: list[str]) -> Path:
+    key = {"start": str(start), "overrides": list(overrides), "set": list(common), "seed": seed, "steps": steps}
+    stamp = out / "stage2_edit_key.json"
     if (out / "final" / "config.json").is_file():
+        made_with(json.loads(stamp.read_text()) if stamp.is_file() else None, key, str(out))
         return out / "final"
     cmd = [sys.executable, "-m", "onpolicy.cli", "train", RECIPE, f"model.init_from={start}", *common, *overrides, f"train.seed={seed}",
            f"train.max_steps={steps}", f"train.save_every={steps}",
            f"train.eval_every={steps}", f"logging.output_dir={out}", "logging.progress=false"]
     subprocess.run(cmd, cwd=ROOT, check=True)
+    stamp.write_text(json.dumps(key))
     return out / "final"
 
 
@@ -162,19 +179,25 @@ def main() -> int:
         if unknown:
             p.error(f"--only {unknown}: no such arm (arms: {sorted(arms)})")
         arms = {name: arms[name] for name in args.only}
-    results = json.loads(args.out.read_text())["per_model"] if args.out.is_file() else {}
+    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results, keys = stored.get("per_model", {}), stored.get("keys", {})
     todo = [("start", None)] + [(f"{arm}-s{seed}", (arm, seed)) for seed in args.seeds for arm in arms]
     for name, job in todo:
-        if name in results:
+        key = {"start": str(start), "limit": args.limit, "remask": args.remask}
+        if job is not None:
+            key.update(overrides=list(arms[job[0]]), set=list(args.set), seed=job[1], steps=args.steps)
+        if name in results and made_with(keys.get(name), key, f"{args.out}: {name}"):
             continue
+        keys[name] = key
         folder = start if job is None else train_arm(arms[job[0]], job[1], args.steps, start, args.runs / name, args.set)
         seed = 0 if job is None else job[1]
         results[name] = measure(folder, args, seed)
         print(name, json.dumps(results[name]), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"per_model": results, "args": {k: str(v) for k, v in vars(args).items()}, "arms": defined}, indent=1))
+        args.out.write_text(json.dumps({"per_model": results, "keys": keys, "args": {k: str(v) for k, v in vars(args).items()},
+                                        "arms": defined}, indent=1))
     summary = {"start": results["start"], **summarise(results, list(arms))}
-    args.out.write_text(json.dumps({"summary": summary, "per_model": results, "arms": defined,
+    args.out.write_text(json.dumps({"summary": summary, "per_model": results, "keys": keys, "arms": defined,
                                     "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     print(json.dumps(summary, indent=1))
     return 0

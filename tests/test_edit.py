@@ -130,3 +130,30 @@ def test_stage2_batch_layout_mix_and_stack(mode):
         assert has_mask.float().mean().item() > 0.6
     else:
         assert changed.float().mean().item() > 0.8 and (has_mask & changed).float().mean().item() > 0.6
+
+
+def test_stage2_bench_reuses_only_what_was_made_the_same_way(tmp_path):
+    """benchmarks/stage2_edit.py keeps its measurements and trained arms for a re-run, keyed by how they were
+    made: another start (or overrides, seed, steps) is refused naming the difference, not silently reused."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stage2_edit.py"
+    spec = importlib.util.spec_from_file_location("stage2_edit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    key = {"start": "runs/a/final", "limit": 200, "seed": 0}
+    assert bench.made_with(None, key, "x") and bench.made_with(dict(key), key, "x")  # kept before keys existed; the same
+    with pytest.raises(SystemExit, match="'start': \\('runs/b/final', 'runs/a/final'\\)"):
+        bench.made_with({**key, "start": "runs/b/final"}, key, "x")
+    arm = tmp_path / "stage2-s0"
+    (arm / "final").mkdir(parents=True)
+    (arm / "final" / "config.json").write_text("{}")
+    (arm / "stage2_edit_key.json").write_text(json.dumps({"start": "runs/b/final", "overrides": ["diffusion.edit_fraction=1"],
+                                                          "set": [], "seed": 0, "steps": 20}))
+    assert bench.train_arm(["diffusion.edit_fraction=1"], 0, 20, Path("runs/b/final"), arm, []) == arm / "final"  # reused
+    with pytest.raises(SystemExit, match="start"):  # another start: not reused, and nothing trained over it
+        bench.train_arm(["diffusion.edit_fraction=1"], 0, 20, Path("runs/a/final"), arm, [])
