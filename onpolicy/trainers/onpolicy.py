@@ -13,7 +13,8 @@ One step, top to bottom (`train` below):
   3. reward (Eq. 10): V * ((L - K + 1) / L)^alpha, or V - lam * K / L; group-relative advantages;
   4. loss over the replayed states (`rollout.replay_step_logits`: what the model saw at each step):
      the clipped policy gradient on the committed tokens and on the commit decisions, plus the
-     edit-distance surrogate(s) of Eq. 11 on passing trajectories, plus an optional KL;
+     edit-distance surrogate(s) of Eq. 11 on passing trajectories, plus an optional KL (rows that feed only
+     the jump term may be replayed at one drawn state per block instead: `loss.jump_states=sampled`);
   5. a DeepSpeed step; metrics; validation, best checkpoint and early stopping on a schedule.
 
 Simplifications, stated: one optimizer step per rollout batch (so the importance ratio is 1 at the
