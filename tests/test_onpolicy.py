@@ -88,7 +88,8 @@ def test_distill_failed_feeds_failed_rollouts_to_the_jump_term(init_model, tmp_p
     loss.distill_failed=1 every rollout is self-distilled by the jump term and the weights move, at every
     replayed state or (loss.jump_states=sampled: they carry no policy gradient) at one drawn state per block."""
     runs = {}
-    for name, extra in (("off", ["loss.distill_failed=0"]), ("every", ["loss.distill_failed=1"]),
+    for name, extra in (("off", ["loss.distill_failed=0", "loss.jump_states=every"]),
+                        ("every", ["loss.distill_failed=1", "loss.jump_states=every"]),
                         ("sampled", ["loss.distill_failed=1", "loss.jump_states=sampled"])):
         out = tmp_path / name
         stage4(init_model, out, "train.max_steps=1", "reward.alpha=0", "loss.surrogate=jump", "loss.buffer_size=0",
