@@ -173,17 +173,20 @@ class ReplayStep:
     block: int
 
 
+def _model_inputs(p: _Packed) -> dict:
+    """Attention mask, positions and block ids of prompt + canvas, the same for every replayed state."""
+    prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(p.prompt_valid, p.canvas.shape[1], p.block)
+    return {"attention_mask": torch.cat([p.prompt_valid, p.valid], 1), "position_ids": torch.cat([prompt_pos, gen_pos], 1),
+            "block_ids": torch.cat([prompt_blocks, gen_blocks], 1)}
+
+
 def _state_logits(model, p: _Packed, shown: torch.Tensor, mode: str, special: SpecialTokens) -> torch.Tensor:
     """Proposal logits of the canvas positions with `shown` ([B, G] bool) committed and the rest masked.
     block_causal: the BD3 training layout, noisy canvas then clean canvas: each block's noisy copy reads
     earlier blocks from the clean copy, which is exactly what the KV cache held at sampling time."""
-    prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(p.prompt_valid, p.canvas.shape[1], p.block)
-    pos, blocks = torch.cat([prompt_pos, gen_pos], 1), torch.cat([prompt_blocks, gen_blocks], 1)
-    valid = torch.cat([p.prompt_valid, p.valid], 1)
     ids = torch.cat([p.prompt, torch.where(shown, p.canvas, special.mask)], 1)
-    clean = torch.cat([p.prompt, p.canvas], 1) if mode == "block_causal" else None
-    extra = {"clean_input_ids": clean} if clean is not None else {}
-    logits = model(input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blocks, **extra).logits
+    extra = {"clean_input_ids": torch.cat([p.prompt, p.canvas], 1)} if mode == "block_causal" else {}
+    logits = model(input_ids=ids, **_model_inputs(p), **extra).logits
     return proposal_logits(logits[:, p.prompt.shape[1] :], special)
 
 
@@ -199,10 +202,7 @@ def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens)
     device = next(model.parameters()).device
     p = _pack(rows, special, mode, device)
     if mode == "causal":
-        prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(p.prompt_valid, p.canvas.shape[1], p.block)
-        ids = torch.cat([p.prompt, p.canvas], 1)
-        logits = model(input_ids=ids, attention_mask=torch.cat([p.prompt_valid, p.valid], 1),
-                       position_ids=torch.cat([prompt_pos, gen_pos], 1), block_ids=torch.cat([prompt_blocks, gen_blocks], 1)).logits
+        logits = model(input_ids=torch.cat([p.prompt, p.canvas], 1), **_model_inputs(p)).logits
         p_len = p.prompt.shape[1]
         yield ReplayStep(0, proposal_logits(logits[:, p_len - 1 : -1], special), p.step_index >= 0, p.step_index, p.canvas, p.block)
         return

@@ -418,14 +418,16 @@ def train(cfg: OnPolicyConfig) -> dict:
             items += [(buffer[i], 0.0, True, False, 1.0) for i in pick]
         gap = jump_gap(cfg, step)
         step_stats: dict[str, float] = {}
-        for k, chunk in enumerate(items[k::grad_accum] for k in range(grad_accum)):
+        jump_only = [is_jump_only(it[1], it[2], it[4], cfg) for it in items]
+        for k in range(grad_accum):
+            chunk = range(k, len(items), grad_accum)
             if not chunk:  # keep DeepSpeed's accumulation count: a zero loss on the same graph
                 loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
                 engine.backward(loss)
                 eng.step(engine)
                 continue
-            cheap = [it for it in chunk if is_jump_only(it[1], it[2], it[4], cfg)]
-            full = [it for it in chunk if not is_jump_only(it[1], it[2], it[4], cfg)]
+            cheap = [items[i] for i in chunk if jump_only[i]]
+            full = [items[i] for i in chunk if not jump_only[i]]
             loss, parts = 0.0, []
             with autocast(dist.device, t.precision):
                 if full:
@@ -476,7 +478,7 @@ def train(cfg: OnPolicyConfig) -> dict:
             "train/jump_gap": gap,
             "train/rows_trained": len(items),
             "train/rows_distilled_failed": int(((distill > 0) & ~ok).sum()),
-            "train/rows_jump_only_sampled": sum(is_jump_only(it[1], it[2], it[4], cfg) for it in items),
+            "train/rows_jump_only_sampled": sum(jump_only),
             "train/buffer": len(buffer),
             "time/rollout": t_rollout,
             "time/verify": t_verify,
