@@ -19,8 +19,8 @@ One step, top to bottom (`train` below):
 
 Simplifications, stated: one optimizer step per rollout batch (so the importance ratio is 1 at the
 step and clipping guards only against stale recorded log-probs); the policy terms use the model's
-temperature-1 log-probabilities even when rollouts sample cooler (the tiny recipe samples at 0.6 to
-get enough passing samples: a biased but common approximation); soft commits score a position by its top
+temperature-1 log-probabilities even when rollouts sample cooler (the tiny recipe's answers are greedy,
+its commit decisions soft: a biased but common approximation); soft commits score a position by its top
 probability; validation counts excluded samples as failures; each rank decodes and verifies its own
 share of the prompts (groups never span ranks).
 """
