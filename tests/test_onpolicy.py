@@ -43,6 +43,9 @@ def test_a_hanging_and_raising_verifier_costs_samples_not_the_run(init_model, tm
     excluded = {k: v for m in steps for k, v in m.items() if k.startswith("verifier/excluded/")}
     assert any("timeout" in k for k in excluded) and any("raised RuntimeError" in k for k in excluded), excluded
     assert all(m["verifier/excluded"] > 0 for m in steps)
+    trl = ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio", "completions/mean_length")
+    assert all(k in m for m in steps for k in trl), [sorted(m) for m in steps]
+    assert all("entropy" in m for m in steps if m["train/rows_trained"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and (out / "final" / "model.safetensors").exists()
     assert "Traceback" not in r.stderr
@@ -103,6 +106,10 @@ def test_distill_failed_feeds_failed_rollouts_to_the_jump_term(init_model, tmp_p
     sampled = runs["sampled"]
     assert sampled["train/rows_jump_only_sampled"] == sampled["train/rows_distilled_failed"] == 8
     assert sampled["jump_ce_sampled"] > 0 and "jump_ce" not in sampled  # no row went through the full replay
+    # no policy gradient anywhere: nothing clipped, no KL, a zero pg term; the loss is the jump term's
+    assert (sampled["pg_loss"], sampled["kl"], sampled["clip_ratio"]) == (0.0, 0.0, 0.0)
+    assert runs["off"]["loss"] == 0.0 and sampled["loss"] > 0 and runs["every"]["loss"] > 0
+    assert sampled["entropy"] > 0 and runs["every"]["entropy"] > 0
 
 
 @pytest.mark.slow

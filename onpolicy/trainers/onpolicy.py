@@ -225,7 +225,16 @@ def sampled_jump_loss(model, rows, special: SpecialTokens, distill: torch.Tensor
     steps (`rollout.replay_sampled_states`), the same `jump_distillation_loss` as at every state."""
     st = replay_sampled_states(model, rows, special, generator)
     loss, stats = jump_distillation_loss(st.logits, st.canvas, jump_positions(st, gap), distill, cfg.loss.certainty)
-    return cfg.loss.jump_weight * loss, {f"{k}_sampled": v for k, v in stats.items()}
+    ent_sum, ent_n = commit_entropy(st.logits.float().log_softmax(-1), st.now)
+    return cfg.loss.jump_weight * loss, {**{f"{k}_sampled": v for k, v in stats.items()}, "entropy": ent_sum / max(1, ent_n)}
+
+
+def commit_entropy(logp_all: torch.Tensor, now: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum, count) of the model's predictive entropy at the positions committed from this state: the
+    `entropy` metric, each token at the state it was committed in."""
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        return ent[now].sum().cpu(), int(now.sum())
 
 
 def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
@@ -250,9 +259,8 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
         tok = final_token_logprob(logp_all, st)  # [B, T] log p(final token | state before step j)
         token_logp = torch.where(st.now, tok, 0.0 if token_logp is None else token_logp)  # at each token's own step
         committed = st.now if committed is None else committed | st.now
-        with torch.no_grad():
-            ent = -(logp_all.exp() * logp_all).sum(-1)
-            entropy_sum, entropy_n = entropy_sum + ent[st.now].sum().cpu(), entropy_n + int(st.now.sum())
+        ent_sum, ent_n = commit_entropy(logp_all, st.now)
+        entropy_sum, entropy_n = entropy_sum + ent_sum, entropy_n + ent_n
         open_ = st.step_index >= st.index  # still masked before step j (block_causal: within each block)
         if lc.commit_actions and sc.commit_temperature is not None:
             b, t = open_.shape
@@ -417,7 +425,8 @@ def train(cfg: OnPolicyConfig) -> dict:
             pick = torch.randperm(len(buffer), generator=noise_generator(t.seed, -4, step))[: cfg.loss.buffer_rows].tolist()
             items += [(buffer[i], 0.0, True, False, 1.0) for i in pick]
         gap = jump_gap(cfg, step)
-        step_stats: dict[str, float] = {}
+        stat_sums: dict[str, list[float]] = {}  # key -> [sum over rows, rows]: each stat averages the rows that have it
+        loss_sum = 0.0
         jump_only = [is_jump_only(it[1], it[2], it[4], cfg) for it in items]
         for k in range(grad_accum):
             chunk = range(k, len(items), grad_accum)
@@ -444,9 +453,14 @@ def train(cfg: OnPolicyConfig) -> dict:
                     loss, parts = loss + part * len(cheap), parts + [(stats, len(cheap))]
             engine.backward(loss / len(items) * grad_accum)  # each row weighs the same
             eng.step(engine)
+            loss_sum += float(loss)
             for stats, n in parts:
                 for key, v in stats.items():
-                    step_stats[key] = step_stats.get(key, 0.0) + float(v) * n / len(items)
+                    acc = stat_sums.setdefault(key, [0.0, 0])
+                    acc[0], acc[1] = acc[0] + float(v) * n, acc[1] + n
+        # a step whose rows all feed only the jump term has no policy gradient: nothing clipped, no KL, pg 0
+        step_stats = {"pg_loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, **{k: s / n for k, (s, n) in stat_sums.items()}}
+        step_stats["loss"] = eng.mean_over_ranks(torch.tensor(loss_sum / max(1, len(items)))).item()
         if cfg.loss.buffer_size:
             buffer += [rollouts[i].trajectory for i in (passed & valid).nonzero().flatten().tolist()]
             buffer = buffer[-cfg.loss.buffer_size :]
