@@ -453,7 +453,7 @@ def train(cfg: OnPolicyConfig) -> dict:
                     loss, parts = loss + part * len(cheap), parts + [(stats, len(cheap))]
             engine.backward(loss / len(items) * grad_accum)  # each row weighs the same
             eng.step(engine)
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach()) if torch.is_tensor(loss) else loss
             for stats, n in parts:
                 for key, v in stats.items():
                     acc = stat_sums.setdefault(key, [0.0, 0])
