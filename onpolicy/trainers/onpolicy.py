@@ -225,16 +225,17 @@ def sampled_jump_loss(model, rows, special: SpecialTokens, distill: torch.Tensor
     steps (`rollout.replay_sampled_states`), the same `jump_distillation_loss` as at every state."""
     st = replay_sampled_states(model, rows, special, generator)
     loss, stats = jump_distillation_loss(st.logits, st.canvas, jump_positions(st, gap), distill, cfg.loss.certainty)
-    ent_sum, ent_n = commit_entropy(st.logits.float().log_softmax(-1), st.now)
+    ent_sum, ent_n = commit_entropy(st.logits, st.now)
     return cfg.loss.jump_weight * loss, {**{f"{k}_sampled": v for k, v in stats.items()}, "entropy": ent_sum / max(1, ent_n)}
 
 
-def commit_entropy(logp_all: torch.Tensor, now: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum, count) of the model's predictive entropy at the positions committed from this state: the
-    `entropy` metric, each token at the state it was committed in."""
+def commit_entropy(logits: torch.Tensor, now: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum, count) of the model's predictive entropy at the positions committed from this state ([B, T, V]
+    logits, [B, T] bool): the `entropy` metric, each token at the state it was committed in. Only those
+    positions are normalised, not the whole [B, T, V]."""
     with torch.no_grad():
-        ent = -(logp_all.exp() * logp_all).sum(-1)
-        return ent[now].sum().cpu(), int(now.sum())
+        logp = logits[now].float().log_softmax(-1)
+        return -(logp.exp() * logp).sum().cpu(), int(now.sum())
 
 
 def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
@@ -259,7 +260,7 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
         tok = final_token_logprob(logp_all, st)  # [B, T] log p(final token | state before step j)
         token_logp = torch.where(st.now, tok, 0.0 if token_logp is None else token_logp)  # at each token's own step
         committed = st.now if committed is None else committed | st.now
-        ent_sum, ent_n = commit_entropy(logp_all, st.now)
+        ent_sum, ent_n = commit_entropy(st.logits, st.now)
         entropy_sum, entropy_n = entropy_sum + ent_sum, entropy_n + ent_n
         open_ = st.step_index >= st.index  # still masked before step j (block_causal: within each block)
         if lc.commit_actions and sc.commit_temperature is not None:
