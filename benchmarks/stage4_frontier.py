@@ -33,6 +33,14 @@ def settings(block: int, thresholds: list[float], steps: list[int]):
     return out
 
 
+def fastest_within(rows: list[dict], name: str, bar: float, tolerance: float) -> dict | None:
+    """Model `name`'s fastest setting (most tokens per forward) whose pass@1 is within `tolerance` of the bar."""
+    from onpolicy.evaluation import within_tolerance
+
+    ok = [r for r in rows if r["model"] == name and within_tolerance(r["pass@1"], bar, tolerance)]
+    return max(ok, key=lambda r: r["tokens_per_forward"]) if ok else None
+
+
 def pass_at(rows: list[dict], speed: float) -> float | None:
     """A frontier's pass@1 at `speed` tokens per forward: linear between the two measured settings
     around it (the upper envelope where settings overlap in speed); None outside the measured range."""
@@ -90,10 +98,7 @@ def main() -> int:
                       f"tokens/forward {r['tokens_per_forward']:.2f}", flush=True)
     first = args.model[0][0]
     bar = next(r["pass@1"] for r in rows if r["model"] == first and r["setting"] == "one token per step")
-    fastest = {}
-    for name, _ in args.model:
-        ok = [r for r in rows if r["model"] == name and r["pass@1"] >= bar - args.tolerance]
-        fastest[name] = max(ok, key=lambda r: r["tokens_per_forward"]) if ok else None
+    fastest = {name: fastest_within(rows, name, bar, args.tolerance) for name, _ in args.model}
     base = fastest[first]["tokens_per_forward"] if fastest[first] else None
     summary = {name: None if f is None else {**f, "speedup_vs_first": f["tokens_per_forward"] / base if base else None}
                for name, f in fastest.items()}

@@ -22,3 +22,13 @@ def test_pass_at_interpolates_between_measured_settings_and_refuses_outside_them
     # two settings at the same speed: the better one is the frontier there
     same = rows + [{"tokens_per_forward": 2.0, "pass@1": 0.26}]
     assert pass_at(same, 2.0) == 0.26
+
+
+def test_fastest_within_counts_a_pass_rate_exactly_at_the_tolerance_edge():
+    fastest_within = _frontier().fastest_within
+    bar = 42 / 300  # 0.14; 36 / 300 = 0.12 is exactly 2 points below it (0.14 - 0.02 = 0.12000000000000001 in floats)
+    rows = [{"model": "m", "setting": "threshold 0.9", "pass@1": 36 / 300, "tokens_per_forward": 2.55},
+            {"model": "m", "setting": "threshold 0.8", "pass@1": 35 / 300, "tokens_per_forward": 3.19},
+            {"model": "other", "setting": "threshold 0.5", "pass@1": 0.2, "tokens_per_forward": 5.0}]
+    assert fastest_within(rows, "m", bar, 0.02)["setting"] == "threshold 0.9"
+    assert fastest_within(rows, "m", bar, 0.01) is None

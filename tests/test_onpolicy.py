@@ -177,3 +177,17 @@ def test_only_rows_without_policy_gradient_or_progress_cost_take_the_sampled_jum
     assert not is_jump_only(0.0, False, 1.0, cfg("every", "jump"))
     assert not is_jump_only(0.0, True, 1.0, cfg("sampled", "both")) and is_jump_only(0.0, False, 1.0, cfg("sampled", "both"))
     assert not is_jump_only(0.0, True, 1.0, cfg("sampled", "progress"))
+
+
+def test_best_checkpoint_rule_counts_pass_rates_exactly_at_the_tolerance_edge():
+    """36/300 is exactly 2 points below 42/300; float subtraction (0.14 - 0.02) put it 1e-17 outside."""
+    from onpolicy.trainers.onpolicy import is_better
+
+    def val(slow, fast, speed):
+        return {"slow": {"pass@1": slow}, "fast": {"pass@1": fast, "tokens_per_forward": speed}}
+
+    bar, start = 42 / 300, val(42 / 300, 40 / 300, 2.2)
+    assert is_better(val(36 / 300, 36 / 300, 2.5), start, bar, 0.02)
+    assert not is_better(val(36 / 300, 35 / 300, 2.5), start, bar, 0.02)  # fast pass@1 one task under the edge
+    assert not is_better(val(42 / 300, 42 / 300, 2.1), start, bar, 0.02)  # within, but slower than the best
+    assert is_better(val(36 / 300, 36 / 300, 2.5), None, bar, 0.02)

@@ -51,6 +51,7 @@ from onpolicy.diffusion.policy import (
     trajectory_reward,
 )
 from onpolicy.errors import ConfigError
+from onpolicy.evaluation import within_tolerance
 from onpolicy.export import save_skeleton
 from onpolicy.metrics import MetricsLogger
 from onpolicy.rollout import (
@@ -334,8 +335,7 @@ def is_better(val: dict, best: dict | None, bar: float, tolerance: float) -> boo
     """The best-checkpoint rule: both pass@1 (one token per step and fast) within `tolerance` of the bar
     (the starting model's one-token-per-step pass@1), then the most tokens per forward at the fast
     setting; ties go to the higher fast pass@1."""
-    ok = val["slow"]["pass@1"] >= bar - tolerance and val["fast"]["pass@1"] >= bar - tolerance
-    if not ok:
+    if not (within_tolerance(val["slow"]["pass@1"], bar, tolerance) and within_tolerance(val["fast"]["pass@1"], bar, tolerance)):
         return False
     if best is None:
         return True
