@@ -23,6 +23,8 @@ import platform
 import time
 from pathlib import Path
 
+from onpolicy.evaluation import within_tolerance
+
 PASS_SETS = {"validation": "generated:validation", "heldout": "generated:heldout", "repair": "repair:heldout"}
 
 
@@ -65,7 +67,7 @@ def ar_comparison(bench: dict) -> dict:
         return {"setting": name, "tokens_per_s": r["tokens_per_s"], "speed_vs_ar": r["speed_vs_ar"], "pass@1": r["pass_at_1"],
                 "tokens_per_forward": r["tokens_per_forward"]}
 
-    ok = {k: r for k, r in mine.items() if r["pass_at_1"] >= ar["pass_at_1"] - 0.02}
+    ok = {k: r for k, r in mine.items() if within_tolerance(r["pass_at_1"], ar["pass_at_1"], 0.02)}
     fastest_ok = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else None
     fastest = max(mine, key=lambda k: mine[k]["tokens_per_s"])
     best = max(mine, key=lambda k: (mine[k]["pass_at_1"], mine[k]["tokens_per_s"]))

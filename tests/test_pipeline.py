@@ -131,3 +131,15 @@ def test_a_cached_bench_is_stale_once_a_compared_stage_is_rerun(tmp_path):
     assert not newer_than(bench, runs)
     os.utime(runs[1] / "final" / "config.json", (3e9, 3e9))  # stage 4 re-run after the bench
     assert newer_than(bench, runs)
+
+
+def test_ar_comparison_counts_a_setting_exactly_two_points_under_ar():
+    from onpolicy.report import ar_comparison
+
+    def row(model, tps, p):
+        return {"model": model, "tokens_per_s": tps, "speed_vs_ar": tps / 100, "pass_at_1": p, "tokens_per_forward": tps / 100}
+
+    bench = {"checkpoint": "m", "tasks": "generated:heldout", "n_tasks": 300,
+             "results": {"ar": row("ar", 100, 42 / 300), "t0.9": row("diffusion", 150, 36 / 300), "t0.5": row("diffusion", 250, 35 / 300)}}
+    assert ar_comparison(bench)["fastest_within_2_points"]["setting"] == "t0.9"  # 36/300 is exactly 2 points under 42/300
+    assert ar_comparison(bench)["fastest"]["setting"] == "t0.5"
