@@ -57,8 +57,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
 
 
 def within_tolerance(pass_at_1: float, bar: float, tolerance: float) -> bool:
-    """Whether a pass@1 is at most `tolerance` below `bar` (the quality rule of stage 4's best checkpoint and
-    of its frontier). Exact at the edge: 36/300 is within 0.02 of 42/300, which `0.12 >= 0.14 - 0.02`
+    """Whether a pass@1 is at most `tolerance` below `bar` (the quality rule of stage 4's best checkpoint, of
+    its frontier report and of the pipeline report's comparison with AR). Exact at the edge: 36/300 is within 0.02 of 42/300, which `0.12 >= 0.14 - 0.02`
     rejects in floating point (0.14 - 0.02 = 0.12000000000000001)."""
     return pass_at_1 >= bar - tolerance - 1e-9
 
