@@ -131,14 +131,22 @@ def plot(rows: list[dict], bar: float, tolerance: float, path: Path, run: str | 
     names = list(dict.fromkeys(r["model"] for r in rows))
     colors = plt.cm.tab20.colors if len(names) > 10 else plt.cm.tab10.colors  # no two models share a colour
     for i, name in enumerate(names):
+        # two curves per model, one colour: the threshold sweep (one token per step is its slow end) solid, fixed
+        # steps per block dotted; one line through both would zig-zag where their speeds interleave
         mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["tokens_per_forward"])
-        x = [r["tokens_per_forward"] for r in mine]
-        y = [r["pass@1"] for r in mine]
-        err = [[r["pass@1"] - r["pass@1_ci95"][0] for r in mine], [r["pass@1_ci95"][1] - r["pass@1"] for r in mine]]
-        ax.errorbar(x, y, yerr=err, marker="os^DvpX*"[i % 8], color=colors[i % len(colors)], capsize=3, label=name)
+        fixed = [r for r in mine if r["setting"].endswith("steps per block")]
+        for part, style, label in (([r for r in mine if r not in fixed], "-", name), (fixed, ":", None)):
+            if not part:
+                continue
+            x = [r["tokens_per_forward"] for r in part]
+            y = [r["pass@1"] for r in part]
+            err = [[r["pass@1"] - r["pass@1_ci95"][0] for r in part], [r["pass@1_ci95"][1] - r["pass@1"] for r in part]]
+            ax.errorbar(x, y, yerr=err, marker="os^DvpX*"[i % 8], ls=style, color=colors[i % len(colors)], capsize=3,
+                        label=label, mfc="none" if style == ":" else None)
     ax.axhspan(bar - tolerance, bar + 1, color="green", alpha=0.06, label=f"within {tolerance:.2f} of the bar")
     ax.axhline(bar, color="green", lw=0.8, ls="--")
-    ax.set(xlabel="tokens per forward (held-out, greedy)", ylabel="pass@1 (95% interval)", title="speed-quality frontier",
+    ax.set(xlabel="tokens per forward (held-out, greedy)", ylabel="pass@1 (95% interval)",
+           title="speed-quality frontier (solid: thresholds; dotted, open: fixed steps per block)",
            ylim=(0, max(r["pass@1_ci95"][1] for r in rows) + 0.05))
     ax.legend(loc="upper right", fontsize=8)
     if run:

@@ -237,6 +237,10 @@ class LossConfig:
     beta: float = 0.0  # KL to the frozen start (with LoRA: the base, adapters off); 0 = none
     buffer_size: int = 0  # verified trajectories kept for the surrogates (mode filtering); 0 = current step only
     buffer_rows: int = 16  # of them replayed per step (surrogate terms only: they are off-policy)
+    anchor: float = 0.0  # weight of the reference solutions of the step's prompts in the jump term, each in a random
+    # order within its blocks (a supervised denoising loss on ground truth against drift, as InstructGPT's PPO-ptx
+    # mixes in pre-training); tasks without a `canonical_solution` add nothing. 0 = none (block-causal models)
+    anchor_rows: int = 16  # at most this many reference solutions per step
 
 
 @dataclass
@@ -287,6 +291,10 @@ class OnPolicyConfig:
             raise ConfigError("rollout.sampler.commit_temperature needs rollout.sampler.threshold")
         if loss.distill_failed < 0 or loss.distill_rows < 0:
             raise ConfigError(f"loss.distill_failed and loss.distill_rows must be >= 0, got {loss.distill_failed}, {loss.distill_rows}")
+        if loss.anchor < 0 or loss.anchor_rows < 0:
+            raise ConfigError(f"loss.anchor and loss.anchor_rows must be >= 0, got {loss.anchor}, {loss.anchor_rows}")
+        if loss.anchor > 0 and loss.surrogate not in ("jump", "both"):
+            raise ConfigError(f"loss.anchor feeds the jump term: set loss.surrogate to jump or both (it is {loss.surrogate})")
         if self.train.micro_batch_size < 1 or loss.jump_gap_start < 1 or loss.jump_gap_end < loss.jump_gap_start:
             raise ConfigError("loss.jump_gap_start must be >= 1 and <= loss.jump_gap_end")
 

@@ -108,6 +108,32 @@ def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig
     return out
 
 
+def reference_trajectory(tokenizer, task: Task, block_size: int, max_new_tokens: int, generator: torch.Generator,
+                         chat: bool = False) -> TrajectoryRow | None:
+    """The task's reference solution as a trajectory the replay can read, committed in a random order
+    within each block (one token per step): what a block-diffusion sampler could have done to write it.
+    Its replayed states are the masked-diffusion corruptions of the reference at every mask ratio of a
+    block, so the jump term on them is a supervised denoising loss on ground truth (stage 4's anchor).
+    None when the task has no reference or it does not fit in `max_new_tokens`."""
+    if not task.canonical_solution:
+        return None
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    prompt, held_back = encode_prompt(tokenizer, task.prompt, chat)
+    ids = tokenizer(held_back + task.canonical_solution, add_special_tokens=False)["input_ids"]
+    if len(ids) >= max_new_tokens:
+        return None
+    n = len(ids) + 1  # the solution and its EOS; the rest of the last block stays uncommitted
+    width = -(-n // block_size) * block_size
+    canvas = torch.full((width,), special.eos, dtype=torch.long)
+    canvas[: len(ids)] = torch.tensor(ids)
+    commit_forward = torch.zeros(width, dtype=torch.long)
+    for start in range(0, n, block_size):
+        span = min(block_size, n - start)
+        commit_forward[start : start + span] = start + 1 + torch.randperm(span, generator=generator)
+    return TrajectoryRow(prompt, canvas, commit_forward, torch.zeros(width), forwards=n, seed=0, finished=True,
+                         tokens=ids, block_size=block_size, canvas_len=width)
+
+
 # ---------------------------------------------------------------------------------------------
 # Replay: what the model saw at each step, recomputed with gradient.
 # ---------------------------------------------------------------------------------------------

@@ -89,11 +89,14 @@ def test_stage4_moves_the_model_to_the_rollout_block_size(init_model, tmp_path):
 def test_distill_failed_feeds_failed_rollouts_to_the_jump_term(init_model, tmp_path):
     """Nothing passes: by default no row carries a signal and the weights stay; with
     loss.distill_failed=1 every rollout is self-distilled by the jump term and the weights move, at every
-    replayed state or (loss.jump_states=sampled: they carry no policy gradient) at one drawn state per block."""
+    replayed state or (loss.jump_states=sampled: they carry no policy gradient) at one drawn state per block;
+    with loss.anchor=1 the prompts' reference solutions train instead."""
     runs = {}
     for name, extra in (("off", ["loss.distill_failed=0", "loss.jump_states=every"]),
                         ("every", ["loss.distill_failed=1", "loss.jump_states=every"]),
-                        ("sampled", ["loss.distill_failed=1", "loss.jump_states=sampled"])):
+                        ("sampled", ["loss.distill_failed=1", "loss.jump_states=sampled"]),
+                        ("anchor", ["loss.distill_failed=0", "loss.jump_states=sampled", "loss.anchor=1",
+                                    "rollout.sampler.max_new_tokens=64"])):
         out = tmp_path / name
         stage4(init_model, out, "train.max_steps=1", "reward.alpha=0", "loss.surrogate=jump", "loss.buffer_size=0",
                "rollout.verifier=tests.plugins:FailAllVerifier", *extra)
@@ -110,6 +113,11 @@ def test_distill_failed_feeds_failed_rollouts_to_the_jump_term(init_model, tmp_p
     assert (sampled["pg_loss"], sampled["kl"], sampled["clip_ratio"]) == (0.0, 0.0, 0.0)
     assert runs["off"]["loss"] == 0.0 and sampled["loss"] > 0 and runs["every"]["loss"] > 0
     assert sampled["entropy"] > 0 and runs["every"]["entropy"] > 0
+    # loss.anchor: the two prompts' reference solutions are all that trains (the jump term, one state per block)
+    anchor = runs["anchor"]
+    assert anchor["train/rows_anchor"] == anchor["train/rows_trained"] == anchor["train/rows_jump_only_sampled"] == 2
+    assert anchor["train/rows_distilled_failed"] == 0 and anchor["jump_ce_sampled"] > 0 and anchor["loss"] > 0
+    assert runs["off"]["train/rows_anchor"] == 0
 
 
 @pytest.mark.slow
@@ -191,3 +199,40 @@ def test_best_checkpoint_rule_counts_pass_rates_exactly_at_the_tolerance_edge():
     assert not is_better(val(36 / 300, 35 / 300, 2.5), start, bar, 0.02)  # fast pass@1 one task under the edge
     assert not is_better(val(42 / 300, 42 / 300, 2.1), start, bar, 0.02)  # within, but slower than the best
     assert is_better(val(36 / 300, 36 / 300, 2.5), None, bar, 0.02)
+
+
+def test_a_reference_solution_replays_as_its_masked_states(init_model):
+    """loss.anchor's rows: the reference solution and its EOS, committed one token per step in a seeded
+    random order within each block; its replay shows, at step j of a block, exactly the j tokens committed
+    before (the masked-diffusion corruptions of the reference); the rest of the EOS block stays masked."""
+    import dataclasses
+
+    from onpolicy.data.generated import generate_tasks
+    from onpolicy.data.tasks import encode_prompt
+    from onpolicy.loading import load_model
+    from onpolicy.rollout import reference_trajectory, replay_step_logits
+    from onpolicy.tokenizer import SpecialTokens
+
+    model, tok = load_model(init_model)
+    special = SpecialTokens.from_tokenizer(tok)
+    task = generate_tasks("train", 1)[0]
+    row = reference_trajectory(tok, task, 4, 96, torch.Generator().manual_seed(0))
+    prompt, held_back = encode_prompt(tok, task.prompt)
+    n = len(row.tokens)
+    assert row.prompt == prompt and tok.decode(row.tokens) == held_back + task.canonical_solution
+    assert len(row.canvas) == -(-(n + 1) // 4) * 4 and int(row.canvas[n]) == special.eos
+    assert (row.commit_forward[: n + 1] > 0).all() and (row.commit_forward[n + 1 :] == 0).all()
+    steps = list(replay_step_logits(model, [row], special))
+    order = torch.stack([st.now[0] for st in steps]).long().argmax(0)  # each position's step within its block
+    for start in range(0, n + 1, 4):
+        span = min(4, n + 1 - start)
+        assert sorted(order[start : start + span].tolist()) == list(range(span))  # one token per step
+        for j, st in enumerate(steps):
+            index = st.step_index[0, start : start + 4]
+            shown = (index >= 0) & (index < j)  # what the replay unmasks at step j
+            assert shown.sum() == min(j, span) and not shown[span:].any()  # the uncommitted tail of the EOS block stays masked
+    orders = {tuple(reference_trajectory(tok, task, 4, 96, torch.Generator().manual_seed(s)).commit_forward.tolist())
+              for s in range(5)}
+    assert len(orders) > 1 and tuple(row.commit_forward.tolist()) in orders  # seeded: the same draw again, others differ
+    assert reference_trajectory(tok, dataclasses.replace(task, canonical_solution=""), 4, 96, torch.Generator()) is None
+    assert reference_trajectory(tok, task, 4, n, torch.Generator()) is None  # longer than the sampler may write

@@ -14,7 +14,8 @@ One step, top to bottom (`train` below):
   4. loss over the replayed states (`rollout.replay_step_logits`: what the model saw at each step):
      the clipped policy gradient on the committed tokens and on the commit decisions, plus the
      edit-distance surrogate(s) of Eq. 11 on passing trajectories, plus an optional KL (rows that feed only
-     the jump term may be replayed at one drawn state per block instead: `loss.jump_states=sampled`);
+     the jump term may be replayed at one drawn state per block instead: `loss.jump_states=sampled`;
+     `loss.anchor` adds the prompts' reference solutions to that term, a supervised anchor);
   5. a DeepSpeed step; metrics; validation, best checkpoint and early stopping on a schedule.
 
 Simplifications, stated: one optimizer step per rollout batch (so the importance ratio is 1 at the
@@ -59,6 +60,7 @@ from onpolicy.rollout import (
     decode_tasks,
     excluded_reason,
     final_token_logprob,
+    reference_trajectory,
     replay_sampled_states,
     replay_step_logits,
 )
@@ -220,6 +222,24 @@ def is_jump_only(adv: float, passed: bool, distill: float, cfg: OnPolicyConfig) 
             and not (passed and cfg.loss.surrogate == "both"))
 
 
+def anchor_rows(tokenizer, rollouts, cfg: OnPolicyConfig, generator: torch.Generator) -> list[TrajectoryRow]:
+    """`loss.anchor`: the reference solutions of the step's prompts (up to `loss.anchor_rows`, in prompt order)
+    as trajectories at the rollouts' block size, each in a seeded random order within its blocks
+    (`rollout.reference_trajectory`). They join the jump term like failed rollouts do, with weight
+    `loss.anchor`: ground truth at every mask ratio of a block, so the model's own paths are not all it learns from."""
+    if not rollouts:
+        return []
+    block = rollouts[0].trajectory.block_size
+    rows = []
+    for task in dict.fromkeys(ro.task for ro in rollouts):
+        if len(rows) == cfg.loss.anchor_rows:
+            break
+        row = reference_trajectory(tokenizer, task, block, cfg.rollout.sampler.max_new_tokens, generator)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
 def sampled_jump_loss(model, rows, special: SpecialTokens, distill: torch.Tensor, cfg: OnPolicyConfig, gap: int,
                       generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """The jump term of jump-only rows from one forward: each block at one state drawn from its recorded
@@ -245,7 +265,7 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
     """The stage-4 loss of one micro-batch of recorded trajectories, over their replayed states.
 
     adv: [B] advantages; passed: [B] bool (verified correct); distill: [B] jump-distillation weight of each
-    row (1 for passing rows, `loss.distill_failed` for failed rows picked for it, else 0); on_policy: [B] bool,
+    row (1 for passing rows, `loss.distill_failed` for failed rows picked for it, `loss.anchor` for reference rows, else 0); on_policy: [B] bool,
     False for buffer rows (decoded by older weights: surrogate terms only). Every term is a pure function of
     `onpolicy.diffusion.policy`; this function only gathers their inputs from the replay.
     """
@@ -383,6 +403,9 @@ def train(cfg: OnPolicyConfig) -> dict:
     if cfg.loss.jump_states == "sampled" and own_block is None:
         raise ConfigError(f"loss.jump_states=sampled needs a block-causal model (each block at its own state); "
                           f"{cfg.model.init_from} is {unwrap(engine.module).config.attention}: use loss.jump_states=every")
+    if cfg.loss.anchor > 0 and own_block is None:
+        raise ConfigError(f"loss.anchor needs a block-causal model (its reference rows are written block by block); "
+                          f"{cfg.model.init_from} is {unwrap(engine.module).config.attention}: set loss.anchor=0")
     if bar is None:  # the starting model sets the quality bar, decoding at its own block size
         start = validate(engine, tokenizer, val_tasks, replace(r.sampler, block_size=own_block or r.sampler.block_size), cfg.validation.fast_threshold,
                          r.batch_size, t.seed, pool)
@@ -425,6 +448,8 @@ def train(cfg: OnPolicyConfig) -> dict:
         if buffer and cfg.loss.buffer_rows:
             pick = torch.randperm(len(buffer), generator=noise_generator(t.seed, -4, step))[: cfg.loss.buffer_rows].tolist()
             items += [(buffer[i], 0.0, True, False, 1.0) for i in pick]
+        anchors = anchor_rows(tokenizer, rollouts, cfg, noise_generator(t.seed, -8, step)) if cfg.loss.anchor > 0 else []
+        items += [(row, 0.0, False, False, cfg.loss.anchor) for row in anchors]
         gap = jump_gap(cfg, step)
         stat_sums: dict[str, list[float]] = {}  # key -> [sum over rows, rows]: each stat averages the rows that have it
         loss_sum = 0.0
@@ -493,6 +518,7 @@ def train(cfg: OnPolicyConfig) -> dict:
             "train/jump_gap": gap,
             "train/rows_trained": len(items),
             "train/rows_distilled_failed": int(((distill > 0) & ~ok).sum()),
+            "train/rows_anchor": len(anchors),
             "train/rows_jump_only_sampled": sum(jump_only),
             "train/buffer": len(buffer),
             "time/rollout": t_rollout,
