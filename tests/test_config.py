@@ -68,6 +68,10 @@ def test_impossible_combinations_fail_clearly():
         load_config(None, stage="pretrain", overrides=["model.attention=sideways"])
     with pytest.raises(ConfigError, match="divisible"):
         load_config(None, stage="pretrain", overrides=["model.hidden_size=100", "model.num_attention_heads=3"])
+    with pytest.raises(ConfigError, match="loss.anchor feeds the jump term: set loss.surrogate to jump or both"):
+        load_config("recipes/tiny/stage4_onpolicy.yaml", overrides=["loss.anchor=1", "loss.surrogate=progress"])
+    with pytest.raises(ConfigError, match="loss.anchor and loss.anchor_rows must be >= 0"):
+        load_config("recipes/tiny/stage4_onpolicy.yaml", overrides=["loss.anchor=-1"])
 
 
 def test_missing_config_file_names_path():
