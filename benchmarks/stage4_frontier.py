@@ -42,12 +42,24 @@ def fastest_within(rows: list[dict], name: str, bar: float, tolerance: float) ->
 
 
 def pass_at(rows: list[dict], speed: float) -> float | None:
-    """A frontier's pass@1 at `speed` tokens per forward: linear between the two measured settings
-    around it (the upper envelope where settings overlap in speed); None outside the measured range."""
-    points = sorted((r["tokens_per_forward"], r["pass@1"]) for r in rows)
-    found = [a[1] + (b[1] - a[1]) * (speed - a[0]) / (b[0] - a[0]) if b[0] > a[0] else max(a[1], b[1])
-             for a, b in zip(points, points[1:]) if a[0] <= speed <= b[0]]
-    return max(found, default=None)
+    """A frontier's pass@1 at `speed` tokens per forward; None outside the measured range. The frontier is
+    the upper envelope of the settings: one that a setting at least as fast matches or beats on pass@1 is
+    not on it (a fixed steps-per-block setting just slower than a better threshold would otherwise pull the
+    line down between them). Linear between two frontier settings; below the slowest one, its pass@1 (a
+    faster setting gives it)."""
+    measured = [r["tokens_per_forward"] for r in rows]
+    if not measured or not min(measured) <= speed <= max(measured):
+        return None
+    points, best = [], -1.0
+    for x, y in sorted(((r["tokens_per_forward"], r["pass@1"]) for r in rows), key=lambda p: (-p[0], -p[1])):
+        if y > best:  # fastest first: on the frontier only if it beats every faster setting
+            points.append((x, y))
+            best = y
+    points.reverse()  # slowest first; pass@1 falls along it
+    if speed <= points[0][0]:
+        return points[0][1]
+    a, b = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= speed <= b[0])
+    return a[1] + (b[1] - a[1]) * (speed - a[0]) / (b[0] - a[0])
 
 
 def main() -> int:

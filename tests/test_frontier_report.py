@@ -22,6 +22,14 @@ def test_pass_at_interpolates_between_measured_settings_and_refuses_outside_them
     # two settings at the same speed: the better one is the frontier there
     same = rows + [{"tokens_per_forward": 2.0, "pass@1": 0.26}]
     assert pass_at(same, 2.0) == 0.26
+    # a setting just slower than a better one is under the frontier, not on it (4 steps per block at 1.83
+    # beside threshold 0.9 at 1.84): the line runs from one token per step to the better one
+    dominated = [{"tokens_per_forward": x, "pass@1": y} for x, y in [(0.91, 0.150), (1.83, 0.033), (1.84, 0.140), (2.17, 0.110)]]
+    assert abs(pass_at(dominated, 1.83) - (0.150 + (0.140 - 0.150) * (1.83 - 0.91) / (1.84 - 0.91))) < 1e-12
+    assert pass_at(dominated, 2.0) > 0.11 and pass_at(dominated, 0.91) == 0.150 and pass_at(dominated, 2.17) == 0.110
+    # a faster setting as good as a slower one: the frontier is flat up to it
+    flat = [{"tokens_per_forward": x, "pass@1": y} for x, y in [(0.95, 0.13), (3.1, 0.14), (3.6, 0.10)]]
+    assert pass_at(flat, 0.95) == 0.14 and pass_at(flat, 2.0) == 0.14 and abs(pass_at(flat, 3.35) - 0.12) < 1e-12
 
 
 def test_fastest_within_counts_a_pass_rate_exactly_at_the_tolerance_edge():
