@@ -108,8 +108,8 @@ def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig
     return out
 
 
-def reference_trajectory(tokenizer, task: Task, block_size: int, max_new_tokens: int, generator: torch.Generator,
-                         chat: bool = False) -> TrajectoryRow | None:
+def reference_trajectory(tokenizer, task: Task, block_size: int, max_new_tokens: int,
+                         generator: torch.Generator) -> TrajectoryRow | None:
     """The task's reference solution as a trajectory the replay can read, committed in a random order
     within each block (one token per step): what a block-diffusion sampler could have done to write it.
     Its replayed states are the masked-diffusion corruptions of the reference at every mask ratio of a
@@ -118,7 +118,7 @@ def reference_trajectory(tokenizer, task: Task, block_size: int, max_new_tokens:
     if not task.canonical_solution:
         return None
     special = SpecialTokens.from_tokenizer(tokenizer)
-    prompt, held_back = encode_prompt(tokenizer, task.prompt, chat)
+    prompt, held_back = encode_prompt(tokenizer, task.prompt)  # plain continuation, as stage 4 decodes
     ids = tokenizer(held_back + task.canonical_solution, add_special_tokens=False)["input_ids"]
     if len(ids) >= max_new_tokens:
         return None
