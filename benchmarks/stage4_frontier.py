@@ -62,6 +62,19 @@ def pass_at(rows: list[dict], speed: float) -> float | None:
     return a[1] + (b[1] - a[1]) * (speed - a[0]) / (b[0] - a[0])
 
 
+def earlier_rows(reports: list[str], tasks: str, n_tasks: int) -> dict[tuple[str, str], tuple[str, dict]]:
+    """(model folder, setting) -> (report, row) from earlier reports, each checked to have decoded the same
+    tasks; where two hold the same setting of a folder, the first named gives it."""
+    old = {}
+    for report in reports:
+        earlier = json.loads(Path(report).read_text())
+        if (earlier["tasks"], earlier["n_tasks"]) != (tasks, n_tasks):
+            raise SystemExit(f"--reuse {report}: it evaluated {earlier['n_tasks']} {earlier['tasks']} tasks, not {n_tasks} {tasks}")
+        for r in earlier["rows"]:
+            old.setdefault((r["folder"], r["setting"]), (report, r))
+    return old
+
+
 def main() -> int:
     from onpolicy.data.tasks import load_task_set
     from onpolicy.evaluation import evaluate_checkpoint
@@ -79,30 +92,24 @@ def main() -> int:
     p.add_argument("--run", default=None, help="a stage-4 run folder: plot its training curves")
     p.add_argument("--out", default="benchmarks/results/stage4_frontier.json")
     p.add_argument("--png", default=None)
-    p.add_argument("--reuse", nargs="+", default=[], metavar="JSON", help="earlier reports (same tasks and limit): their rows of a "
-                   "model folder are taken (under this run's name for it) instead of decoding again (greedy decoding is deterministic)")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="JSON", help="earlier reports (same tasks and limit): a model folder's "
+                   "settings found there are taken (under this run's name for it) instead of decoding again (greedy decoding is "
+                   "deterministic); the settings they lack are decoded")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = load_task_set(args.tasks, args.limit)
-    rows, old = [], {}
-    for report in args.reuse:
-        earlier = json.loads(Path(report).read_text())
-        if (earlier["tasks"], earlier["n_tasks"]) != (args.tasks, len(tasks)):
-            raise SystemExit(f"--reuse {report}: it evaluated {earlier['n_tasks']} {earlier['tasks']} tasks, not {len(tasks)} {args.tasks}")
-        for folder in dict.fromkeys(r["folder"] for r in earlier["rows"]):
-            if folder not in old:  # the first report that holds a folder gives its rows
-                old[folder] = (report, [r for r in earlier["rows"] if r["folder"] == folder])
+    rows, old = [], earlier_rows(args.reuse, args.tasks, len(tasks))
     with PythonTestVerifier() as verifier:
         for name, folder in args.model:
-            if folder in old:
-                report, kept = old[folder]
-                rows += [{**r, "model": name} for r in kept]
-                print(f"{name:10s} {len(kept)} settings from {report}", flush=True)
-                continue
             model, tokenizer = load_model(folder)
             block = getattr(model.config, "block_size", 1)
             for label, cfg in settings(block, args.thresholds, args.steps):
+                if (folder, label) in old:
+                    report, r = old[folder, label]
+                    rows.append({**r, "model": name})
+                    print(f"{name:10s} {label:22s} from {report}", flush=True)
+                    continue
                 r = evaluate_checkpoint(model, tokenizer, tasks, cfg, samples=1, verifier=verifier, batch_size=32)
                 rows.append({"model": name, "folder": folder, "setting": label, "pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"],
                              "tokens_per_forward": r["tokens_per_forward"], "status_counts": r["status_counts"]})

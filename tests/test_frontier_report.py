@@ -1,6 +1,7 @@
 """The frontier report's reading of a frontier at a given speed (benchmarks/stage4_frontier.py)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 
@@ -40,3 +41,23 @@ def test_fastest_within_counts_a_pass_rate_exactly_at_the_tolerance_edge():
             {"model": "other", "setting": "threshold 0.5", "pass@1": 0.2, "tokens_per_forward": 5.0}]
     assert fastest_within(rows, "m", bar, 0.02)["setting"] == "threshold 0.9"
     assert fastest_within(rows, "m", bar, 0.01) is None
+
+
+def test_reuse_takes_each_stored_setting_and_leaves_the_missing_ones_to_decode(tmp_path):
+    """A quick one-setting report reused for a full frontier gives that setting only: the others are not in
+    the lookup, so the report decodes them. Another task set is refused, naming both."""
+    import pytest
+
+    earlier_rows = _frontier().earlier_rows
+    row = {"model": "quick", "folder": "runs/a/final", "setting": "threshold 0.9", "pass@1": 0.26, "tokens_per_forward": 3.4}
+    first = tmp_path / "quick.json"
+    first.write_text(json.dumps({"tasks": "generated:heldout", "n_tasks": 300, "rows": [row]}))
+    second = tmp_path / "full.json"
+    second.write_text(json.dumps({"tasks": "generated:heldout", "n_tasks": 300, "rows": [
+        {**row, "pass@1": 0.99}, {**row, "setting": "one token per step", "pass@1": 0.263}]}))
+    old = earlier_rows([str(first), str(second)], "generated:heldout", 300)
+    assert old["runs/a/final", "threshold 0.9"] == (str(first), row)  # the first report named gives a shared setting
+    assert old["runs/a/final", "one token per step"][1]["pass@1"] == 0.263
+    assert ("runs/a/final", "threshold 0.7") not in old and ("runs/b/final", "threshold 0.9") not in old
+    with pytest.raises(SystemExit, match="300 generated:heldout tasks, not 100 generated:heldout"):
+        earlier_rows([str(first)], "generated:heldout", 100)
