@@ -411,16 +411,42 @@ def _dotlist_to_dict(overrides: list[str]) -> dict:
     return out
 
 
+def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[Path, dict]:
+    """(the file found, its keys) of a recipe: a file here, else one of the shipped recipes. A recipe may
+    start from another with `base: OTHER.yaml` (beside it, else a path as for `onpolicy train`): the base's
+    keys, then this file's over them, mapping by mapping; a list or a value replaces the base's whole."""
+    from onpolicy.recipes import find_recipe
+
+    path = find_recipe(path)
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return path, raw
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: its `base:` chain comes back to it ({' -> '.join(str(p) for p in _seen)} -> {path})")
+    beside = path.parent / str(base)
+    try:
+        _, under = read_recipe(beside if beside.is_file() else base, (*_seen, path.resolve()))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: base: {base}: no such recipe (looked beside it, here and among onpolicy's recipes)") from None
+    return path, _deep_merge(under, raw)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merge(out[key], value) if both else value
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, stage: str | None = None) -> Any:
     """Read a recipe YAML (optional) plus `key=value` overrides into the stage's dataclass."""
     raw: dict = {}
     if path is not None:
-        from onpolicy.recipes import find_recipe
-
-        path = find_recipe(path)  # a file here, else one of the shipped recipes
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        path, raw = read_recipe(path)
     over = _dotlist_to_dict(overrides or [])
     stage = stage or over.get("stage") or raw.get("stage")
     if stage is None:

@@ -138,3 +138,28 @@ def test_impossible_sampler_settings_and_malformed_files_get_one_line(tmp_path):
     assert r.returncode == 2 and f"{completions}:2: a completion line needs" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("sample", "nowhere", "--prompt", "x", "--block-size", "0")
     assert r.returncode == 2 and "block_size=0 must be >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_recipe_can_start_from_another_with_base(tmp_path):
+    """`base:` takes the other recipe's keys and lays this one's over them, mapping by mapping; a bad key in
+    either is still named; a missing base and a loop are clear errors."""
+    (tmp_path / "parent.yaml").write_text("stage: pretrain\ntrain:\n  max_steps: 7\n  lr: 0.5\n  betas: [0.8, 0.9]\n"
+                                          "logging:\n  output_dir: runs/parent\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrain:\n  lr: 0.25\n  betas: [0.7, 0.75]\n")
+    cfg = load_config(tmp_path / "child.yaml", ["train.max_steps=9"])
+    assert (cfg.train.max_steps, cfg.train.lr, list(cfg.train.betas)) == (9, 0.25, [0.7, 0.75])
+    assert cfg.logging.output_dir == "runs/parent"  # untouched sections come whole from the base
+    # a shipped recipe as the base, by the path `onpolicy train` takes
+    (tmp_path / "shipped.yaml").write_text("base: recipes/tiny/stage1_mask.yaml\ntrain:\n  max_steps: 3\n")
+    mask = load_config("recipes/tiny/stage1_mask.yaml")
+    assert load_config(tmp_path / "shipped.yaml").train.max_steps == 3 and load_config(tmp_path / "shipped.yaml").model == mask.model
+    (tmp_path / "typo.yaml").write_text("base: parent.yaml\ntrain:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.max_step'"):
+        load_config(tmp_path / "typo.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\nstage: pretrain\n")
+    with pytest.raises(ConfigError, match="orphan.yaml: base: nowhere.yaml: no such recipe"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nstage: pretrain\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="comes back to it"):
+        load_config(tmp_path / "a.yaml")
