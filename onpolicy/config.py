@@ -431,15 +431,7 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[Path, d
         _, under = read_recipe(beside if beside.is_file() else base, (*_seen, path.resolve()))
     except FileNotFoundError:
         raise ConfigError(f"{path}: base: {base}: no such recipe (looked beside it, here and among onpolicy's recipes)") from None
-    return path, _deep_merge(under, raw)
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _deep_merge(out[key], value) if both else value
-    return out
+    return path, OmegaConf.to_container(OmegaConf.merge(under, raw), resolve=False)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, stage: str | None = None) -> Any:

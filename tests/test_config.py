@@ -151,8 +151,8 @@ def test_a_recipe_can_start_from_another_with_base(tmp_path):
     assert cfg.logging.output_dir == "runs/parent"  # untouched sections come whole from the base
     # a shipped recipe as the base, by the path `onpolicy train` takes
     (tmp_path / "shipped.yaml").write_text("base: recipes/tiny/stage1_mask.yaml\ntrain:\n  max_steps: 3\n")
-    mask = load_config("recipes/tiny/stage1_mask.yaml")
-    assert load_config(tmp_path / "shipped.yaml").train.max_steps == 3 and load_config(tmp_path / "shipped.yaml").model == mask.model
+    shipped = load_config(tmp_path / "shipped.yaml")
+    assert shipped.train.max_steps == 3 and shipped.model == load_config("recipes/tiny/stage1_mask.yaml").model
     (tmp_path / "typo.yaml").write_text("base: parent.yaml\ntrain:\n  max_step: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'train.max_step'"):
         load_config(tmp_path / "typo.yaml")
