@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from onpolicy.evaluation import wilson_interval
 from onpolicy.rollout import Decoded, decode_tasks
 from onpolicy.sampling import SamplerConfig
 
@@ -46,43 +47,50 @@ def settings(block_sizes: list[int], thresholds: list[float], max_new_tokens: in
     return out
 
 
-def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None, progress=None) -> dict:
+def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None, progress=None, batch_size: int = 1) -> dict:
     """models: {"diffusion": model, "ar": model}; tasks: verifiers Task list. Returns per-setting stats.
 
-    Every setting decodes every task alone (batch 1) through `rollout.decode_tasks`; settings take turns
-    task by task. Forwards per token is the rollout path's one definition (the rows' own forwards)."""
+    Every setting decodes the tasks in batches of `batch_size` (1: each task alone, latency as a user
+    sees it; 16: what RL rollouts and a server run) through `rollout.decode_tasks`; settings take turns
+    batch by batch, so machine noise hits them alike. Forwards per token is the rollout path's one
+    definition (the rows' own forwards)."""
     runs = {s.name: Decoded() for s in grid}
     for s in grid:  # warm-up, untimed
-        decode_tasks(models[s.model], tokenizer, tasks[:1], s.sampler, batch_size=1)
-    for task in tasks:
+        decode_tasks(models[s.model], tokenizer, tasks[:batch_size], s.sampler, batch_size=batch_size)
+    for start in range(0, len(tasks), batch_size):
+        chunk = tasks[start : start + batch_size]
         for s in grid:
-            one = decode_tasks(models[s.model], tokenizer, [task], s.sampler, batch_size=1)
+            one = decode_tasks(models[s.model], tokenizer, chunk, s.sampler, batch_size=batch_size,
+                               keys=list(range(start, start + len(chunk))))
             acc = runs[s.name]
             acc.rollouts += one.rollouts
             acc.seconds += one.seconds
             acc.model_seconds += one.model_seconds
             if progress:
-                progress(1)
+                progress(len(chunk))
     results = {}
     for s in grid:
         run = runs[s.name]
-        passed = None
+        passed, interval = None, None
         if verifier is not None:
             verdicts = verifier.verify(list(tasks), [r.completion for r in run.rollouts])
             passed = sum(v.passed for v in verdicts) / len(verdicts)
+            interval = wilson_interval(sum(v.passed for v in verdicts), len(verdicts))
         results[s.name] = {
             "model": s.model,
             "block_size": 1 if s.model == "ar" else s.sampler.block_size,
             "threshold": s.sampler.threshold,
             "steps_per_block": s.sampler.steps_per_block,
+            "batch_size": batch_size,
             "tokens": run.tokens,
             "tokens_per_s": run.tokens / run.seconds,
             "forwards_per_token": run.forwards_per_token,
             "tokens_per_forward": run.tokens_per_forward,
             "ms_per_forward": 1000 * run.model_seconds / max(1, sum(r.forwards for r in run.rollouts)),
-            "latency_s": run.seconds / len(tasks),
+            "latency_s": run.seconds * batch_size / len(tasks),
             "sampler_overhead": 1.0 - run.model_seconds / run.seconds,
             "pass_at_1": passed,
+            "pass_at_1_ci95": interval,
         }
     if "ar" in results:
         for r in results.values():
@@ -90,27 +98,27 @@ def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None
     return results
 
 
-def plot(results: dict, path: Path, title: str, names: dict[str, str] | None = None) -> None:
+def plot(results: dict, path: Path, title: str, names: dict[str, str] | None = None, batches: dict | None = None) -> None:
     """The speed-quality frontier (tokens/s vs pass@1) and parallelism vs speed, one colour and one
-    legend entry per model, the settings of a model joined in order of speed."""
+    legend entry per model, the settings of a model joined in order of speed; with `batches`
+    ({batch size: results} beyond batch 1) one more frontier panel per batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = names or {}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    models = list(dict.fromkeys(r["model"] for r in results.values()))
-    for i, model in enumerate(models):
-        mine = sorted((r for r in results.values() if r["model"] == model), key=lambda r: r["tokens_per_s"])
+    extra = sorted((batches or {}).items(), key=lambda kv: int(kv[0]))
+    fig, axes = plt.subplots(1, 2 + len(extra), figsize=(6 * (2 + len(extra)), 4.8))
+    for ax, (size, other) in zip(axes[2:], extra):
+        _frontier(ax, other, names, int(size))
+    _frontier(axes[0], results, names, 1)
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in results.values())):
+        mine = [r for r in results.values() if r["model"] == model]
         style = {"color": "black", "marker": "s"} if model == "ar" else {"color": plt.cm.tab10(i), "marker": "o"}
-        label = names.get(model, model)
-        axes[0].plot([r["tokens_per_s"] for r in mine], [r["pass_at_1"] or 0.0 for r in mine], ls="-" if model != "ar" else "",
-                     label=label, **style)
-        axes[1].plot([r["tokens_per_forward"] for r in mine], [r["tokens_per_s"] for r in mine], ls="", label=label, **style)
-    top = max((r["pass_at_1"] or 0.0) for r in results.values())
-    axes[0].set(xlabel="tokens / s (batch 1)", ylabel="pass@1", title="speed-quality frontier", ylim=(0, min(1.0, top + 0.1)))
-    axes[1].set(xlabel="tokens per forward", ylabel="tokens / s", title="parallelism vs speed")
+        axes[1].plot([r["tokens_per_forward"] for r in mine], [r["tokens_per_s"] for r in mine], ls="",
+                     label=names.get(model, model), **style)
+    axes[1].set(xlabel="tokens per forward", ylabel="tokens / s (batch 1)", title="parallelism vs speed")
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -118,6 +126,20 @@ def plot(results: dict, path: Path, title: str, names: dict[str, str] | None = N
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def _frontier(ax, results: dict, names: dict[str, str], batch_size: int) -> None:
+    """tokens/s against pass@1, one colour and legend entry per model, its settings joined by speed."""
+    import matplotlib.pyplot as plt
+
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in results.values())):
+        mine = sorted((r for r in results.values() if r["model"] == model), key=lambda r: r["tokens_per_s"])
+        style = {"color": "black", "marker": "s"} if model == "ar" else {"color": plt.cm.tab10(i), "marker": "o"}
+        ax.plot([r["tokens_per_s"] for r in mine], [r["pass_at_1"] or 0.0 for r in mine], ls="-" if model != "ar" else "",
+                label=names.get(model, model), **style)
+    top = max((r["pass_at_1"] or 0.0) for r in results.values())
+    ax.set(xlabel=f"tokens / s (batch {batch_size})", ylabel="pass@1", title=f"speed-quality frontier, batch {batch_size}",
+           ylim=(0, min(1.0, top + 0.1)))
 
 
 def run_name(path: str) -> str:
@@ -151,8 +173,13 @@ def main(args) -> int:
     grid = settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=bool(args.ar), steps=args.steps)
     if args.before:
         grid += settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=False, steps=args.steps, model="before")
-    with PythonTestVerifier() as verifier, tqdm(total=len(grid) * len(tasks), desc="bench", unit="gen") as bar:
-        results = run_bench(models, tokenizer, tasks, grid, verifier, progress=bar.update)
+    sizes = sorted(set(getattr(args, "batch_sizes", None) or [1]) | {1})  # batch 1 is the headline; larger ones beside it
+    by_batch = {}
+    with PythonTestVerifier() as verifier, tqdm(total=len(grid) * len(tasks) * len(sizes), desc="bench", unit="gen",
+                                                disable=not getattr(args, "progress", True)) as bar:
+        for size in sizes:
+            by_batch[size] = run_bench(models, tokenizer, tasks, grid, verifier, progress=bar.update, batch_size=size)
+    results = by_batch[1]
     report = {
         "benchmark": "sampler",
         "checkpoint": str(args.checkpoint),
@@ -163,7 +190,9 @@ def main(args) -> int:
         "max_new_tokens": args.max_new_tokens,
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "results": results,
+        "results": results,  # batch 1
+        "batch_sizes": sizes,
+        "batches": {str(size): r for size, r in by_batch.items() if size != 1},  # the same settings at larger batches
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,10 +200,16 @@ def main(args) -> int:
     if args.png:
         names = {"diffusion": run_name(args.checkpoint), "before": f"{run_name(args.before)} (before)" if args.before else "",
                  "ar": f"AR: {run_name(args.ar)}" if args.ar else ""}
-        plot(results, Path(args.png), f"{args.tasks}, {len(tasks)} prompts, batch 1, {report['device']}", names)
+        plot(results, Path(args.png), f"{args.tasks}, {len(tasks)} prompts, {report['device']}", names, report["batches"])
+    for size in sizes:
+        print(f"batch {size}")
+        print_table(by_batch[size])
+    print(f"wrote {out}" + (f" and {args.png}" if args.png else ""))
+    return 0
+
+
+def print_table(results: dict) -> None:
     print(f"{'setting':<30} {'tok/s':>8} {'vs AR':>6} {'fwd/tok':>8} {'tok/fwd':>8} {'latency':>8} {'overhead':>8} {'pass@1':>7}")
     for name, r in results.items():
         print(f"{name:<30} {r['tokens_per_s']:>8.1f} {r.get('speed_vs_ar', float('nan')):>6.2f} {r['forwards_per_token']:>8.2f} "
               f"{r['tokens_per_forward']:>8.2f} {r['latency_s']:>7.2f}s {r['sampler_overhead']:>8.1%} {r['pass_at_1'] or 0:>7.3f}")
-    print(f"wrote {out}" + (f" and {args.png}" if args.png else ""))
-    return 0

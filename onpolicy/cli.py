@@ -25,6 +25,11 @@ def _train(args: argparse.Namespace) -> int:
     from onpolicy.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)  # fail fast, before any process is launched
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        return 0
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch(args, cfg)
     from onpolicy.config import stage_trainer
@@ -198,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/stage1_mask.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     p.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this machine; >1 relaunches under torchrun")
+    p.add_argument("--print-config", action="store_true", help="print the merged, validated config and exit")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("prepare-data", help="build a recipe's tokenizer and memory-mapped token shards ahead of training")
@@ -208,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="every stage in order, then eval, bench and a report (report.md, report.json, PNGs)")
     p.add_argument("pipeline", help="pipeline file, e.g. recipes/tiny/pipeline.yaml")
     p.add_argument("--plan", action="store_true", help="print the plan and the time estimate, run nothing")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of every stage (init, data order, sampling); the run folder gets a -seedN suffix")
     p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("sample", help="generate code from a checkpoint")
@@ -238,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--steps", type=int, nargs="*", default=[], help="also fixed steps per block (e.g. 1 2: whole blocks per step)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
+                   help="decode at these batch sizes too (e.g. 1 16); batch 1 is always measured")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None)

@@ -310,7 +310,8 @@ class PoolConfig:
     tasks: str = "generated:train"  # task set or JSONL file the prompts come from
     n_tasks: int = 500  # prompts sampled
     samples: int = 4  # N trajectories per prompt
-    keep: int = 1  # trajectories kept per prompt: verified ones first, then the highest ELBO
+    keep: int = 1  # trajectories kept per prompt: verified ones first, then by `prefer`
+    prefer: str = "likely"  # among verified: "fast" (fewest forwards) or "likely" (highest path log-likelihood)
     require_pass: bool = True  # keep verified trajectories only (False: failing ones may fill a prompt's slots)
     batch_size: int = 32  # rows the sampler decodes together
     sampler: SamplerConfig = field(default_factory=_pool_sampler)  # one token per step (the order is what is learnt)
@@ -349,6 +350,8 @@ class OrderConfig:
             raise ConfigError("stage order starts from a trained model: set model.init_from=FOLDER")
         if pl.samples < 1 or pl.keep < 1 or pl.keep > pl.samples:
             raise ConfigError(f"pool.keep={pl.keep} must be between 1 and pool.samples={pl.samples}")
+        if pl.prefer not in ("fast", "likely"):
+            raise ConfigError(f"pool.prefer='{pl.prefer}' is not one of: fast, likely")
         if pl.sampler.remask_threshold is not None:
             raise ConfigError("pool.sampler.remask_threshold: self-correction makes trajectories unreplayable; leave it unset")
 

@@ -38,7 +38,7 @@ import yaml
 from onpolicy.errors import ConfigError
 from onpolicy.recipes import find_recipe
 
-STAGE_KEYS = ("name", "recipe", "init_from", "overrides", "minutes")
+STAGE_KEYS = ("name", "recipe", "init_from", "overrides", "minutes", "hand_on")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Stage:
     init_from: str | None = None  # an earlier stage's name
     overrides: list[str] = field(default_factory=list)
     minutes: float = 0.0  # the estimate printed in the plan (measured on our 2-core CPU)
+    hand_on: str = "best"  # what later steps take: "best" (stage 4's validated best/, when it exists) or "final"
 
 
 @dataclass
@@ -66,6 +67,15 @@ class BenchSpec:
     tasks: str = "generated:heldout"
     limit: int = 40
     thresholds: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])  # e.g. [1, 16]: the frontier at each
+    # The verdict (optional): the fast setting is chosen on `validation` (never on `tasks`, the test
+    # slice): the fewest forwards per token whose pass@1 there is at most `tolerance` below the AR
+    # model's; `tasks` then measures it once, beside AR, and the report's first line says the result.
+    validation: str | None = None
+    validation_limit: int = 300
+    choose_from: list[float] = field(default_factory=lambda: [0.95, 0.9, 0.8, 0.7, 0.6, 0.5])
+    tolerance: float = 0.02
+    claim: float = 3.0  # the speed-up (AR's tokens/s at batch 1) the verdict asks for
     minutes: float = 0.0
 
 
@@ -78,9 +88,14 @@ class Pipeline:
     eval: EvalSpec = field(default_factory=EvalSpec)
     bench: BenchSpec = field(default_factory=BenchSpec)
     source: str = ""
+    seed: int | None = None  # --seed: every stage's train.seed (init, data order, sampling)
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
+
+    def hand_on(self, name: str) -> Path:
+        """The model folder a stage hands on to later stages, eval and bench."""
+        return model_folder(self.output_dir / name, self.stage(name).hand_on)
 
 
 def _check(data: dict, allowed, where: str, path: Path) -> None:
@@ -89,8 +104,9 @@ def _check(data: dict, allowed, where: str, path: Path) -> None:
         raise ConfigError(f"{path}: unknown key '{where}{unknown[0]}'; valid keys: {', '.join(allowed)}")
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
-    """Read and check a pipeline file: keys, recipe files, stage names and their order."""
+def load_pipeline(path: str | Path, seed: int | None = None) -> Pipeline:
+    """Read and check a pipeline file: keys, recipe files, stage names and their order. With `seed`,
+    every stage runs with train.seed=seed and the output folder gets a -seedN suffix."""
     try:
         path = find_recipe(path)  # a file here, else a shipped pipeline
     except FileNotFoundError:
@@ -108,6 +124,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
         if "name" not in raw or "recipe" not in raw:
             raise ConfigError(f"{path}: stages[{i}] needs a name and a recipe")
         stage = Stage(**raw)
+        if stage.hand_on not in ("best", "final"):
+            raise ConfigError(f"{path}: stages[{i}].hand_on='{stage.hand_on}' is not one of: best, final")
         if stage.name in seen:
             raise ConfigError(f"{path}: two stages are named '{stage.name}'")
         if stage.init_from is not None and stage.init_from not in seen:
@@ -125,13 +143,23 @@ def load_pipeline(path: str | Path) -> Pipeline:
     for key in ("ar", "before", "after"):
         if getattr(bench, key) is not None and getattr(bench, key) not in seen:
             raise ConfigError(f"{path}: bench.{key}='{getattr(bench, key)}' is not a stage")
-    return Pipeline(str(data.get("name") or path.stem), Path(data.get("output_dir") or f"runs/pipeline-{path.stem}"), stages,
-                    list(data.get("overrides") or []), EvalSpec(**ev), bench, str(path))
+    if bench.validation is not None and bench.validation.split(":")[:2] == bench.tasks.split(":")[:2] \
+            and "skip=" not in bench.validation:
+        raise ConfigError(f"{path}: bench.validation='{bench.validation}' would overlap the test slice bench.tasks="
+                          f"'{bench.tasks}'; use another task set or a skip= past the test slice")
+    out = Path(data.get("output_dir") or f"runs/pipeline-{path.stem}")
+    overrides = list(data.get("overrides") or [])
+    if seed is not None:
+        out = out.with_name(f"{out.name}-seed{seed}")
+        overrides.append(f"train.seed={seed}")
+    return Pipeline(str(data.get("name") or path.stem), out, stages, overrides, EvalSpec(**ev), bench, str(path), seed)
 
 
-def model_folder(run: Path) -> Path:
-    """What a stage hands on: stage 4's best checkpoint by its stated rule, else the final export."""
-    return run / "best" if (run / "best" / "config.json").is_file() and (run / "final" / "config.json").is_file() else run / "final"
+def model_folder(run: Path, hand_on: str = "best") -> Path:
+    """What a stage hands on: stage 4's best checkpoint by its stated rule (unless `hand_on` is
+    "final"), else the final export."""
+    best = hand_on == "best" and (run / "best" / "config.json").is_file()
+    return run / "best" if best and (run / "final" / "config.json").is_file() else run / "final"
 
 
 def finished(run: Path) -> bool:
@@ -163,13 +191,19 @@ def run_stage(p: Pipeline, stage: Stage, log) -> float:
     cmd = [sys.executable, "-m", "onpolicy.cli", "train", stage.recipe, *p.overrides, *stage.overrides,
            f"logging.output_dir={run}", "logging.progress=false"]
     if stage.init_from:
-        cmd.append(f"model.init_from={model_folder(p.output_dir / stage.init_from)}")
+        cmd.append(f"model.init_from={p.hand_on(stage.init_from)}")
     run.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     with (run / "pipeline.log").open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        said = time.perf_counter()
+        while (code := proc.poll()) is None:
+            time.sleep(2)
+            if time.perf_counter() - said >= 50:  # a line at least once a minute
+                log(progress_line(stage.name, run, time.perf_counter() - tic))
+                said = time.perf_counter()
     seconds = time.perf_counter() - tic
     if code != 0:
         tail = "".join((run / "pipeline.log").read_text().splitlines(keepends=True)[-15:])
@@ -178,6 +212,47 @@ def run_stage(p: Pipeline, stage: Stage, log) -> float:
     times["attempts"].append(round(seconds, 1))
     (run / "pipeline_time.json").write_text(json.dumps(times))
     return seconds
+
+
+KEY_METRICS = ("val/loss", "train/loss", "reward/pass_rate", "loss")  # the first a stage logs is shown
+
+
+def progress_line(name: str, run: Path, elapsed: float) -> str:
+    """stage, step/total, its key metric, elapsed and remaining minutes (by the measured step time),
+    read from the stage's own metrics.jsonl and config.yaml."""
+    rows = _stage_rows(run)
+    total = _max_steps(run)
+    if not rows:
+        return f"[pipeline] {name}: starting ({elapsed / 60:.1f} min; building caches or the first step)"
+    last, first = rows[-1], rows[0]
+    step = int(last.get("step", 0))
+    metric = next((f"{k} {last[k]:.4g}" for k in KEY_METRICS if isinstance(last.get(k), (int, float))), "")
+    if not metric:
+        metric = next((f"{k} {r[k]:.4g}" for r in reversed(rows) for k in KEY_METRICS if isinstance(r.get(k), (int, float))), "")
+    rate = (last["time"] - first["time"]) / max(1, step - int(first.get("step", 0))) if len(rows) > 1 else None
+    left = f", ~{rate * (total - step) / 60:.0f} min left" if rate and total else ""
+    return f"[pipeline] {name}: step {step}/{total or '?'}" + (f", {metric}" if metric else "") + f", {elapsed / 60:.1f} min{left}"
+
+
+def _stage_rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written
+    rows = [r for r in rows if "time" in r]
+    starts = [i for i in range(1, len(rows)) if rows[i]["time"] < rows[i - 1]["time"]]  # a resumed attempt's clock restarts
+    return rows[starts[-1]:] if starts else rows
+
+
+def _max_steps(run: Path) -> int | None:
+    try:
+        return int((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train", {}).get("max_steps"))
+    except (OSError, TypeError, ValueError, yaml.YAMLError):
+        return None
 
 
 def _die_with_parent() -> None:
@@ -212,9 +287,9 @@ def evaluate_stages(p: Pipeline, log) -> dict:
                 out[stage.name] = cached
                 continue
             tic = time.perf_counter()
-            model, tokenizer = load_model(str(model_folder(p.output_dir / stage.name)))
+            model, tokenizer = load_model(str(p.hand_on(stage.name)))
             causal = model.config.attention == "causal"
-            result = {"model": str(model_folder(p.output_dir / stage.name)), "attention": model.config.attention}
+            result = {"model": str(p.hand_on(stage.name)), "attention": model.config.attention}
             for set_name, tasks in sets.items():
                 for setting, cfg in (("one_per_step", slow), ("fast", fast)):
                     if setting == "fast" and (causal or set_name != "generated:heldout"):
@@ -230,20 +305,71 @@ def evaluate_stages(p: Pipeline, log) -> dict:
     return out
 
 
-def bench_last(p: Pipeline) -> dict:
-    """`onpolicy bench` of the last stage against the AR baseline (and the model before), batch 1."""
+def choose_setting(p: Pipeline, log) -> dict | None:
+    """The verdict's setting, chosen on the validation tasks before the test slice is decoded: the
+    last model at one token per step and at each threshold of `bench.choose_from`, the AR model at
+    one token per step, greedy; the fewest forwards per token whose pass@1 is at most `tolerance`
+    below AR's (none: the verdict says so). Cached in choice.json."""
+    from onpolicy.data.tasks import load_task_set
+    from onpolicy.evaluation import evaluate_checkpoint, within_tolerance
+    from onpolicy.loading import load_model
+    from onpolicy.sampling import SamplerConfig
+    from verifiers import PythonTestVerifier
+
+    b = p.bench
+    if b.validation is None:
+        return None
+    out, after = p.output_dir / "choice.json", b.after or p.stages[-1].name
+    if (cached := fresh_cache(out, [p.output_dir / after, p.output_dir / b.ar])) is not None:
+        return cached
+    tasks, block = load_task_set(b.validation, b.validation_limit, 0), _block_size(p.hand_on(after))
+    rows = []
+    with PythonTestVerifier() as verifier:
+        model, tokenizer = load_model(str(p.hand_on(b.ar)))
+        r = evaluate_checkpoint(model, tokenizer, tasks, SamplerConfig(max_new_tokens=p.eval.max_new_tokens), 1, verifier, 8, 0)
+        ar = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"]}
+        log(f"[pipeline] choice: AR validation pass@1 {ar['pass@1']:.3f} ({len(tasks)} tasks, {b.validation})")
+        model, tokenizer = load_model(str(p.hand_on(after)))
+        for threshold in [None, *b.choose_from]:
+            cfg = SamplerConfig(max_new_tokens=p.eval.max_new_tokens, block_size=block, threshold=threshold)
+            r = evaluate_checkpoint(model, tokenizer, tasks, cfg, 1, verifier, 8, 0)
+            rows.append({"threshold": threshold, "pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"],
+                         "tokens_per_forward": r["tokens_per_forward"]})
+            log(f"[pipeline] choice: {after} threshold {threshold or 'one token per step'}: validation pass@1 "
+                f"{r['pass@1']:.3f} at {r['tokens_per_forward']:.2f} tokens per forward")
+    ok = [r for r in rows if within_tolerance(r["pass@1"], ar["pass@1"], b.tolerance)]
+    chosen = max(ok, key=lambda r: r["tokens_per_forward"]) if ok else None
+    result = {"validation": b.validation, "n": len(tasks), "tolerance": b.tolerance, "block_size": block, "ar": ar,
+              "settings": rows, "chosen": chosen}
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def setting_name(block: int, threshold: float | None) -> str:
+    """The name `onpolicy bench` gives a diffusion setting."""
+    return f"diffusion B={block} " + ("1 tok/step" if threshold is None else f"p>={threshold}")
+
+
+def bench_last(p: Pipeline, choice: dict | None = None) -> dict:
+    """`onpolicy bench` of the last stage against the AR baseline (and the model before) at each of
+    `bench.batch_sizes`, with the chosen setting (if any) among the thresholds."""
     b = p.bench
     out = p.output_dir / "bench.json"
     after = b.after or p.stages[-1].name
     if (cached := fresh_cache(out, [p.output_dir / name for name in (after, b.ar, b.before) if name])) is not None:
         return cached
-    cmd = [sys.executable, "-m", "onpolicy.cli", "bench", str(model_folder(p.output_dir / after)),
-           "--ar", str(model_folder(p.output_dir / b.ar)), "--tasks", b.tasks, "--limit", str(b.limit),
-           "--block-sizes", str(_block_size(p.output_dir / after)), "--thresholds", *map(str, b.thresholds),
-           "--out", str(out), "--png", str(p.output_dir / "frontier.png")]
+    thresholds = list(b.thresholds)
+    if choice and choice["chosen"] and choice["chosen"]["threshold"] is not None and choice["chosen"]["threshold"] not in thresholds:
+        thresholds.append(choice["chosen"]["threshold"])
+    cmd = [sys.executable, "-m", "onpolicy.cli", "bench", str(p.hand_on(after)),
+           "--ar", str(p.hand_on(b.ar)), "--tasks", b.tasks, "--limit", str(b.limit),
+           "--block-sizes", str(_block_size(p.hand_on(after))), "--thresholds", *map(str, thresholds),
+           "--batch-sizes", *map(str, b.batch_sizes), "--out", str(out), "--png", str(p.output_dir / "frontier.png")]
     if b.before:
-        cmd += ["--before", str(model_folder(p.output_dir / b.before))]
+        cmd += ["--before", str(p.hand_on(b.before))]
     with (p.output_dir / "bench.log").open("w") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     if code != 0:
         raise ConfigError(f"bench failed (exit {code}); its log: {p.output_dir / 'bench.log'}")
@@ -262,14 +388,14 @@ def fresh_cache(result: Path, runs: list[Path]) -> dict | None:
     return json.loads(result.read_text()) if result.is_file() and not newer_than(result, runs) else None
 
 
-def _block_size(run: Path) -> int:
-    return int(json.loads((model_folder(run) / "config.json").read_text()).get("block_size", 32))
+def _block_size(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text()).get("block_size", 32))
 
 
 def main(args) -> int:
     from onpolicy.report import write_report
 
-    p = load_pipeline(args.pipeline)
+    p = load_pipeline(args.pipeline, getattr(args, "seed", None))
     print(plan(p), flush=True)
     if args.plan:
         return 0
@@ -289,9 +415,12 @@ def main(args) -> int:
         seconds = run_stage(p, stage, log)
         log(f"[pipeline] {stage.name} done in {seconds / 60:.1f} min")
     evals = evaluate_stages(p, log)
-    bench = bench_last(p)
+    choice = choose_setting(p, log)
+    log("[pipeline] bench: " + " ".join(f"batch {n}" for n in p.bench.batch_sizes) + f", {p.bench.limit} tasks of {p.bench.tasks}"
+        + f", log {p.output_dir / 'bench.log'}")
+    bench = bench_last(p, choice)
     log("[pipeline] bench done")
-    report = write_report(p, evals, bench)
+    report = write_report(p, evals, bench, choice)
     log(f"[pipeline] report: {p.output_dir / 'report.md'} (and report.json, PNGs, replay.html); "
         f"held-out pass@1 {report['summary']['last_pass@1']:.3f}, {report['summary']['speed_vs_ar']:.2f}x AR's tokens/s")
     return 0

@@ -197,7 +197,7 @@ def _pct(v: dict) -> str:
     return f"{v['value']:.1%} [{v['ci95'][0]:.1%}, {v['ci95'][1]:.1%}]"
 
 
-def write_report(p, evals: dict, bench: dict) -> dict:
+def write_report(p, evals: dict, bench: dict, choice: dict | None = None) -> dict:
     import torch
 
     table = stage_table(p, evals)

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from onpolicy.data.generated import _pairs, generate_tasks, is_heldout_pair, level_of
+from onpolicy.data.generated import _pairs, generate_tasks, has_heldout_pair, level_of
 from onpolicy.evaluation import pass_at_k
 
 
@@ -37,6 +37,28 @@ def _kinds(task):
     return [table[line] for line in lines]
 
 
+def _ops(task):
+    from onpolicy.data.generated import Op
+
+    lines = [line.strip() for line in task.canonical_solution.splitlines() if line.strip() != "return xs"]
+    return [Op(kind, "", code, kind in ("sum", "count", "max", "min", "first", "last")) for kind, code in zip(_kinds(task), lines)]
+
+
+def test_simplified_form_drops_what_cannot_change_the_result():
+    from onpolicy.data.generated import Op, simplified
+
+    def op(kind, code=""):
+        return Op(kind, "", code or kind, kind in ("sum", "count", "max", "min", "first", "last"))
+
+    kinds = lambda ops: [o.kind for o in simplified(ops)]  # noqa: E731
+    assert kinds([op("sort_desc"), op("sort_asc")]) == ["sort_asc"]
+    assert kinds([op("sort_asc"), op("map_mul"), op("sort_asc"), op("count")]) == ["count"]
+    assert kinds([op("reverse"), op("reverse"), op("take")]) == ["take"]
+    assert kinds([op("filter_odd"), op("filter_gt")]) == kinds([op("filter_gt"), op("filter_odd")])
+    assert kinds([op("unique"), op("filter_gt"), op("max")]) == ["filter_gt", "max"]
+    assert kinds([op("reverse"), op("take")]) == ["reverse", "take"]  # order matters to take: kept
+
+
 def test_splits_are_disjoint_and_heldout_is_new_compositions():
     train = generate_tasks("train", 600)
     val = generate_tasks("validation", 200)
@@ -44,13 +66,38 @@ def test_splits_are_disjoint_and_heldout_is_new_compositions():
     assert not {t.prompt for t in train} & {t.prompt for t in val}
     assert not {t.prompt for t in train} & {t.prompt for t in held}
     for t in train + val:
-        kinds = _kinds(t)
-        assert not any(is_heldout_pair(p) for p in zip(kinds, kinds[1:])), t.prompt
+        assert not has_heldout_pair(_ops(t)), t.prompt
     for t in held:
-        kinds = _kinds(t)
-        assert any(is_heldout_pair(p) for p in zip(kinds, kinds[1:])), t.prompt
+        assert has_heldout_pair(_ops(t)), t.prompt
     assert {level_of(t) for t in train} == {1, 2, 3, 4}
     assert _pairs([]) == []
+
+
+def test_no_heldout_task_computes_the_same_function_as_a_train_task():
+    """Twins by behaviour: outputs on fresh inputs (not the generator's own probes) of a held-out sample
+    never equal those of any of a train sample's tasks; simplified forms count as the same function."""
+    import importlib.util
+    from pathlib import Path
+
+    from onpolicy.data.generated import PROBES, behaviour
+
+    spec = importlib.util.spec_from_file_location("split_twins", Path(__file__).parents[1] / "benchmarks" / "split_twins.py")
+    twins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(twins)
+    inputs = twins.fresh_inputs(88, seed=7)
+    assert not set(map(tuple, inputs)) & set(PROBES)
+    result = twins.count_twins(generate_tasks, n_heldout=120, n_train=6000, inputs=inputs, seed=3)
+    assert result["twins"] == 0, result["twin_ids"]
+
+    def desc_then_asc(xs):
+        return sorted(sorted(xs, reverse=True))
+
+    def count_after_sorts(xs):
+        return len(sorted([x * 2 for x in sorted(xs)]))
+
+    assert behaviour(desc_then_asc) == behaviour(sorted)  # a redundant sort is the same function
+    assert behaviour(count_after_sorts) == behaviour(len)
+    assert behaviour(sorted) != behaviour(len)
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")

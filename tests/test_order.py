@@ -22,6 +22,14 @@ def test_selection_prefers_verified_then_highest_elbo():
     assert select([rows[0]], 1, True) == []
 
 
+def test_selection_can_prefer_the_fastest_verified_trajectory():
+    rows = [{"passed": True, "path_logp": -0.5, "forwards": 30}, {"passed": True, "path_logp": -2.0, "forwards": 12},
+            {"passed": False, "path_logp": -0.1, "forwards": 5}, {"passed": True, "path_logp": -1.0, "forwards": 12}]
+    assert select(rows, 1, True, prefer="fast") == [rows[3]]  # fewest forwards, ties by likelihood
+    assert select(rows, 3, True, prefer="fast") == [rows[3], rows[1], rows[0]]
+    assert select(rows, 1, True, prefer="likely") == [rows[0]]
+
+
 def test_order_loss_hand_computed():
     """-mean log p of the committed tokens: positions 0, 1 of row 0 and 0 of row 1 committed."""
     logp = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.8, 0.1, 0.1]]))

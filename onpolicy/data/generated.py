@@ -5,9 +5,16 @@ orderings) optionally ended by a reduction, over a list of integers; its docstri
 English what to do, its reference solution does it one line per operation, and its test asserts
 the reference's outputs on several seeded inputs. Difficulty = number of operations (1-4).
 
-Held-out split: a fixed share of the *pairs of adjacent operation kinds* (e.g. "filter_gt then
-map_mul") is reserved; a held-out task contains at least one reserved pair, a train/validation task
-none. So held-out measures composition, not only new constants.
+Held-out split, by composition and by behaviour:
+- a fixed share of the *pairs of adjacent operation kinds* (e.g. "filter_gt then map_mul") is
+  reserved; a held-out task contains at least one reserved pair, a train/validation task none;
+- a task's *behaviour* is its reference's outputs on `PROBES`, a fixed, varied set of input lists.
+  A fixed share of behaviours (by a hash of the outputs) is reserved too: a held-out task must have a
+  reserved behaviour and a train/validation task must not. So no train task computes the same
+  function as a held-out task, whatever its wording ("sort decreasing, then sort increasing" is
+  "sort increasing"; "sort, double, sort, count" is "count"; commuting filters in another order):
+  equal functions give equal outputs, hence the same hash, hence the same side of the split.
+  Held-out measures new behaviour, not new wording (`benchmarks/split_twins.py` counts twins).
 
     tasks = generate_tasks("train", n=1000, seed=0)     # list[verifiers.Task], deterministic
 
@@ -74,9 +81,112 @@ def _pairs(ops: list[Op]) -> list[tuple[str, str]]:
     return [(a.kind, b.kind) for a, b in zip(ops, ops[1:])]
 
 
+_PERMUTATIONS = {"sort_asc", "sort_desc", "reverse"}
+_ORDER_FREE_ENDS = {"sort_asc", "sort_desc", "sum", "count", "max", "min"}  # blind to the order of their input
+_ELEMENTWISE = {"filter_gt", "filter_lt", "filter_even", "filter_odd", "filter_div", "map_add", "map_sub", "map_mul",
+                "map_mod", "map_square", "unique"}  # (unique keeps the same set of values whatever the order)
+
+
+def _family_pairs(ops: list[Op]) -> list[tuple[str, str]]:
+    return [(_family(a), _family(b)) for a, b in zip(ops, ops[1:])]
+
+
+def has_heldout_pair(ops: list[Op]) -> bool:
+    """Whether a task's composition is reserved: a reserved pair in its simplified form (maps that
+    shift by a constant counted as one family, so "add 3" and "subtract 2" are one composition)."""
+    return any(is_heldout_pair(p) for p in _family_pairs(simplified(ops)))
+
+
+def _family(op: Op) -> str:
+    return "map_shift" if op.kind in ("map_add", "map_sub") else op.kind
+
+
+def simplified(ops: list[Op]) -> list[Op]:
+    """The same function with fewer operations, by rules that hold for every input: a reordering
+    (sort, reverse) is dropped when only elementwise operations stand between it and a sort or an
+    order-blind reduction ("sort decreasing, then sort increasing" is "sort increasing"; "sort, double
+    each, sort, count" is "count" once maps before a count go too); two reverses in a row cancel; an
+    operation repeated at once (same filter, unique) is dropped; runs of filters are put in one order
+    (filters commute). The split reserves pairs of this form, so wording cannot hide a train task."""
+    ops = list(ops)
+    changed = True
+    while changed:
+        changed = False
+        for i, op in enumerate(ops):
+            rest = ops[i + 1 :]
+            j = next((k for k, o in enumerate(rest) if o.kind not in _ELEMENTWISE), None)
+            if op.kind in _PERMUTATIONS and j is not None and rest[j].kind in _ORDER_FREE_ENDS:
+                del ops[i]
+                changed = True
+                break
+            if op.kind.startswith("map_") and rest and all(o.kind in _PERMUTATIONS or o.kind.startswith("map_") for o in rest[:-1]) \
+                    and rest[-1].kind == "count" and all(o.kind != "count" for o in rest[:-1]):
+                del ops[i]  # maps and reorderings never change how many numbers there are
+                changed = True
+                break
+            if op.kind == "unique" and j is not None and rest[j].kind in ("max", "min", "unique") and all(
+                    o.kind in _ELEMENTWISE or o.kind in _PERMUTATIONS for o in rest[:j]):
+                del ops[i]  # the largest or smallest value, or the later unique, does not depend on repeats
+                changed = True
+                break
+            if rest and op.kind in ("map_add", "map_sub", "map_mul") and _family(op) == _family(rest[0]):
+                del ops[i]  # x + a + b is x + (a + b): one shift (or one product) of another size
+                changed = True
+                break
+            if rest and ((op.kind == rest[0].kind == "reverse")):
+                del ops[i : i + 2]
+                changed = True
+                break
+            if rest and op.code == rest[0].code and (op.kind.startswith("filter_") or op.kind == "unique"):
+                del ops[i]
+                changed = True
+                break
+    out, run = [], []
+    for op in ops + [None]:
+        if op is not None and op.kind.startswith("filter_"):
+            run.append(op)
+            continue
+        out += sorted(run, key=lambda o: (o.kind, o.code))
+        run = []
+        if op is not None:
+            out.append(op)
+    return out
+
+
 def is_heldout_pair(pair: tuple[str, str], share: float = 0.2) -> bool:
     """A fixed, seed-independent share of operation-kind pairs is reserved for the held-out split."""
     h = int(hashlib.sha256(f"{pair[0]}>{pair[1]}".encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < share
+
+
+def _probes() -> tuple[tuple[int, ...], ...]:
+    """The fixed inputs that define a task's behaviour: ordinary lists drawn like the tests' own
+    (3-10 numbers in -20..80). Few and typical on purpose: two tasks that agree on ordinary lists
+    and differ only on rare ones (all negative, one element) are twins for a learner, and a coarse
+    behaviour keeps such near-twins on one side of the split."""
+    rng = random.Random("onpolicy:behaviour-probes")
+    return tuple(tuple(rng.randint(-20, 80) for _ in range(rng.randint(3, 10))) for _ in range(N_PROBES))
+
+
+N_PROBES = 12
+MIN_DISTINCT = 8  # a held-out task's outputs on the probes take at least this many values
+PROBES = _probes()
+
+
+def behaviour(fn) -> tuple:
+    """A task's outputs on `PROBES` (what "the same function" means for the split)."""
+    out = []
+    for xs in PROBES:
+        try:
+            out.append(fn(list(xs)))
+        except Exception as e:  # our own generated code; an error is part of the behaviour
+            out.append(type(e).__name__)
+    return tuple(out)
+
+
+def is_heldout_behaviour(outputs: tuple, share: float = 0.25) -> bool:
+    """A fixed, seed-independent share of behaviours is reserved for the held-out split."""
+    h = int(hashlib.sha256(repr(outputs).encode()).hexdigest()[:8], 16)
     return h / 0xFFFFFFFF < share
 
 
@@ -98,8 +208,8 @@ def _render(ops: list[Op], name: str) -> tuple[str, str]:
 EXACT_COMPARE = "def _same(got, want):\n    return type(got) is type(want) and got == want\n\n\n"
 
 
-def _make(rng: random.Random, level: int, name: str) -> tuple[list[Op], str, str, str]:
-    """`level` list operations, then (half of the time) a reduction."""
+def _make(rng: random.Random, level: int, name: str) -> tuple[list[Op], str, str, str, object]:
+    """`level` list operations, then (half of the time) a reduction; also the reference function."""
     ops = [_list_op(rng) for _ in range(level)]
     if rng.random() < 0.5:
         ops.append(_reduction(rng))
@@ -113,7 +223,7 @@ def _make(rng: random.Random, level: int, name: str) -> tuple[list[Op], str, str
         want = fn(list(xs))
         lines.append(f"    assert _same(candidate({xs!r}), {want!r})")
     test = EXACT_COMPARE + "def check(candidate):\n" + "\n".join(lines) + "\n"
-    return ops, prompt, body, test
+    return ops, prompt, body, test, fn
 
 
 def generate_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = LEVELS) -> list[Task]:
@@ -131,8 +241,8 @@ def generate_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = 
             raise ValueError(f"only {len(tasks)} distinct {split} tasks exist at levels {levels}; asked for {n}")
         level = live[turn % len(live)]
         name = "solve"
-        ops, prompt, body, test = _make(rng, level, name)
-        heldout = any(is_heldout_pair(p) for p in _pairs(ops))
+        ops, prompt, body, test, fn = _make(rng, level, name)
+        heldout = has_heldout_pair(ops)
         if (split == "heldout") != heldout:
             continue
         if split != "heldout":  # train / validation: disjoint by a hash of the task text
@@ -145,6 +255,11 @@ def generate_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = 
                 live.remove(level)
             continue
         seen.add(prompt)
+        outputs = behaviour(fn)
+        if is_heldout_behaviour(outputs) != (split == "heldout"):
+            continue  # a behaviour of the other side of the split (checked after the cheap tests)
+        if split == "heldout" and len(set(map(repr, outputs))) < MIN_DISTINCT:
+            continue  # near-constant (mostly [] or 0): a near-twin of many train tasks on any few inputs
         misses[level] = 0
         turn += 1
         tasks.append(Task(f"generated/{split}/L{level}/{len(tasks)}", prompt, name, test, body, strict=True))

@@ -6,8 +6,9 @@ trajectories, the best are kept, and it is fine-tuned on the states they went th
 Top to bottom (`train` below):
   1. the pool: `pool.samples` trajectories of each of `pool.n_tasks` prompts through the one sampler
      (`rollout.decode_tasks`, one token per step by default: the order in which tokens were committed
-     is what is distilled), each judged by the verifier and scored by its ELBO; per prompt the best
-     `pool.keep` are kept: verified first, then the highest ELBO. Written to `pool.jsonl` (format in
+     is what is distilled), each judged by the verifier and scored by its path log-likelihood; per
+     prompt the best `pool.keep` are kept: verified first, then (`pool.prefer`) the fewest forwards
+     ("fast": parallel orders that still pass) or the highest path log-likelihood ("likely"). Written to `pool.jsonl` (format in
      `write_pool`) with the model, sampler settings and seeds that made it; a run finds it again, and
      `pool.path` reuses one (from this or another run);
   2. distillation: each step takes a micro-batch of kept trajectories (seeded epochs, resumable) and
@@ -18,11 +19,11 @@ Top to bottom (`train` below):
   3. validation (pass@1 and tokens per forward, one token per step and fast) at the start, on a
      schedule and at the end; resumable checkpoints; the final model exported.
 
-The ELBO of a trajectory, stated: the log-probability of the path, log p(x0, tau) = sum over steps of
-log p(tokens committed at the step | the state before it), as the sampler recorded it (temperature 1,
-the policy itself), per token. It is an evidence lower bound, log p(x0) = log sum_tau p(x0, tau) >=
-log p(x0, tau), and the one that depends on the order, which is what selecting an order needs (the
-mask-ELBO of x0 alone would not tell two orders of the same program apart).
+The ranking score of a trajectory, stated: the per-token path log-likelihood, (1/|x0|) sum over steps
+of log p(tokens committed at the step | the state before it), as the sampler recorded it (temperature
+1). It leaves out the probability of the order itself (which positions were unmasked when), so it is
+not an evidence lower bound of log p(x0); it is a ranking rule that depends on the order, which is what
+choosing among orders of the same program needs (the mask ELBO of x0 alone would not tell them apart).
 """
 
 from __future__ import annotations
@@ -74,12 +75,20 @@ def order_loss(token_logp: torch.Tensor, committed: torch.Tensor) -> tuple[torch
     return nll, {"order_nll": nll.detach(), "tokens": n.detach().float()}
 
 
-def select(rows: list[dict], keep: int, require_pass: bool) -> list[dict]:
-    """The best `keep` trajectories of one prompt: verified ones first, then the highest ELBO."""
-    ranked = sorted(rows, key=lambda r: (r["passed"], r["elbo"]), reverse=True)
+def select(rows: list[dict], keep: int, require_pass: bool, prefer: str = "likely") -> list[dict]:
+    """The best `keep` trajectories of one prompt: verified ones first, then the fewest forwards
+    (prefer="fast", ties by likelihood) or the highest per-token path log-likelihood ("likely")."""
+    if prefer == "fast":
+        ranked = sorted(rows, key=lambda r: (r["passed"], -r.get("forwards", 0), _score(r)), reverse=True)
+    else:
+        ranked = sorted(rows, key=lambda r: (r["passed"], _score(r)), reverse=True)
     if require_pass:
         ranked = [r for r in ranked if r["passed"]]
     return ranked[:keep]
+
+
+def _score(row: dict) -> float:
+    return row["path_logp"] if "path_logp" in row else row["elbo"]  # "elbo": pools written before 2026-12-07
 
 
 def _row_json(row: TrajectoryRow) -> dict:
@@ -94,7 +103,7 @@ def _row_from_json(data: dict) -> TrajectoryRow:
 def write_pool(path: Path, header: dict, kept: list[dict]) -> None:
     """JSONL: line 1 {"format", "model", "tasks", "sampler", "seed", "samples", "keep", counts...};
     then one kept trajectory per line: {"task_id", "task_index", "sample", "seed", "passed", "status",
-    "elbo", "trajectory": TrajectoryRow fields (prompt ids, canvas, commit_forward, commit_logprob,
+    "path_logp" (per-token path log-likelihood; "elbo" in older pools), "forwards", "trajectory": TrajectoryRow fields (prompt ids, canvas, commit_forward, commit_logprob,
     forwards, ...)}. Replaying a line with the same model rebuilds every state it went through."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
@@ -115,8 +124,8 @@ def read_pool(path: Path) -> tuple[dict, list[dict]]:
     if not numbered or numbered[0][1].get("format") != POOL_FORMAT:
         raise ConfigError(f"{path}:1: not a trajectory pool (expected a header with format {POOL_FORMAT!r})")
     for i, row in numbered[1:]:
-        if not {"task_id", "passed", "elbo", "trajectory"} <= set(row):
-            raise ConfigError(f"{path}:{i}: a pool row needs task_id, passed, elbo and trajectory")
+        if not {"task_id", "passed", "trajectory"} <= set(row) or not {"path_logp", "elbo"} & set(row):
+            raise ConfigError(f"{path}:{i}: a pool row needs task_id, passed, path_logp and trajectory")
     return numbered[0][1], [row for _, row in numbered[1:]]
 
 
@@ -139,11 +148,12 @@ def build_pool(engine, tokenizer, cfg: OrderConfig, verifier: VerifierPool, show
         if v.status == "excluded":
             continue  # no verdict: neither kept nor counted
         tr = ro.trajectory
-        elbo = float(tr.commit_logprob.sum()) / max(1, int((tr.commit_forward > 0).sum()))
+        path_logp = float(tr.commit_logprob.sum()) / max(1, int((tr.commit_forward > 0).sum()))
         by_task.setdefault(ro.task_index, []).append(
             {"task_id": ro.task.task_id, "task_index": ro.task_index, "sample": ro.sample, "seed": tr.seed,
-             "passed": bool(v.passed), "status": v.status, "elbo": elbo, "trajectory": _row_json(tr)})
-    kept = [row for i in sorted(by_task) for row in select(by_task[i], p.keep, p.require_pass)]
+             "passed": bool(v.passed), "status": v.status, "path_logp": path_logp,
+             "forwards": int(tr.commit_forward.max()), "trajectory": _row_json(tr)})
+    kept = [row for i in sorted(by_task) for row in select(by_task[i], p.keep, p.require_pass, p.prefer)]
     passed = sum(v.passed for v in verdicts)
     header = {"format": POOL_FORMAT, "model": str(cfg.model.init_from), "tasks": p.tasks, "n_tasks": len(tasks),
               "samples": p.samples, "keep": p.keep, "require_pass": p.require_pass, "sampler": asdict(p.sampler), "seed": seed,
