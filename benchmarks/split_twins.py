@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 
 
@@ -53,6 +54,7 @@ def main() -> None:
     if args.generator:
         spec = importlib.util.spec_from_file_location("generated_other", args.generator)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
         spec.loader.exec_module(module)
         generate = module.generate_tasks
     else:

@@ -167,30 +167,142 @@ def plot_onpolicy(p, path: Path) -> bool:
 
 
 def replay_page(p, before: str, after: str, path: Path, threshold: float) -> None:
-    """One held-out task decoded by the model before and after a stage, replayable side by side."""
-    from onpolicy.data.tasks import encode_prompt, load_task_set
+    """One test task decoded by the model before and after a stage, side by side, each pane opening on
+    its finished program and its verdict. The task: the first of the test slice that the model after
+    the stage passes at `threshold` (the first task if it passes none), a rule stated on the page."""
+    from onpolicy.data.tasks import completion_text, encode_prompt, load_task_set
     from onpolicy.loading import load_model
-    from onpolicy.pipeline import model_folder
     from onpolicy.sampling import SamplerConfig, generate
     from onpolicy.tokenizer import SpecialTokens
     from onpolicy.visualize import frames, trajectory_html
+    from verifiers import PythonTestVerifier
 
-    task = load_task_set("generated:heldout", 1, 0)[0]
-    panes = []
+    tasks = load_task_set(p.bench.tasks, min(p.bench.limit, 50), 0)
+    cfg = SamplerConfig(max_new_tokens=p.eval.max_new_tokens, threshold=threshold)
+    decoded = {}
+    with PythonTestVerifier() as verifier:
+        for name in (after, before):
+            model, tokenizer = load_model(str(p.hand_on(name)))
+            special = SpecialTokens.from_tokenizer(tokenizer)
+            decoded[name] = []
+            for i, task in enumerate(tasks):
+                if name == before and i != chosen:
+                    decoded[name].append(None)
+                    continue
+                ids, held_back = encode_prompt(tokenizer, task.prompt, False)
+                traj = generate(model, [ids], special, cfg, seeds=[0])
+                completion = completion_text(tokenizer, traj.row(0).tokens, held_back)
+                passed = verifier.verify([task], [completion])[0].passed
+                decoded[name].append((traj, passed, special, tokenizer))
+                if name == after and passed:
+                    break
+            if name == after:
+                chosen = next((i for i, d in enumerate(decoded[after]) if d and d[1]), 0)
+    task, panes = tasks[chosen], []
     for name in (before, after):
-        model, tokenizer = load_model(str(model_folder(p.output_dir / name)))
-        special = SpecialTokens.from_tokenizer(tokenizer)
-        ids, _ = encode_prompt(tokenizer, task.prompt, False)
-        traj = generate(model, [ids], special, SamplerConfig(max_new_tokens=p.eval.max_new_tokens, threshold=threshold), seeds=[0])
+        traj, passed, special, tokenizer = decoded[name][chosen]
         steps = frames(traj.row(0), tokenizer, special.mask, special.eos)
         title = f"{name}: {len(steps)} steps, {traj.tokens_per_forward:.2f} tokens/forward"
-        panes.append(f'<iframe title="{html.escape(name)}" srcdoc="{html.escape(trajectory_html(task.prompt, steps, title))}"></iframe>')
+        verdict = "passed its tests" if passed else "failed its tests"
+        page = trajectory_html(task.prompt, steps, title, verdict)
+        panes.append(f'<iframe title="{html.escape(name)}" srcdoc="{html.escape(page)}"></iframe>')
+    rule = (f"the first of the test tasks ({p.bench.tasks}) that {after} passes at threshold {threshold}"
+            if decoded[after][chosen][1] else f"the first test task ({after} passes none of the first {len(tasks)})")
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(p.name)}: before and after</title>
 <style>body {{ font-family: system-ui, sans-serif; margin: 1em; }} .row {{ display: flex; gap: 1em; }}
 iframe {{ flex: 1; height: 85vh; border: 1px solid #ccc; }}</style></head><body>
 <h2>{html.escape(task.task_id)}: {html.escape(before)} (left) and {html.escape(after)} (right), threshold {threshold}</h2>
+<p>The task shown is {html.escape(rule)}. Each pane opens on the finished program and its verdict; play replays the denoising.</p>
 <div class="row">{''.join(panes)}</div></body></html>
 """)
+
+
+def verdict(p, bench: dict, choice: dict | None) -> dict | None:
+    """The claim, read off choice.json (the setting, chosen on validation) and bench.json (the test
+    slice, the setting and AR decoded side by side at batch 1 and the larger batches)."""
+    from onpolicy.evaluation import within_tolerance
+    from onpolicy.pipeline import setting_name
+
+    if choice is None:
+        return None
+    b, ar = p.bench, bench["results"]["ar"]
+    base = {"claim": {"speed_vs_ar": b.claim, "tolerance": b.tolerance}, "validation": choice["validation"],
+            "validation_n": choice["n"], "ar_validation_pass@1": choice["ar"]["pass@1"], "test": bench["tasks"],
+            "test_n": bench["n_tasks"], "ar_pass@1": ar["pass_at_1"], "ar_pass@1_ci95": ar.get("pass_at_1_ci95"),
+            "ar_tokens_per_s": ar["tokens_per_s"]}
+    chosen = choice["chosen"]
+    if chosen is None:
+        best = max(choice["settings"], key=lambda r: r["pass@1"])
+        return {**base, "met": False, "setting": None, "sentence":
+                f"**Claim not met: no setting qualifies.** On {choice['n']} validation tasks every setting of the final model "
+                f"is more than {b.tolerance * 100:g} points below AR's pass@1 ({choice['ar']['pass@1']:.1%}; the best, "
+                f"threshold {best['threshold'] or 'one token per step'}, has {best['pass@1']:.1%})."}
+    name = setting_name(choice["block_size"], chosen["threshold"])
+    r = bench["results"][name]
+    met = r["speed_vs_ar"] >= b.claim and within_tolerance(r["pass_at_1"], ar["pass_at_1"], b.tolerance)
+    batches = {size: {"speed_vs_ar": rows[name]["speed_vs_ar"], "tokens_per_s": rows[name]["tokens_per_s"],
+                      "ar_tokens_per_s": rows["ar"]["tokens_per_s"], "pass@1": rows[name]["pass_at_1"],
+                      "ar_pass@1": rows["ar"]["pass_at_1"]} for size, rows in bench.get("batches", {}).items()}
+    ci, ar_ci = r.get("pass_at_1_ci95") or [r["pass_at_1"]] * 2, ar.get("pass_at_1_ci95") or [ar["pass_at_1"]] * 2
+    more = "".join(f"; at batch {size}: {x['speed_vs_ar']:.2f}x AR's tokens/s (pass@1 {x['pass@1']:.1%} vs {x['ar_pass@1']:.1%})"
+                   for size, x in batches.items())
+    sentence = (f"**Claim {'met' if met else 'not met'}: {r['speed_vs_ar']:.2f}x AR's tokens/s at batch 1, test pass@1 "
+                f"{r['pass_at_1']:.1%} [{ci[0]:.1%}, {ci[1]:.1%}] against AR's {ar['pass_at_1']:.1%} [{ar_ci[0]:.1%}, {ar_ci[1]:.1%}]** "
+                f"({bench['n_tasks']} test tasks of {bench['tasks']}; the setting `{name}` chosen on {choice['n']} validation tasks, "
+                f"where it scored {chosen['pass@1']:.1%} against AR's {choice['ar']['pass@1']:.1%}; the bar: at least "
+                f"{b.claim:g}x, at most {b.tolerance * 100:g} points below AR){more}.")
+    return {**base, "met": met, "setting": {"name": name, "block_size": choice["block_size"], "threshold": chosen["threshold"],
+                                            "validation_pass@1": chosen["pass@1"], "tokens_per_forward": r["tokens_per_forward"]},
+            "pass@1": r["pass_at_1"], "pass@1_ci95": r.get("pass_at_1_ci95"), "tokens_per_s": r["tokens_per_s"],
+            "speed_vs_ar": r["speed_vs_ar"], "batches": batches, "sentence": sentence}
+
+
+def training_compute(p, table: dict) -> dict:
+    """Train minutes and an estimate of training FLOPs per stage: 6 x parameters x tokens for the
+    pre-training stages (block-causal diffusion reads each sequence twice: 2x); stages 3 and 4
+    (sampling, replay) at the FLOP rate the pre-training stages reached, times their minutes."""
+    out, rates = {}, []
+    for stage in p.stages:
+        run, minutes = p.output_dir / stage.name, table[stage.name]["train_minutes"]
+        cfg = _yaml(run / "config.yaml")
+        flops = None
+        if cfg.get("stage") == "pretrain":
+            params = _parameters(p.hand_on(stage.name))
+            t = cfg["train"]
+            tokens = t["max_steps"] * t["micro_batch_size"] * t.get("grad_accum", 1) * cfg["data"]["seq_len"]
+            flops = 6 * params * tokens * (2 if table[stage.name]["attention"] == "block_causal" else 1)
+            if minutes:
+                rates.append(flops / (minutes * 60))
+        out[stage.name] = {"train_minutes": minutes, "train_flops": flops, "estimated_from": "6 N D" if flops else None}
+    rate = sum(rates) / len(rates) if rates else None
+    for name, row in out.items():
+        if row["train_flops"] is None and rate:
+            row["train_flops"], row["estimated_from"] = rate * row["train_minutes"] * 60, "minutes x pre-training FLOP/s"
+    return out
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _parameters(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                total += _numel(st.get_slice(key).get_shape())
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _pct(v: dict) -> str:
@@ -220,17 +332,24 @@ def write_report(p, evals: dict, bench: dict, choice: dict | None = None) -> dic
     if onpolicy_stage is not None and onpolicy_stage.init_from:
         replay_page(p, onpolicy_stage.init_from, onpolicy_stage.name, p.output_dir / "replay.html", p.eval.fast_threshold)
         plots.append("replay.html")
+    claim = verdict(p, bench, choice)
+    compute = training_compute(p, table)
+    wall = sum(row["train_minutes"] for row in compute.values())
     report = {"name": p.name, "pipeline": p.source, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+              "verdict": claim, "compute": compute, "choice": choice,
               "stages": table, "ar_comparison": comparison, "summary": summary, "plots": plots}
     (p.output_dir / "report.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# {p.name}: the method end to end", "",
+    lines = ([claim["sentence"], ""] if claim else []) + [f"# {p.name}: the method end to end", "",
              f"`onpolicy pipeline {p.source}` on {report['machine']['platform']} ({report['machine']['threads']} threads), "
              f"{report['created']}.", "",
              f"**Held-out pass@1 after {last}: {_pct(table[last]['pass@1']['heldout'])}** (AR baseline in the bench: "
              f"{comparison['ar_pass@1']:.1%}). Against the AR baseline at batch 1: **{headline['speed_vs_ar']:.2f}x its tokens/s** "
              f"at `{headline['setting']}` (pass@1 {headline['pass@1']:.1%}"
              + ("" if summary["within_2_points_of_ar"] else "; no setting stays within 2 points of AR's pass@1") + ").", "",
+             "Training compute: " + ", ".join(f"{n} {c['train_minutes']:.1f} min ({c['train_flops']:.2g} FLOPs)"
+                                               if c["train_flops"] else f"{n} {c['train_minutes']:.1f} min" for n, c in compute.items())
+             + f"; {wall:.0f} min of training in all.", "",
              "| stage | train min | validation pass@1 | held-out pass@1 | repair pass@1 | tok/fwd (1/step) | "
              f"tok/fwd (p>={p.eval.fast_threshold}) | held-out pass@1 (p>={p.eval.fast_threshold}) |",
              "|---|---|---|---|---|---|---|---|"]

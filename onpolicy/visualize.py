@@ -45,8 +45,10 @@ def show(prompt: str, steps: list[list[tuple[str, str]]], delay: float = 0.08, s
         time.sleep(delay)
 
 
-def trajectory_html(prompt: str, steps: list[list[tuple[str, str]]], title: str = "onpolicy trajectory") -> str:
-    """A self-contained page (no network) that replays the trajectory step by step."""
+def trajectory_html(prompt: str, steps: list[list[tuple[str, str]]], title: str = "onpolicy trajectory",
+                    verdict: str | None = None) -> str:
+    """A self-contained page (no network) that replays the trajectory step by step. It opens on the
+    last step (the finished program), with `verdict` (e.g. "passed its tests") under the title."""
     data = json.dumps([[[t, k] for t, k in pieces] for pieces in steps])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -58,6 +60,7 @@ def trajectory_html(prompt: str, steps: list[list[tuple[str, str]]], title: str 
  input[type=range] {{ flex: 1; }}
 </style></head><body>
 <h2>{html.escape(title)}</h2>
+{f'<p class="verdict"><b>{html.escape(verdict)}</b></p>' if verdict else ''}
 <div class="controls"><button id="play">play</button><input id="step" type="range" min="0" value="0">
 <span id="label"></span></div>
 <pre><span class="prompt">{html.escape(prompt)}</span><span id="canvas"></span></pre>
@@ -82,6 +85,7 @@ document.getElementById("play").onclick = () => {{
     slider.value = +slider.value + 1; render(+slider.value);
   }}, 120);
 }};
-render(0);
+slider.value = steps.length - 1;
+render(steps.length - 1);  // the finished program first; play replays it from step 1
 </script></body></html>
 """

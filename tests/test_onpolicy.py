@@ -236,3 +236,65 @@ def test_a_reference_solution_replays_as_its_masked_states(init_model):
     assert len(orders) > 1 and tuple(row.commit_forward.tolist()) in orders  # seeded: the same draw again, others differ
     assert reference_trajectory(tok, dataclasses.replace(task, canonical_solution=""), 4, 96, torch.Generator()) is None
     assert reference_trajectory(tok, task, 4, n, torch.Generator()) is None  # longer than the sampler may write
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+def test_trainer_scores_commit_decisions_as_the_sampler_drew_them(make_model, special, monkeypatch, attention):
+    """Soft commits over three blocks: the decision log-probability the trainer replays equals the one of
+    the decisions the sampler drew (a bidirectional canvas once counted every later block as open)."""
+    from onpolicy import sampling
+    from onpolicy.diffusion.policy import soft_commit_logprob
+    from onpolicy.rollout import replay_step_logits
+    from onpolicy.sampling import SamplerConfig, generate
+    from onpolicy.trainers.onpolicy import commit_decisions, open_positions
+
+    model = make_model(attention, block_size=4, initializer_range=0.3)  # confident: top probabilities near the threshold
+    cfg = SamplerConfig(max_new_tokens=12, block_size=4, threshold=0.5, commit_temperature=0.2, stop_at_eos=False)
+    drawn = []
+    real = sampling._soft_commit_mask
+
+    def spy(score, open_, cfg_, generators, rows):
+        chosen = real(score, open_, cfg_, generators, rows)
+        drawn.append(soft_commit_logprob(score.float(), open_, chosen, cfg_.threshold, cfg_.commit_temperature)[0])
+        return chosen
+
+    monkeypatch.setattr(sampling, "_soft_commit_mask", spy)
+    traj = generate(model, [[5, 6, 7, 8]], special, cfg, seeds=[3])
+    replayed = torch.zeros(())
+    with torch.no_grad():
+        for st in replay_step_logits(model, [traj.row(0)], special):
+            dec, made = commit_decisions(st, st.logits.float().log_softmax(-1), open_positions(st), cfg.threshold,
+                                         cfg.commit_temperature)
+            replayed = replayed + (dec * made).sum()
+    assert len(drawn) >= 3 and float(sum(drawn)) < -0.01  # decisions with some uncertainty were drawn
+    assert float(replayed) == pytest.approx(float(sum(drawn)), abs=1e-4)
+
+
+def test_kl_reference_is_the_base_with_the_lora_adapters_off(make_model, special):
+    """With trained (non-zero) adapters the live policy differs from its base: the KL term is > 0 and has a
+    gradient on the adapters (it once compared the live model with itself: identically 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    from onpolicy.config import OnPolicyConfig
+    from onpolicy.sampling import SamplerConfig, generate
+    from onpolicy.trainers.onpolicy import Reference, micro_batch_loss
+
+    model = get_peft_model(make_model("block_causal", block_size=4), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    traj = generate(model, [[5, 6, 7, 8], [9, 10, 11]], special, SamplerConfig(max_new_tokens=8), seeds=[0, 1])
+    rows = [traj.row(i) for i in range(2)]
+    cfg = OnPolicyConfig()
+    cfg.loss.beta, cfg.loss.surrogate = 1.0, "none"
+    two = torch.ones(2)
+    loss, stats = micro_batch_loss(model, Reference(model, cfg.loss.beta), rows, special, torch.tensor([1.0, -1.0]),
+                                   two.bool(), torch.zeros(2), cfg, 4, torch.device("cpu"))
+    assert float(stats["kl"]) > 1e-4
+    cfg.loss.beta = 0.0
+    without, _ = micro_batch_loss(model, Reference(model, 0.0), rows, special, torch.tensor([1.0, -1.0]), two.bool(),
+                                  torch.zeros(2), cfg, 4, torch.device("cpu"))
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    grads = torch.autograd.grad(loss - without, lora, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)

@@ -31,7 +31,9 @@ def mini_pipeline(tmp_path, cache):
                            "rollout.sampler.max_new_tokens=8", "rollout.verifier=tests.plugins:CoinVerifier", "validation.every=1"]},
         ],
         "eval": {"limit": 4, "max_new_tokens": 8},
-        "bench": {"ar": "ar", "before": "stage1", "after": "stage4", "limit": 2, "thresholds": [0.5]},
+        "bench": {"ar": "ar", "before": "stage1", "after": "stage4", "limit": 2, "thresholds": [0.5], "batch_sizes": [1, 2],
+                  "validation": "generated:heldout:seed=0:skip=2", "validation_limit": 2, "choose_from": [0.5],
+                  "tolerance": 1.0},  # a tolerance every setting meets: the verdict path runs to its sentence
     }
 
 
@@ -89,6 +91,16 @@ def test_miniature_pipeline_end_to_end_and_rerun_skips(tmp_path):
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["pass@1"] == row["pass@1"]["heldout"]["value"]
     assert ev["tokens_per_forward"] == pytest.approx(row["tokens_per_forward"]["one_per_step"])
+    # the verdict: its setting chosen on validation (choice.json), its numbers those of bench.json
+    claim, choice = report["verdict"], json.loads((out / "choice.json").read_text())
+    assert claim["setting"]["threshold"] == choice["chosen"]["threshold"] == 0.5
+    assert claim["pass@1"] == bench["results"][claim["setting"]["name"]]["pass_at_1"]
+    assert claim["speed_vs_ar"] == bench["results"][claim["setting"]["name"]]["speed_vs_ar"]
+    assert claim["batches"]["2"]["speed_vs_ar"] == bench["batches"]["2"][claim["setting"]["name"]]["speed_vs_ar"]
+    assert (out / "report.md").read_text().startswith("**Claim ")
+    assert set(report["compute"]) == {"ar", "stage1", "stage2", "stage3", "stage4"}
+    assert all(c["train_flops"] > 0 for c in report["compute"].values())
+    assert "passed its tests" in (out / "replay.html").read_text() or "failed its tests" in (out / "replay.html").read_text()
     for name in ("losses.png", "stages.png", "frontier.png", "onpolicy.png", "replay.html", "report.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     # a re-run skips every finished stage and reuses the evaluations

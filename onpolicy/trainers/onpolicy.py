@@ -28,6 +28,7 @@ share of the prompts (groups never span ranks).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -259,7 +260,29 @@ def commit_entropy(logits: torch.Tensor, now: torch.Tensor) -> tuple[torch.Tenso
         return -(logp.exp() * logp).sum().cpu(), int(now.sum())
 
 
-def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
+def open_positions(st) -> torch.Tensor:
+    """[B, G] bool: the positions the sampler was choosing among at step j: still masked before it, in a
+    block that step j worked on. block_causal replays every block at its own j-th step; a bidirectional
+    canvas counts j across blocks, so at step j only the block that commits something is being decoded
+    (later blocks are still masked but were never considered, as in the sampler)."""
+    b, t = st.now.shape
+    working = st.now.view(b, t // st.block, st.block).any(-1, keepdim=True).expand(-1, -1, st.block).reshape(b, t)
+    return (st.step_index >= st.index) & working
+
+
+def commit_decisions(st, logp_all: torch.Tensor, open_: torch.Tensor, threshold: float, temperature: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log-probability of step j's soft commit decision in every block ([B, n_blocks]) and which blocks
+    made one ([B, n_blocks] bool), scored as the sampler drew them (`soft_commit_logprob`)."""
+    b, t = open_.shape
+    blocks = t // st.block
+    score = logp_all.max(-1).values.exp()  # the top probability: the soft commit's score
+    dec = soft_commit_logprob(score.reshape(b * blocks, st.block), open_.reshape(b * blocks, st.block),
+                              st.now.reshape(b * blocks, st.block), threshold, temperature)
+    return dec.view(b, blocks), open_.view(b, blocks, st.block).any(-1)
+
+
+def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
                      distill: torch.Tensor, cfg: OnPolicyConfig, gap: int, device,
                      on_policy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The stage-4 loss of one micro-batch of recorded trajectories, over their replayed states.
@@ -283,15 +306,11 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
         committed = st.now if committed is None else committed | st.now
         ent_sum, ent_n = commit_entropy(st.logits, st.now)
         entropy_sum, entropy_n = entropy_sum + ent_sum, entropy_n + ent_n
-        open_ = st.step_index >= st.index  # still masked before step j (block_causal: within each block)
+        open_ = open_positions(st)
         if lc.commit_actions and sc.commit_temperature is not None:
-            b, t = open_.shape
-            blocks = t // st.block
-            score = logp_all.max(-1).values.exp()  # the top probability: the soft commit's score
-            dec = soft_commit_logprob(score.reshape(b * blocks, st.block), open_.reshape(b * blocks, st.block),
-                                      st.now.reshape(b * blocks, st.block), sc.threshold, sc.commit_temperature)
-            decisions.append(dec.view(b, blocks))
-            decision_mask.append(open_.view(b, blocks, st.block).any(-1))
+            dec, dec_mask = commit_decisions(st, logp_all, open_, sc.threshold, sc.commit_temperature)
+            decisions.append(dec)
+            decision_mask.append(dec_mask)
         if jump_term:
             jl, js = jump_distillation_loss(st.logits, st.canvas, jump_positions(st, gap), distill, lc.certainty)
             jump_total = jump_total + jl
@@ -320,7 +339,7 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
     loss = lc.pg_weight * pg + lc.jump_weight * jump_total / n_steps + progress_total / n_steps
     kl = torch.zeros(())
     if lc.beta > 0:
-        with torch.no_grad():
+        with torch.no_grad(), reference.use(model) as ref_model:
             ref_logp = torch.zeros_like(token_logp)
             for st in replay_step_logits(ref_model, rows, special):
                 ref_tok = st.logits.float().log_softmax(-1).gather(-1, st.canvas[..., None])[..., 0]
@@ -337,18 +356,26 @@ def micro_batch_loss(model, ref_model, rows, special: SpecialTokens, adv: torch.
     return loss, stats
 
 
-class _Reference:
-    """The frozen reference of the KL term: the base with adapters off (LoRA, no second copy), or a
-    frozen copy of the starting weights."""
+class Reference:
+    """The frozen reference of the KL term: the base with its LoRA adapters disabled (no second copy), or
+    a frozen copy of the starting weights. `use(model)` yields what to run for reference logits."""
 
     def __init__(self, module, beta: float):
         self.copy = None
-        self.lora = hasattr(module, "disable_adapter")
-        if beta > 0 and not self.lora:
+        peft = getattr(module, "module", module)  # a DeepSpeed engine keeps the PEFT model in .module
+        self.peft = peft if hasattr(peft, "disable_adapter") else None  # (unwrap() would go past it to the base)
+        if beta > 0 and self.peft is None:
             self.copy = copy.deepcopy(unwrap(module)).eval().requires_grad_(False)
 
-    def model(self, module):
-        return self.copy if self.copy is not None else module
+    @contextlib.contextmanager
+    def use(self, model):
+        if self.copy is not None:
+            yield self.copy
+        elif self.peft is not None:
+            with self.peft.disable_adapter():  # the same forward, adapters off: the base model
+                yield model
+        else:
+            yield model
 
 
 def is_better(val: dict, best: dict | None, bar: float, tolerance: float) -> bool:
@@ -377,7 +404,7 @@ def train(cfg: OnPolicyConfig) -> dict:
     ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip, t.precision,
                                                  model_hidden_size(cfg.model)))
     model = build_model(cfg, special, ds_config, adapt_attention=False)
-    reference = _Reference(model, cfg.loss.beta)
+    reference = Reference(model, cfg.loss.beta)
     engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)
     pool_tasks = load_task_set(r.tasks, r.n_tasks, t.seed)
     val_tasks = load_task_set(cfg.validation.tasks, cfg.validation.n_tasks, t.seed)
@@ -466,7 +493,7 @@ def train(cfg: OnPolicyConfig) -> dict:
             loss, parts = 0.0, []
             with autocast(dist.device, t.precision):
                 if full:
-                    part, stats = micro_batch_loss(engine, reference.model(engine.module), [it[0] for it in full], special,
+                    part, stats = micro_batch_loss(engine, reference, [it[0] for it in full], special,
                                                    torch.tensor([it[1] for it in full], device=dist.device),
                                                    torch.tensor([it[2] for it in full], device=dist.device),
                                                    torch.tensor([it[4] for it in full], device=dist.device), cfg, gap, dist.device,
