@@ -1,6 +1,6 @@
 """Memory at scale, measured on this machine's CPU: gradient checkpointing and memory-mapped corpora.
 
-    python benchmarks/memory.py --out benchmarks/results/memory_cpu.json
+    python benchmarks/memory.py --out benchmarks/results/memory/memory_cpu.json
 
 1. Gradient checkpointing: peak resident memory of one BD3 training forward + backward (the tiny
    recipe's model shape, a long batch so activations dominate), with and without recomputation,

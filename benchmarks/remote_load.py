@@ -1,7 +1,7 @@
 """Load test of sharded remote verification: a fleet of `verifiers serve` processes on loopback, one
 of them killed mid-run, thousands of programs through one `RemoteVerifier`.
 
-    python benchmarks/remote_load.py --programs 5000 --servers 2 --out benchmarks/results/remote_load_cpu.json
+    python benchmarks/remote_load.py --programs 5000 --servers 2 --out benchmarks/results/fleet/remote_load_cpu.json
 
 Each program is a tiny task with a known answer (even-numbered ones correct, odd ones wrong), so
 every verdict can be checked, not only counted. Reported: verdicts by status, wrong verdicts,

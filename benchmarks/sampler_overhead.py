@@ -1,6 +1,6 @@
 """The sampler's fixed cost per forward, before and after a change, in one run on one machine.
 
-    python benchmarks/sampler_overhead.py --before /tmp/before --out benchmarks/results/sampler_overhead_cpu.json
+    python benchmarks/sampler_overhead.py --before /tmp/before --out benchmarks/results/sampler/sampler_overhead_cpu.json
 
 `--before` is a checkout of the earlier code (e.g. `git worktree add /tmp/before 8c068c1`). Each
 implementation runs in its own subprocess (a Python process imports one `onpolicy`), and the two take
@@ -50,7 +50,7 @@ def main() -> int:
     p.add_argument("--after", default=str(Path(__file__).resolve().parent.parent), help="checkout of the new code (default: this one)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/results/sampler_overhead_cpu.json")
+    p.add_argument("--out", default="benchmarks/results/sampler/sampler_overhead_cpu.json")
     args = p.parse_args()
     samples: dict[str, list[dict]] = {"before": [], "after": []}
     for r in range(args.rounds):

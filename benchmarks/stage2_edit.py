@@ -1,7 +1,7 @@
 """Stage 2's claim at small scale: stage 1+2 (edit corruption added) against stage 1 only, the same
 budget, several seeds.
 
-    python benchmarks/stage2_edit.py --seeds 0 1 2 --steps 30 --out benchmarks/results/stage2_edit.json
+    python benchmarks/stage2_edit.py --seeds 0 1 2 --steps 30 --out benchmarks/results/stage2/stage2_edit.json
 
 Both arms continue the same stage-1 model (`--start`, default `recipes/tiny/stage2_edit.yaml`'s init_from)
 for `--steps` steps on the same data, through `onpolicy train`: `diffusion.edit_fraction=1` (stage 2:

@@ -1,7 +1,7 @@
 """Stage 3's claim at small scale: constrained-order distillation against plain mask training given the
 same extra compute, from the same starting model.
 
-    python benchmarks/stage3_order.py --out benchmarks/results/stage3_order.json
+    python benchmarks/stage3_order.py --out benchmarks/results/stage3/stage3_order.json
 
 1. Stage 3 runs as a user would run it (`onpolicy train recipes/tiny/stage3_order.yaml`); its compute
    is the pool's sampling and verification time plus the distillation steps' time (validation passes

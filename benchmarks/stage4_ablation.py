@@ -1,7 +1,7 @@
 """Stage 4's ablation at equal compute: which part of the loss and reward moves the frontier.
 
     python benchmarks/stage4_ablation.py --init runs/tiny-tasks-from-ar-b4/final --steps 12 \\
-        --out benchmarks/results/stage4_ablation.json --png benchmarks/results/stage4_ablation.png
+        --out benchmarks/results/stage4_history/stage4_ablation.json --png benchmarks/results/stage4_history/stage4_ablation.png
 
 Every arm is `onpolicy train recipes/tiny/stage4_onpolicy.yaml` (as a user runs it) from the same
 starting model, with the same prompts (same seed), group size, completion length, learning rate and

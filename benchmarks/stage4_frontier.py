@@ -1,7 +1,7 @@
 """Stage 4's claim, frontier to frontier: tokens per forward at the same quality, before and after.
 
     python benchmarks/stage4_frontier.py --model start runs/tiny-tasks-from-ar-b4 --model stage4 runs/tiny-stage4/best \\
-        --run runs/tiny-stage4 --limit 300 --out benchmarks/results/stage4_frontier.json --png benchmarks/results/stage4_frontier.png
+        --run runs/tiny-stage4 --limit 300 --out benchmarks/results/stage4_history/stage4_frontier.json --png benchmarks/results/stage4_history/stage4_frontier.png
 
 Every model is decoded through `onpolicy eval`'s path (`evaluate_checkpoint`: the one sampler, the
 sandbox) on the same held-out generated tasks, greedy, at one token per step, at several commit
@@ -90,7 +90,7 @@ def main() -> int:
     p.add_argument("--tolerance", type=float, default=0.02)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--run", default=None, help="a stage-4 run folder: plot its training curves")
-    p.add_argument("--out", default="benchmarks/results/stage4_frontier.json")
+    p.add_argument("--out", default="benchmarks/results/stage4_history/stage4_frontier.json")
     p.add_argument("--png", default=None)
     p.add_argument("--reuse", nargs="+", default=[], metavar="JSON", help="earlier reports (same tasks and limit): a model folder's "
                    "settings found there are taken (under this run's name for it) instead of decoding again (greedy decoding is "

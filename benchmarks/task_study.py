@@ -3,7 +3,7 @@ training compute, pass@1 by difficulty level on the generated validation and hel
 
 Train first (README, "Generated tasks: what a tiny model learns"), then:
 
-    python benchmarks/task_study.py --out benchmarks/results/task_study.json --md benchmarks/results/task_study.md
+    python benchmarks/task_study.py --out benchmarks/results/task_study/task_study.json --md benchmarks/results/task_study/task_study.md
 
 Compute is counted as training FLOPs, 6 x parameters x tokens through the network: a block-causal
 diffusion step reads each sequence twice (noisy blocks + clean context, BD3-LM), so it counts double;
@@ -47,7 +47,7 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=400, help="tasks per split")
     p.add_argument("--threshold", type=float, default=None, help="also decode the diffusion models with this commit threshold")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="benchmarks/results/task_study.json")
+    p.add_argument("--out", default="benchmarks/results/task_study/task_study.json")
     p.add_argument("--md", default=None)
     args = p.parse_args()
     models = args.model or [["AR baseline", "runs/tiny-tasks-ar", "-"], ["diffusion, from scratch", "runs/tiny-tasks-mask", "-"],

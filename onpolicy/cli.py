@@ -130,7 +130,7 @@ def _eval(args: argparse.Namespace) -> int:
     from onpolicy.evaluation import evaluate_checkpoint, markdown_table
     from onpolicy.loading import load_model
     from onpolicy.sampling import SamplerConfig
-    from verifiers import PythonTestVerifier
+    from verifiers.registry import open_verifier, parse_args
 
     if args.threads:
         import torch
@@ -141,7 +141,8 @@ def _eval(args: argparse.Namespace) -> int:
                         threshold=args.threshold, temperature=temperature)
     model, tokenizer = load_model(args.checkpoint)
     tasks = load_task_set(args.tasks, args.limit, args.seed)
-    with PythonTestVerifier() as verifier, tqdm(total=len(tasks) * args.samples, desc="eval", unit="sample") as bar:
+    with open_verifier(args.verifier, parse_args(args.verifier_arg), args.pass_threshold) as verifier, \
+            tqdm(total=len(tasks) * args.samples, desc="eval", unit="sample") as bar:
         result = evaluate_checkpoint(model, tokenizer, tasks, cfg, args.samples, verifier, args.batch_size, args.seed, bar.update,
                                      chat=args.chat)
     result = {"checkpoint": str(args.checkpoint), "task_set": args.tasks, "chat": args.chat, "sampler": cfg.__dict__, **result}
@@ -154,6 +155,21 @@ def _eval(args: argparse.Namespace) -> int:
         Path(args.md).write_text(table)
     print(table + f"wrote {args.out} and {samples}")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """`verify` over every task set `eval` takes (generated and repair sets too), not only files."""
+    from verifiers.cli import run_verify
+
+    def load(name: str, ids: list[str]):
+        from onpolicy.data.tasks import load_task_set
+
+        if name.startswith(("generated:", "repair:")):  # ids end in their position: generate up to the last one
+            positions = [int(i.rsplit("/", 1)[-1]) for i in ids if i.rsplit("/", 1)[-1].isdigit()]
+            return load_task_set(name, max(positions, default=0) + 1)
+        return load_task_set(name)
+
+    return run_verify(args, load)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -192,6 +208,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from verifiers.cli import add_verifier_arguments
+
     from onpolicy.data.tasks import TASK_SETS  # torch-free
 
     parser = argparse.ArgumentParser(prog="onpolicy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--steps", type=int, nargs="*", default=[], help="also fixed steps per block (e.g. 1 2: whole blocks per step)")
+    add_verifier_arguments(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
                    help="decode at these batch sizes too (e.g. 1 16); batch 1 is always measured")
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -269,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chat", action="store_true", help="instruct models: ask in the chat template, run the reply's code block")
+    add_verifier_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="eval.json")
@@ -292,11 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the merged model's folder")
     p.set_defaults(func=_merge)
 
-    from verifiers.cli import add_verify_arguments, run_verify
+    from verifiers.cli import add_verify_arguments
 
-    p = sub.add_parser("verify", help="score completions with a sandboxed verifier")
+    p = sub.add_parser("verify", help="score completions with a sandboxed verifier (--list: the verifiers known by name)")
     add_verify_arguments(p)
-    p.set_defaults(func=run_verify)
+    p.set_defaults(func=_verify)
     return parser
 
 

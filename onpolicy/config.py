@@ -84,13 +84,13 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The masked-diffusion objective (PAPER.md section 1). Which objective trains follows
+    """The masked-diffusion objective (docs/method.md, stage 1). Which objective trains follows
     `model.attention`: causal models learn next-token prediction, the others the mask ELBO."""
 
     schedule: str = "linear"  # gamma_t: linear | cosine
     t_eps: float = 1e-3  # t is drawn from [t_eps, 1] so the 1/t weight stays finite
     t_sampling: str = "stratified"  # stratified | antithetic | iid draws of t across a batch
-    # Stage 2, edit diffusion (PAPER.md section 2): the last `edit_fraction` of the steps add edit
+    # Stage 2, edit diffusion (docs/method.md, stage 2): the last `edit_fraction` of the steps add edit
     # corruption (k_t = floor(L * alpha_t) substitutions / deletions / insertions, alpha_t =
     # edit_alpha_max * t) and the loss covers every position of an edited row. 0 = stage 1 only;
     # 1 = every step (continuing a stage-1 model). Causal models ignore it.
@@ -200,13 +200,15 @@ class RolloutConfig:
     sampler: SamplerConfig = field(default_factory=_rollout_sampler)  # rollout decoding; temperature 1 = the policy itself
     verifier: str = "python-tests"  # a name, package.module:Class, entry point, or package.module:reward_function (TRL)
     verifier_timeout: float = 120.0  # seconds one verify call may take; past it its samples are excluded
+    verifier_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the verifier plugin
+    pass_threshold: float | None = None  # a score >= this counts as a pass (graded rewards); None: the plugin's own
     strict: bool | None = None  # return-value check (verifiers.base): None = each task's own (generated: on)
     dynamic_sampling: int = 0  # DAPO: up to N extra rounds of fresh prompts in place of groups whose rewards do not vary
 
 
 @dataclass
 class RewardConfig:
-    """Paper Eq. 10: correctness V and trajectory length K (forwards) over L (decoded tokens)."""
+    """docs/method.md, equation (4): correctness V and trajectory length K (forwards) over L (decoded tokens)."""
 
     form: str = "multiplicative"  # multiplicative: V * ((L - K + 1) / L)^alpha | additive: V - lam * K / L
     alpha: float = 0.5  # exponent of the multiplicative form (0 = accuracy only)
@@ -223,7 +225,7 @@ class LossConfig:
     epsilon_high: float = 0.28  # PPO clip above 1 (DAPO's clip-higher)
     pg_weight: float = 1.0  # weight of the policy-gradient term (0 = surrogates only)
     commit_actions: bool = True  # soft commits: the commit decisions' log-probability joins the policy term
-    surrogate: str = "jump"  # none | progress | jump | both: the edit-distance surrogate(s) of Eq. 11
+    surrogate: str = "jump"  # none | progress | jump | both: the edit-distance surrogate(s) of equation (5) of docs/method.md
     progress_lambda: float = 0.5  # progress cost: step k costs lambda / max(p_k, 1) on passing trajectories
     jump_weight: float = 1.0  # verified jump distillation weight
     jump_gap_start: int = 2  # steps jumped at the start (from s_j straight to s_j+gap) ...
@@ -317,6 +319,8 @@ class PoolConfig:
     sampler: SamplerConfig = field(default_factory=_pool_sampler)  # one token per step (the order is what is learnt)
     verifier: str = "python-tests"  # as rollout.verifier
     verifier_timeout: float = 120.0
+    verifier_args: dict[str, Any] = field(default_factory=dict)  # as rollout.verifier_args
+    pass_threshold: float | None = None  # as rollout.pass_threshold
     strict: bool | None = None  # return-value check; None = each task's own
     path: str | None = None  # a pool file to reuse (default: <output_dir>/pool.jsonl, built if missing)
 
@@ -333,7 +337,7 @@ class OrderValidationConfig:
 
 @dataclass
 class OrderConfig:
-    """Stage 3: constrained-order distillation on the model's own best trajectories (PAPER.md section 3)."""
+    """Stage 3: constrained-order distillation on the model's own best trajectories (docs/method.md, stage 3)."""
 
     stage: str = "order"
     model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the starting model (required)

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO around any of our models: distributed set-up (GPU/NCCL or CPU/gloo), the engine, and
 export of the final model as an HF folder. Resumable checkpoints are in `onpolicy.checkpoint`.
 
-CPU notes (ENVIRONMENT.md): DS_ACCELERATOR=cpu and the gloo backend; DeepSpeed JIT-compiles its
+CPU notes (docs/troubleshooting.md): DS_ACCELERATOR=cpu and the gloo backend; DeepSpeed JIT-compiles its
 shared-memory comm op on first use, and two ranks compiling at once crash, so the build runs once
 under a file lock into a project cache folder (TORCH_EXTENSIONS_DIR).
 """
@@ -99,7 +99,7 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 def shutdown() -> None:
-    """Barrier then destroy the process group (avoids ZeRO-2's abort at exit, ENVIRONMENT.md)."""
+    """Barrier then destroy the process group (avoids ZeRO-2's abort at exit, docs/troubleshooting.md)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -28,8 +28,8 @@ def recipes_root() -> Path:
 
 
 def find_recipe(path: str | Path) -> Path:
-    """`path` itself when it is a file, else the shipped file of that name ("recipes/tiny/x.yaml",
-    "tiny/x.yaml" or "tiny/x"); FileNotFoundError naming what was tried."""
+    """`path` itself when it is a file, else the shipped file of that name ("recipes/tiny/stage1_mask.yaml",
+    "tiny/stage1_mask.yaml" or "tiny/stage1_mask"); FileNotFoundError naming what was tried."""
     p = Path(path)
     if p.is_file():
         return p

@@ -1,4 +1,4 @@
-"""THE sampler: block-wise parallel denoising with an exact KV cache (PAPER.md section 5).
+"""THE sampler: block-wise parallel denoising with an exact KV cache (docs/method.md, inference).
 
 Blocks of `block_size` tokens are generated left to right. Inside a block, every step runs the model
 on the block (given the prefix) and commits some of its masked positions: the most confident ones,

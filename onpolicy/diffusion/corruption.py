@@ -1,4 +1,4 @@
-"""Forward (noising) processes, batched. PAPER.md section 1 (mask) and section 2 (edit)."""
+"""Forward (noising) processes, batched. docs/method.md, stages 1 (mask) and 2 (edit)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def edit_tokens(
     fill_id: int,
     generator: torch.Generator | None = None,
 ) -> EditCorruption:
-    """Edit corruption (PAPER.md section 2), batched: k[b] random edits of x0[b], each a substitution,
+    """Edit corruption (docs/method.md, stage 2), batched: k[b] random edits of x0[b], each a substitution,
     deletion or insertion chosen uniformly.
 
     x0: [B, L]; k: [B] int, edits per sequence (k_t = floor(L * alpha_t), at most L); ordinary: [V]
@@ -54,7 +54,7 @@ def edit_tokens(
     always writes a different token, so exactly k[b] edits apply and d_Lev(x0, edited) <= k[b].
     Insertions go into uniformly drawn gaps (0..L), several into one gap allowed.
 
-    Length alignment (our choice, PAPER.md): a fixed canvas. The edited sequence (length L - deletions
+    Length alignment (our choice, docs/method.md): a fixed canvas. The edited sequence (length L - deletions
     + insertions) is truncated to L, or filled with `fill_id` to L; the target stays x0, index-aligned,
     so after a deletion the model learns to pull the following tokens back, after an insertion to push
     them on. The edited sequence itself is returned too (`edited`, `lengths`) for inspection and tests.

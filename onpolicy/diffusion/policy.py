@@ -1,11 +1,11 @@
-"""The on-policy stage's math as pure functions (PAPER.md section 4): rewards, group advantages, the
+"""The on-policy stage's math as pure functions (docs/method.md, stage 4): rewards, group advantages, the
 clipped policy-gradient term, the soft-threshold commit policy, the edit-distance surrogates, KL.
 
 Shapes: N samples (rows), T canvas positions, S steps. Every function takes tensors and scalars and
 returns (loss, stats) or tensors; no config, no model, no engine.
 
-Paper Eq. 10:  min E_tau[ |tau| - V(tau) ]   (V: the verifier; |tau|: the number of steps)
-Paper Eq. 11:  |tau| proportional to E_ij[ 1 / d_Lev(tau_i, tau_j) ]   (the "progressive surrogate")
+docs/method.md, equation (4):  min E_tau[ |tau| - V(tau) ]   (V: the verifier; |tau|: the number of steps)
+docs/method.md, equation (5):  |tau| proportional to E_ij[ 1 / d_Lev(tau_i, tau_j) ]   (the "progressive surrogate")
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def step_progress(step_index: torch.Tensor, n_steps: int) -> torch.Tensor:
 
 def progress_cost_loss(nll: torch.Tensor, still_masked: torch.Tensor, step_tokens: torch.Tensor, passed: torch.Tensor,
                        lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The progress-cost surrogate of Eq. 11, pathwise, for one replayed state s_k of each row.
+    """The progress-cost surrogate of equation (5) of docs/method.md, pathwise, for one replayed state s_k of each row.
 
     On passing trajectories step k costs lam / max(p_k, 1), p_k its progress (tokens it committed; see
     `step_progress`). Minimising the number of steps means raising p_k where it is small; what lets a

@@ -1,6 +1,6 @@
 """Noise schedules gamma_t (probability a token is masked at time t) and the draw of t.
 
-PAPER.md section 1: the masked-diffusion ELBO weights each masked token by gamma'_t / gamma_t.
+docs/method.md, stage 1: the masked-diffusion ELBO weights each masked token by gamma'_t / gamma_t.
 """
 
 from __future__ import annotations

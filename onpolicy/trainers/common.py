@@ -283,14 +283,16 @@ def start_from_model(cfg):
     return Path(cfg.logging.output_dir), dist, tokenizer, SpecialTokens.from_tokenizer(tokenizer)
 
 
-def verifier_pool(spec: str, strict: bool | None, timeout_s: float, key: str):
+def verifier_pool(spec: str, strict: bool | None, timeout_s: float, key: str, args: dict | None = None,
+                  pass_threshold: float | None = None):
     """A background VerifierPool around the verifier `spec` (name, module:Class, entry point, TRL reward
-    function); a plugin that cannot be found or built is a one-line ConfigError naming `key`."""
+    function) built with `args`; a plugin that cannot be found or built is a one-line ConfigError naming `key`."""
     from onpolicy.errors import ConfigError
     from onpolicy.rollout import VerifierPool
-    from verifiers.registry import get_verifier
+    from verifiers.registry import get_verifier, with_pass_threshold
 
+    kwargs = dict(args or {}) | ({} if strict is None else {"strict": strict})
     try:
-        return VerifierPool(get_verifier(spec, **({} if strict is None else {"strict": strict})), timeout_s)
+        return VerifierPool(with_pass_threshold(get_verifier(spec, **kwargs), pass_threshold), timeout_s)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{key}: {e}") from None

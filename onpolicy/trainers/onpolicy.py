@@ -1,4 +1,4 @@
-"""Stage 4, on-policy diffusion learning (PAPER.md section 4): the model samples, the sandbox judges,
+"""Stage 4, on-policy diffusion learning (docs/method.md, stage 4): the model samples, the sandbox judges,
 and the loss makes correct paths short.
 
     onpolicy train recipes/tiny/stage4_onpolicy.yaml
@@ -10,10 +10,10 @@ One step, top to bottom (`train` below):
      while the next one decodes;
   2. verify: a failing or timed-out program scores 0; an infrastructure failure (the plugin raises or
      hangs, a server is down) is excluded from every statistic, with its reason in the metrics;
-  3. reward (Eq. 10): V * ((L - K + 1) / L)^alpha, or V - lam * K / L; group-relative advantages;
+  3. reward (equation (4) of docs/method.md): V * ((L - K + 1) / L)^alpha, or V - lam * K / L; group-relative advantages;
   4. loss over the replayed states (`rollout.replay_step_logits`: what the model saw at each step):
      the clipped policy gradient on the committed tokens and on the commit decisions, plus the
-     edit-distance surrogate(s) of Eq. 11 on passing trajectories, plus an optional KL (rows that feed only
+     edit-distance surrogate(s) of equation (5) of docs/method.md on passing trajectories, plus an optional KL (rows that feed only
      the jump term may be replayed at one drawn state per block instead: `loss.jump_states=sampled`;
      `loss.anchor` adds the prompts' reference solutions to that term, a supervised anchor);
   5. a DeepSpeed step; metrics; validation, best checkpoint and early stopping on a schedule.
@@ -141,7 +141,7 @@ class StepSamples:
     """What one step trains on (whole groups, in order) and what it decoded in all (for the metrics)."""
 
     rollouts: list
-    rewards: torch.Tensor  # [N] Eq. 10
+    rewards: torch.Tensor  # [N] equation (4) of docs/method.md
     valid: torch.Tensor  # [N] False: excluded by an infrastructure failure
     passed: torch.Tensor  # [N]
     decoded_verdicts: list = field(default_factory=list)  # every decoded sample, kept or not
@@ -400,15 +400,19 @@ def train(cfg: OnPolicyConfig) -> dict:
         raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {dist.world_size} ranks")
     rows_per_rank = r.prompts_per_step // dist.world_size * r.group_size
     grad_accum = math.ceil(rows_per_rank / t.micro_batch_size)
+    # the prompts and the verifier first: a misspelt task set or plugin fails before the model loads
+    pool_tasks = load_task_set(r.tasks, r.n_tasks, t.seed)
+    val_tasks = load_task_set(cfg.validation.tasks, cfg.validation.n_tasks, t.seed)
+    pool = verifier_pool(r.verifier, r.strict, r.verifier_timeout, "rollout.verifier", r.verifier_args, r.pass_threshold)
+    if dist.is_main:
+        print(f"[onpolicy] verifier: {r.verifier}" + (f" {dict(r.verifier_args)}" if r.verifier_args else "")
+              + (f", pass at score >= {r.pass_threshold:g}" if r.pass_threshold is not None else ""), flush=True)
     plan = plan_resume(out, t.resume, dist.world_size)
     ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip, t.precision,
                                                  model_hidden_size(cfg.model)))
     model = build_model(cfg, special, ds_config, adapt_attention=False)
     reference = Reference(model, cfg.loss.beta)
     engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)
-    pool_tasks = load_task_set(r.tasks, r.n_tasks, t.seed)
-    val_tasks = load_task_set(cfg.validation.tasks, cfg.validation.n_tasks, t.seed)
-    pool = verifier_pool(r.verifier, r.strict, r.verifier_timeout, "rollout.verifier")
 
     # 2. Resume.
     state = resume(engine, plan, dist)

@@ -1,4 +1,4 @@
-"""Stage 3, constrained-order distillation (PAPER.md section 3): the model samples its own generation
+"""Stage 3, constrained-order distillation (docs/method.md, stage 3): the model samples its own generation
 trajectories, the best are kept, and it is fine-tuned on the states they went through.
 
     onpolicy train recipes/tiny/stage3_order.yaml
@@ -177,7 +177,7 @@ def train(cfg: OrderConfig) -> dict:
     if unwrap(model).config.attention == "causal":
         raise ConfigError("stage order distills diffusion trajectories; model.init_from is a causal (AR) model")
     engine, scheduler = make_engine(cfg, model, ds_config)
-    verifier = verifier_pool(p.verifier, p.strict, p.verifier_timeout, "pool.verifier")
+    verifier = verifier_pool(p.verifier, p.strict, p.verifier_timeout, "pool.verifier", p.verifier_args, p.pass_threshold)
     val_tasks = load_task_set(cfg.validation.tasks, cfg.validation.n_tasks, t.seed)
     state = resume(engine, plan, dist)
     step, history = state.get("step", 0), state.get("val_history", [])

@@ -1,4 +1,4 @@
-"""Stage 1: masked-diffusion pre-training (PAPER.md section 1), and the same-size AR baseline.
+"""Stage 1: masked-diffusion pre-training (docs/method.md, stage 1), and the same-size AR baseline.
 
     onpolicy train recipes/tiny/stage1_mask.yaml                 # one process
     onpolicy train recipes/tiny/stage1_mask.yaml --nproc 2       # two ranks (torchrun, gloo on CPU)
@@ -8,7 +8,7 @@ The objective follows `model.attention`: bidirectional and block_causal models t
 masked-diffusion ELBO (block_causal with the clean sequence appended, BD3-LM style, so inference can
 use an exact KV cache); a causal model trains next-token prediction, the AR baseline.
 
-Stage 2 (PAPER.md section 2) is an option of this loop, not a copy: the last `diffusion.edit_fraction`
+Stage 2 (docs/method.md, stage 2) is an option of this loop, not a copy: the last `diffusion.edit_fraction`
 of the steps add edit corruption (substitutions, deletions, insertions) and count every position of
 an edited row; `recipes/tiny/stage2_edit.yaml` continues a stage-1 model with edits on a quarter of the rows of every step.
 
