@@ -31,18 +31,26 @@ class Setting:
     sampler: SamplerConfig
 
 
+def setting_name(model: str, block_size: int, threshold: float | None = None, steps: int | None = None) -> str:
+    """A decoder setting's name in bench.json: "ar", "diffusion B=8 1 tok/step", "diffusion B=8 p>=0.9", ..."""
+    if model == "ar":
+        return "ar"
+    rule = f"p>={threshold}" if threshold is not None else f"{steps} steps" if steps else "1 tok/step"
+    return f"{model} B={block_size} {rule}"
+
+
 def settings(block_sizes: list[int], thresholds: list[float], max_new_tokens: int, with_ar: bool,
              steps: list[int] | tuple[int, ...] = (), model: str = "diffusion") -> list[Setting]:
     """The decoder grid: AR (block 1), then per block size one token per step, each threshold, each
     fixed number of steps per block, for `model` (the key of the diffusion model in run_bench's dict)."""
     out = [Setting("ar", "ar", SamplerConfig(max_new_tokens=max_new_tokens))] if with_ar else []
     for b in block_sizes:
-        out.append(Setting(f"{model} B={b} 1 tok/step", model, SamplerConfig(max_new_tokens=max_new_tokens, block_size=b)))
+        out.append(Setting(setting_name(model, b), model, SamplerConfig(max_new_tokens=max_new_tokens, block_size=b)))
         for t in thresholds:
-            out.append(Setting(f"{model} B={b} p>={t}", model, SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, threshold=t)))
+            out.append(Setting(setting_name(model, b, t), model, SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, threshold=t)))
         for k in steps:
             if k < b:
-                out.append(Setting(f"{model} B={b} {k} steps", model,
+                out.append(Setting(setting_name(model, b, steps=k), model,
                                    SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, steps_per_block=k)))
     return out
 

@@ -134,7 +134,7 @@ def model_at_step(run: Path, step: int):
     model = DiffusionTransformer(DiffusionTransformerConfig.from_json_file(str(skeleton / "config.json")))
     state = checkpoint_state(folder)
     if any(k.startswith("base_model.model.") for k in state):  # trained with LoRA: rebuild the adapters, merge
-        from onpolicy.trainers.common import apply_lora
+        from onpolicy.lora import apply_lora
 
         model = apply_lora(model, load_config(run / "config.yaml").lora)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -89,7 +89,7 @@ def load_hf_causal(spec: str | Path):
     causal-LM folder or a Hub id (`onpolicy.loading.resolve_model_dir`)."""
     from transformers import AutoModelForCausalLM
 
-    from onpolicy.loading import resolve_model_dir
+    from onpolicy.specs import resolve_model_dir
     from onpolicy.tokenizer import load_tokenizer
 
     folder, gguf = gguf_source(spec) if is_gguf(spec) else (resolve_model_dir(spec), None)

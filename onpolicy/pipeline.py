@@ -345,11 +345,6 @@ def choose_setting(p: Pipeline, log) -> dict | None:
     return result
 
 
-def setting_name(block: int, threshold: float | None) -> str:
-    """The name `onpolicy bench` gives a diffusion setting."""
-    return f"diffusion B={block} " + ("1 tok/step" if threshold is None else f"p>={threshold}")
-
-
 def bench_last(p: Pipeline, choice: dict | None = None) -> dict:
     """`onpolicy bench` of the last stage against the AR baseline (and the model before) at each of
     `bench.batch_sizes`, with the chosen setting (if any) among the thresholds."""

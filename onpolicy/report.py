@@ -221,7 +221,7 @@ def verdict(p, bench: dict, choice: dict | None) -> dict | None:
     """The claim, read off choice.json (the setting, chosen on validation) and bench.json (the test
     slice, the setting and AR decoded side by side at batch 1 and the larger batches)."""
     from onpolicy.evaluation import within_tolerance
-    from onpolicy.pipeline import setting_name
+    from onpolicy.bench import setting_name
 
     if choice is None:
         return None
@@ -237,7 +237,7 @@ def verdict(p, bench: dict, choice: dict | None) -> dict | None:
                 f"**Claim not met: no setting qualifies.** On {choice['n']} validation tasks every setting of the final model "
                 f"is more than {b.tolerance * 100:g} points below AR's pass@1 ({choice['ar']['pass@1']:.1%}; the best, "
                 f"threshold {best['threshold'] or 'one token per step'}, has {best['pass@1']:.1%})."}
-    name = setting_name(choice["block_size"], chosen["threshold"])
+    name = setting_name("diffusion", choice["block_size"], chosen["threshold"])
     r = bench["results"][name]
     met = r["speed_vs_ar"] >= b.claim and within_tolerance(r["pass_at_1"], ar["pass_at_1"], b.tolerance)
     batches = {size: {"speed_vs_ar": rows[name]["speed_vs_ar"], "tokens_per_s": rows[name]["tokens_per_s"],

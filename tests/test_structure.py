@@ -118,3 +118,47 @@ def test_exported_model_code_is_self_contained():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] in STDLIB | {"torch", "transformers"}, f"{src} imports {name}"
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """Cycles among the project's modules, counting imports inside functions (a deferred import that
+    closes a circle still makes two modules depend on each other). A package's __init__ re-exporting its
+    modules is not an edge back from them."""
+    modules = {}
+    for top in ("onpolicy", "verifiers"):
+        for path in (root / top).rglob("*.py"):
+            modules[module_name(path, root)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = {m for m in imports_of(path, package) if m in modules and m != name}
+        graph[name] = {t for t in targets if not name.startswith(t + ".") and not modules[t].name == "__init__.py"}
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+def test_no_import_circles_counting_imports_inside_functions():
+    assert import_cycles(ROOT) == []
+
+
+def test_the_circle_check_finds_a_planted_circle(tmp_path):
+    pkg = tmp_path / "onpolicy"
+    pkg.mkdir()
+    (tmp_path / "verifiers").mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from onpolicy import b\n")
+    (pkg / "b.py").write_text("def f():\n    from onpolicy.a import g\n")
+    assert import_cycles(tmp_path) == [["onpolicy.a", "onpolicy.b", "onpolicy.a"]]

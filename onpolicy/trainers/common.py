@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from onpolicy import checkpoint as ckpt
 from onpolicy import engine as eng
 from onpolicy.config import INHERIT
+from onpolicy.lora import apply_lora
 from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
 from onpolicy.tokenizer import SpecialTokens
 
@@ -123,18 +125,7 @@ def build_model(cfg, special: SpecialTokens, ds_config: dict, adapt_attention: b
             model = DiffusionTransformer(mcfg)
     model.config.attention_kernel = m.attention_kernel
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
-    return apply_lora(model, cfg.lora)
-
-
-def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
-    """PEFT LoRA adapters on `lora.target_modules` (default: every linear layer but the head); the base
-    weights are frozen. r = 0 returns the model unchanged."""
-    if lora.r == 0:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    targets = lora.target_modules or "all-linear"
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets))
+    return apply_lora(model, cfg.lora, verbose=os.environ.get("RANK", "0") == "0")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
