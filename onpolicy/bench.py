@@ -159,12 +159,13 @@ def run_name(path: str) -> str:
 def main(args) -> int:
     from tqdm.auto import tqdm
 
-    from onpolicy.data.tasks import load_task_set
+    from onpolicy.data.tasks import check_task_set, load_task_set
     from onpolicy.loading import load_model
     from verifiers.registry import open_verifier, parse_args
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_task_set(args.tasks)  # a bad task set fails before any model loads
     diffusion, tokenizer = load_model(args.checkpoint, args.device)
     models = {"diffusion": diffusion}
     if args.before:  # the same model before a stage: both decoded in this run, side by side

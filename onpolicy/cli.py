@@ -30,6 +30,9 @@ def _train(args: argparse.Namespace) -> int:
 
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
         return 0
+    from onpolicy.config import check_init_from
+
+    check_init_from(cfg)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch(args, cfg)
     from onpolicy.config import stage_trainer
@@ -126,7 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from onpolicy.data.tasks import load_task_set
+    from onpolicy.data.tasks import check_task_set, load_task_set
     from onpolicy.evaluation import evaluate_checkpoint, markdown_table
     from onpolicy.loading import load_model
     from onpolicy.sampling import SamplerConfig
@@ -139,6 +142,7 @@ def _eval(args: argparse.Namespace) -> int:
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     cfg = SamplerConfig(max_new_tokens=args.max_new_tokens, block_size=args.block_size, steps_per_block=args.steps,
                         threshold=args.threshold, temperature=temperature)
+    check_task_set(args.tasks)  # a bad task set fails before the model loads
     model, tokenizer = load_model(args.checkpoint)
     tasks = load_task_set(args.tasks, args.limit, args.seed)
     with open_verifier(args.verifier, parse_args(args.verifier_arg), args.pass_threshold) as verifier, \
@@ -186,6 +190,9 @@ def _merge(args: argparse.Namespace) -> int:
     from onpolicy.export import save_model_folder
     from onpolicy.loading import ADAPTER_CONFIG, adapter_base, load_pretrained, resolve_model_dir
 
+    from onpolicy.export import refuse_existing
+
+    refuse_existing(Path(args.out), "merge")
     folder = resolve_model_dir(args.adapter)
     if not (folder / ADAPTER_CONFIG).is_file():
         raise ConfigError(f"{folder} is not an adapter folder (no {ADAPTER_CONFIG})")
@@ -207,12 +214,19 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (the usage itself is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from verifiers.cli import add_verifier_arguments
 
     from onpolicy.data.tasks import TASK_SETS  # torch-free
 
-    parser = argparse.ArgumentParser(prog="onpolicy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="onpolicy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the deepspeed launcher passes --local_rank=N; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,6 +334,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_parties(with_transformers: bool = True) -> None:
+    """Our commands talk for themselves: transformers', the Hub's and DeepSpeed's progress bars and
+    advisory warnings are off (ONPOLICY_VERBOSE=1 keeps them). Set in the environment too, so the
+    pipeline's stage processes inherit it."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(peft_config|adapter|Found missing adapter keys).*")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if with_transformers:  # `verify` stays free of torch and transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come before or after options (`train R --nproc 2 a=1 b=2`)
@@ -331,16 +367,21 @@ def main(argv: list[str] | None = None) -> int:
     from onpolicy.errors import CheckpointError, ConfigError
     from verifiers.sandbox import SandboxUnavailable
 
+    debug = os.environ.get("ONPOLICY_DEBUG", "") not in ("", "0")
+    if os.environ.get("ONPOLICY_VERBOSE", "") in ("", "0"):
+        quiet_third_parties(args.command != "verify")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError, SandboxUnavailable) as e:
-        print(f"onpolicy {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # malformed input files of the commands that read them (path:line in the message)
-        if args.command not in ("verify", "eval", "bench", "export", "merge", "recipes"):
+    except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError, SandboxUnavailable, ValueError) as e:
+        if debug:
             raise
-        print(f"onpolicy {args.command}: error: {e}", file=sys.stderr)
+        print(f"onpolicy {args.command}: error: {e}", file=sys.stderr)  # bad input: the message names it
         return 2
+    except Exception as e:  # anything else raised inside a command or a trainer: one line, the traceback on request
+        if debug:
+            raise
+        print(f"onpolicy {args.command}: error: {type(e).__name__}: {e} (ONPOLICY_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 
 from onpolicy.diffusion.policy import LOSS_TYPES, REWARD_FORMS, SCALE_REWARDS
-from onpolicy.errors import ConfigError
+from onpolicy.errors import ConfigError, yaml_problem
 from onpolicy.sampling import SamplerConfig
 
 ATTENTION_MODES = ("bidirectional", "block_causal", "causal")  # = onpolicy.model's (tests/test_config.py checks)
@@ -276,6 +277,8 @@ class OnPolicyConfig:
         r, rw, loss = self.rollout, self.reward, self.loss
         if not self.model.init_from:
             raise ConfigError("stage onpolicy starts from a trained model: set model.init_from=FOLDER")
+        check_task_sets(rollout__tasks=r.tasks, validation__tasks=self.validation.tasks)
+        check_verifier("rollout.verifier", r.verifier)
         _one_of(rw.form, REWARD_FORMS, "reward.form")
         _one_of(rw.scale_rewards, SCALE_REWARDS, "reward.scale_rewards")
         _one_of(loss.jump_states, JUMP_STATES, "loss.jump_states")
@@ -350,6 +353,8 @@ class OrderConfig:
     def validate(self) -> None:
         check_common(self)
         pl = self.pool
+        check_task_sets(pool__tasks=pl.tasks, validation__tasks=self.validation.tasks)
+        check_verifier("pool.verifier", pl.verifier)
         if not self.model.init_from:
             raise ConfigError("stage order starts from a trained model: set model.init_from=FOLDER")
         if pl.samples < 1 or pl.keep < 1 or pl.keep > pl.samples:
@@ -425,7 +430,10 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[Path, d
     from onpolicy.recipes import find_recipe
 
     path = find_recipe(path)
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    except yaml.YAMLError as e:  # the line and column where the parser stopped
+        raise ConfigError(yaml_problem(path, e)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = raw.pop("base", None)
@@ -457,8 +465,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, sta
     _check_keys(over, schema, "")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw, over)
-    except Exception as e:  # type errors: "train.max_steps=ten"
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+    except Exception as e:  # type errors: "train.max_steps=ten"; OmegaConf's message runs over several lines
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{path or 'config'}: " + (f"{key}: " if key else "") + str(e).splitlines()[0]) from None
     given = _leaves(over)
     missing = [k for k, v in _leaves(raw).items() if v == "???" and given.get(k, "???") == "???"]
     if missing:  # `???` in a recipe: a value the user must give (and did not, by override)
@@ -483,6 +492,16 @@ def _one_of(value: str, options: tuple[str, ...], key: str) -> None:
 def check_common(cfg) -> None:
     """Checks of the sections every stage shares (model, train, logging, lora)."""
     m, t = cfg.model, cfg.train
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "block_size"):
+        if getattr(m, key, 1) is not None and getattr(m, key, 1) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 1")
+    data = getattr(cfg, "data", None)
+    if data is not None and data.seq_len < 1:
+        raise ConfigError(f"data.seq_len={data.seq_len} must be >= 1")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr={t.lr} must be > 0")
+    if t.weight_decay < 0 or t.warmup_steps < 0:
+        raise ConfigError("train.weight_decay and train.warmup_steps must be >= 0")
     _one_of(m.attention, (*ATTENTION_MODES, INHERIT), "model.attention")
     if m.attention == INHERIT and not m.init_from:
         raise ConfigError("model.attention=inherit keeps model.init_from's attention: set model.init_from")
@@ -502,3 +521,48 @@ def check_common(cfg) -> None:
         raise ConfigError("train.betas must have two values")
     if cfg.lora.r < 0 or not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError("lora.r must be >= 0 (0 = off) and lora.dropout in [0, 1)")
+    for name in cfg.lora.target_modules or []:
+        if name not in LORA_TARGETS:
+            raise ConfigError(f"lora.target_modules: '{name}' names no linear layer of the model; valid: {', '.join(LORA_TARGETS)}")
+
+
+# The linear layers of onpolicy.model.DiffusionTransformer (every model, outside ones included, is mapped
+# onto it), by the names LoRA targets take; tests/test_config.py checks the list against the model.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def check_init_from(cfg) -> None:
+    """`model.init_from` names something that can exist (checked when a run starts, not when a recipe is
+    read: a recipe may name a start that is built later)."""
+    spec = cfg.model.init_from
+    if spec and not _could_be_model(str(spec)):
+        raise ConfigError(f"model.init_from: no such model folder or file: {spec} "
+                          "(a folder written by onpolicy, a run folder, an adapter folder, a .gguf file, smollm2 or a Hub id org/name)")
+
+
+def _could_be_model(spec: str) -> bool:
+    """An existing path, a name onpolicy knows (smollm2) or something shaped like a Hub id (org/name)."""
+    import re
+
+    return Path(spec).exists() or spec == "smollm2" or re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", spec) is not None
+
+
+def check_verifier(key: str, spec: str) -> None:
+    """The verifier plugin `spec` can be found and imported, or a one-line ConfigError naming `key`."""
+    from verifiers.registry import resolve
+
+    try:
+        resolve(spec)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def check_task_sets(**sets: str) -> None:
+    """Each `key=name` a loadable task set, or a one-line ConfigError naming the key (before anything runs)."""
+    from onpolicy.data.tasks import check_task_set
+
+    for key, name in sets.items():
+        try:
+            check_task_set(name)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{key.replace('__', '.')}: {e}") from None

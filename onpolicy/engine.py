@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import math
 import os
@@ -49,7 +50,8 @@ def setup_distributed(cache_dir: str | Path = ".cache/onpolicy", threads: int | 
 
     if not cuda:
         _prebuild_cpu_ops(ext_dir)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # its "... built successfully" line on every start
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -75,7 +77,10 @@ def _prebuild_cpu_ops(ext_dir: Path) -> None:
     with open(ext_dir / ".onpolicy-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            builder.load(verbose=False)
+            if not any(ext_dir.glob(f"{builder.name}*")) and os.environ.get("RANK", "0") == "0":
+                print(f"[onpolicy] building DeepSpeed's CPU communication op into {ext_dir} (once, ~25 s)", flush=True)
+            with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints "... built successfully" every time
+                builder.load(verbose=False)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

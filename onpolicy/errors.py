@@ -7,3 +7,10 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt."""
+
+
+def yaml_problem(path, e: Exception) -> str:
+    """A YAML parse error in one line: path:line:column and the parser's complaint."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    return f"{where}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})"

@@ -118,6 +118,12 @@ def checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def refuse_existing(target: Path, command: str) -> None:
+    """`export` and `merge` never write over a folder that holds something (a model would be half replaced)."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not empty; {command} will not overwrite it (give another --out)")
+
+
 def model_at_step(run: Path, step: int):
     """(DiffusionTransformer, tokenizer) of a run's checkpoint at `step` (LoRA merged)."""
     from onpolicy.config import load_config
@@ -151,16 +157,18 @@ def export_run(run: str, out: str | None, step: int | None, llama: bool) -> Path
     from onpolicy.loading import load_pretrained
 
     run_dir = Path(run)
+    target = Path(out) if out else run_dir / ("export-llama" if llama else "export") / (f"step_{step:08d}" if step is not None else "final")
+    refuse_existing(target, "export")
     if step is not None:
         model, tokenizer = model_at_step(run_dir, step)
     else:
         model, tokenizer = load_pretrained(run_dir)
-    target = Path(out) if out else run_dir / ("export-llama" if llama else "export") / (f"step_{step:08d}" if step is not None else "final")
     if llama:
         from onpolicy.convert import to_llama
 
+        llama_model = to_llama(model)  # refuses a diffusion model before any folder exists
         target.mkdir(parents=True, exist_ok=True)
-        to_llama(model).save_pretrained(str(target))
+        llama_model.save_pretrained(str(target))
         tokenizer.save_pretrained(str(target))
         return target
     card = {"name": run_dir.name, "stage": None, "eval": None}

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from onpolicy.errors import ConfigError
+from onpolicy.errors import ConfigError, yaml_problem
 from onpolicy.recipes import find_recipe
 
 STAGE_KEYS = ("name", "recipe", "init_from", "overrides", "minutes", "hand_on")
@@ -114,7 +114,7 @@ def load_pipeline(path: str | Path, seed: int | None = None) -> Pipeline:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(yaml_problem(path, e)) from None
     _check(data, ("name", "output_dir", "overrides", "stages", "eval", "bench"), "", path)
     if not data.get("stages"):
         raise ConfigError(f"{path}: no stages")

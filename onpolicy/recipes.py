@@ -61,7 +61,7 @@ def copy_recipe(name: str, dest: str | Path) -> Path:
     """Copy a shipped recipe to `dest` (a folder or a file name); the path written."""
     source = find_recipe(name)
     target = Path(dest)
-    if target.is_dir():
+    if target.is_dir() or str(dest).endswith(("/", "\\")) or not target.suffix:  # a folder, existing or to make
         target = target / source.name
     if target.exists():
         raise FileExistsError(f"{target} exists; not overwriting it")

@@ -56,9 +56,15 @@ def run_verify(args: argparse.Namespace, load=None) -> int:
         return list_verifiers()
     if not (args.tasks and args.completions and args.out):
         raise ValueError("verify needs TASKS COMPLETIONS --out RESULTS.jsonl (or --list)")
+    from verifiers.registry import resolve
+
+    resolve(args.verifier)  # a misspelt verifier fails before any file is read
+    generated = args.tasks.startswith(("generated:", "repair:"))  # made to measure: which ids the completions need
+    tasks = None if generated else {t.task_id: t for t in (load(args.tasks, []) if load else load_tasks(args.tasks))}
     path = Path(args.completions)
-    ids = [str(row.get("task_id")) for _, row in read_jsonl(path)]
-    tasks = {t.task_id: t for t in (load(args.tasks, ids) if load else load_tasks(args.tasks))}
+    if tasks is None:
+        ids = [str(row.get("task_id")) for _, row in read_jsonl(path)]
+        tasks = {t.task_id: t for t in load(args.tasks, ids)} if load else {}
     rows = []
     for i, row in read_jsonl(path):
         if "task_id" not in row or "completion" not in row:

@@ -47,6 +47,16 @@ def _is_reward_function(obj) -> bool:
         return False
 
 
+def resolve(spec: str):
+    """The class, factory, object or reward function `spec` names, imported but not built (ValueError if none)."""
+    known = available()
+    if spec in known:
+        return _import(known[spec])
+    if ":" in spec:
+        return _import(spec)
+    raise ValueError(f"unknown verifier '{spec}'; known: {', '.join(sorted(known))}, or give package.module:Class")
+
+
 def _check_arguments(spec: str, target, kwargs: dict) -> None:
     import inspect
 
@@ -126,13 +136,7 @@ def available() -> dict[str, str]:
 def get_verifier(spec: str, **kwargs) -> Verifier:
     """Instantiate the verifier named by `spec` with `kwargs` (a plugin's own arguments, e.g. from a
     recipe's `rollout.verifier_args`). An argument the plugin does not take is named in the error."""
-    known = available()
-    if spec in known:
-        target = _import(known[spec])
-    elif ":" in spec:
-        target = _import(spec)
-    else:
-        raise ValueError(f"unknown verifier '{spec}'; known: {', '.join(sorted(known))}, or give package.module:Class")
+    target = resolve(spec)
     # a TRL reward function f(prompts, completions, ...) is wrapped; a class or factory is called with
     # kwargs; an object that already verifies is used as it is
     if _is_reward_function(target):

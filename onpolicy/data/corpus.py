@@ -134,6 +134,10 @@ def load_documents(cfg: DataConfig) -> list[Document]:
     if cfg.max_files is not None:
         unique = unique[: cfg.max_files]
     if not unique:
+        hidden = [part for part in cfg.exclude if part in Path(str(source)).parts]
+        if hidden:
+            raise ValueError(f"data.source '{source}' lies inside '{hidden[0]}', which data.exclude skips; "
+                             f"set data.exclude to the parts to skip (e.g. data.exclude=[__pycache__])")
         raise ValueError(f"data.source '{source}' holds no documents (extensions {cfg.extensions}, excluding {cfg.exclude})")
     return unique + task_documents(cfg, sum(len(d.text) for d in unique))
 

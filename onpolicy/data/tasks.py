@@ -41,6 +41,22 @@ def load_task_set(name: str, limit: int | None = None, seed: int = 0) -> list[Ta
     return tasks[:limit] if limit else tasks
 
 
+def check_task_set(name: str) -> None:
+    """Raise ValueError / FileNotFoundError (naming the set, or the file and line) unless `name` is a task
+    set `load_task_set` can load; generated sets are checked by name, without generating them."""
+    if name.startswith(("generated:", "repair:")):
+        from onpolicy.data.generated import SPLITS
+
+        kind, split, *rest = name.split(":")
+        if split not in SPLITS:
+            raise ValueError(f"task set '{name}': unknown split '{split}' (valid: {', '.join(SPLITS)})")
+        _options(name, rest)
+        return
+    from verifiers import load_tasks
+
+    load_tasks(name)
+
+
 def _options(name: str, rest: list[str]) -> dict:
     """The `:key=value` parts of a generated task-set name: `levels=1,2` keeps those levels (all by
     default); `seed=S` pins the draw (else the caller's seed); `skip=N` drops the draw's first N tasks,
