@@ -203,6 +203,7 @@ class RolloutConfig:
     verifier_timeout: float = 120.0  # seconds one verify call may take; past it its samples are excluded
     verifier_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the verifier plugin
     pass_threshold: float | None = None  # a score >= this counts as a pass (graded rewards); None: the plugin's own
+    log_completions: int = 4  # completions per step written to completions.jsonl with their verdicts (and a wandb table)
     strict: bool | None = None  # return-value check (verifiers.base): None = each task's own (generated: on)
     dynamic_sampling: int = 0  # DAPO: up to N extra rounds of fresh prompts in place of groups whose rewards do not vary
 

@@ -45,6 +45,8 @@ class MetricsLogger:
         progress: bool = True,
     ):
         self.enabled = enabled
+        self.output_dir = output_dir
+        self.completions_file = None
         self.bar = None
         self.wandb = None
         self.file = None
@@ -81,6 +83,23 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def completions(self, step: int, rows: list[dict]) -> None:
+        """Sampled completions with their verdicts: completions.jsonl beside metrics.jsonl, and a wandb
+        table when wandb is on."""
+        if not self.enabled or not rows:
+            return
+        if self.completions_file is None:
+            self.completions_file = (self.output_dir / "completions.jsonl").open("a", encoding="utf-8")
+        for row in rows:
+            self.completions_file.write(json.dumps({"step": step, **row}) + "\n")
+        self.completions_file.flush()
+        if self.wandb is not None:
+            import wandb
+
+            keys = list(rows[0])
+            self.wandb.log({"completions": wandb.Table(columns=["step", *keys], data=[[step, *(r[k] for k in keys)] for r in rows])},
+                           step=step)
+
     def progress(self, step: int, postfix: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.n = step
@@ -101,5 +120,7 @@ class MetricsLogger:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.completions_file is not None:
+            self.completions_file.close()
         if self.wandb is not None:
             self.wandb.finish()

@@ -133,6 +133,10 @@ def test_stage4_trains_with_and_without_lora(init_model, tmp_path, lora):
     assert changed, "no weight moved"
     if lora:
         assert all("embed" not in k for k in changed)  # adapters sit on the linear layers only
+    # a few completions per step with their verdicts, beside the metrics (what a verifier plugin saw)
+    logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert logged and {"step", "task_id", "completion", "passed", "score", "status", "reward"} <= set(logged[0])
+    assert max(sum(r["step"] == s for r in logged) for s in {r["step"] for r in logged}) <= 4
 
 
 @pytest.mark.slow

@@ -145,6 +145,7 @@ class StepSamples:
     valid: torch.Tensor  # [N] False: excluded by an infrastructure failure
     passed: torch.Tensor  # [N]
     decoded_verdicts: list = field(default_factory=list)  # every decoded sample, kept or not
+    verdicts: list = field(default_factory=list)  # the kept rows' verdicts, in order
     decoded_tokens: int = 0
     decoded_forwards: int = 0
     prompts_decoded: int = 0
@@ -157,6 +158,15 @@ class StepSamples:
     def pass_rate(self) -> float:
         counted = [v.passed for v in self.decoded_verdicts if v.status != "excluded"]
         return sum(counted) / len(counted) if counted else 0.0
+
+
+def completion_rows(got: StepSamples, n: int, max_chars: int = 2000) -> list[dict]:
+    """The first `n` kept completions of a step with their verdicts and rewards (TRL's log_completions):
+    what a verifier plugin saw and said, without making it write files."""
+    return [{"task_id": ro.task.task_id, "completion": ro.completion[:max_chars], "passed": bool(v.passed),
+             "score": float(v.score), "status": v.status, "detail": v.detail[:200], "reward": float(reward),
+             "forwards": int(ro.forwards), "tokens": int(ro.n_tokens)}
+            for ro, v, reward in list(zip(got.rollouts, got.verdicts, got.rewards.tolist()))[:n]]
 
 
 def sample_step(engine, tokenizer, pool_tasks, cfg: OnPolicyConfig, step: int, pool: VerifierPool, dist) -> StepSamples:
@@ -198,6 +208,7 @@ def sample_step(engine, tokenizer, pool_tasks, cfg: OnPolicyConfig, step: int, p
             out.valid = torch.cat([out.valid, valid[rows]])
             out.passed = torch.cat([out.passed, torch.tensor([verdicts[i].passed for i in rows], dtype=torch.bool)])
             out.decoded_verdicts += verdicts
+            out.verdicts += [verdicts[i] for i in rows]
             out.decoded_tokens += sum(ro.n_tokens for ro in rollouts)
             out.decoded_forwards += sum(ro.forwards for ro in rollouts)
             out.prompts_decoded += len(mine)
@@ -559,6 +570,7 @@ def train(cfg: OnPolicyConfig) -> dict:
             "time/verifier_share": t_verify / max(1e-9, t_step),
         }
         log.log(step, metrics)
+        log.completions(step, completion_rows(got, cfg.rollout.log_completions))
         log.progress(step, {"reward": f"{metrics['reward']:.3f}", "pass": f"{metrics['rollout/pass_rate']:.2f}",
                             "tok/fwd": f"{metrics['rollout/tokens_per_forward']:.2f}"})
 
