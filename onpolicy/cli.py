@@ -187,10 +187,8 @@ def _export(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     """A LoRA adapter folder merged into its base: a plain model folder (loads without PEFT)."""
     from onpolicy.errors import ConfigError
-    from onpolicy.export import save_model_folder
+    from onpolicy.export import refuse_existing, save_model_folder
     from onpolicy.loading import ADAPTER_CONFIG, adapter_base, load_pretrained, resolve_model_dir
-
-    from onpolicy.export import refuse_existing
 
     refuse_existing(Path(args.out), "merge")
     folder = resolve_model_dir(args.adapter)
@@ -222,9 +220,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from verifiers.cli import add_verifier_arguments
-
     from onpolicy.data.tasks import TASK_SETS  # torch-free
+    from verifiers.cli import add_verifier_arguments
 
     parser = Parser(prog="onpolicy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the deepspeed launcher passes --local_rank=N; the rank is read from the environment instead

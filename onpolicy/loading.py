@@ -11,11 +11,9 @@ training. A model is named by any of:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from onpolicy.errors import CheckpointError
-
 from onpolicy.specs import ADAPTER_CONFIG, adapter_base, is_ours, resolve_model_dir  # noqa: F401  (re-exported)
 
 

@@ -179,7 +179,7 @@ def replay_page(p, before: str, after: str, path: Path, threshold: float) -> Non
 
     tasks = load_task_set(p.bench.tasks, min(p.bench.limit, 50), 0)
     cfg = SamplerConfig(max_new_tokens=p.eval.max_new_tokens, threshold=threshold)
-    decoded = {}
+    decoded, chosen = {}, 0
     with PythonTestVerifier() as verifier:
         for name in (after, before):
             model, tokenizer = load_model(str(p.hand_on(name)))
@@ -220,8 +220,8 @@ iframe {{ flex: 1; height: 85vh; border: 1px solid #ccc; }}</style></head><body>
 def verdict(p, bench: dict, choice: dict | None) -> dict | None:
     """The claim, read off choice.json (the setting, chosen on validation) and bench.json (the test
     slice, the setting and AR decoded side by side at batch 1 and the larger batches)."""
-    from onpolicy.evaluation import within_tolerance
     from onpolicy.bench import setting_name
+    from onpolicy.evaluation import within_tolerance
 
     if choice is None:
         return None
@@ -275,7 +275,7 @@ def training_compute(p, table: dict) -> dict:
                 rates.append(flops / (minutes * 60))
         out[stage.name] = {"train_minutes": minutes, "train_flops": flops, "estimated_from": "6 N D" if flops else None}
     rate = sum(rates) / len(rates) if rates else None
-    for name, row in out.items():
+    for row in out.values():
         if row["train_flops"] is None and rate:
             row["train_flops"], row["estimated_from"] = rate * row["train_minutes"] * 60, "minutes x pre-training FLOP/s"
     return out

@@ -137,3 +137,27 @@ def test_grpo_trainer_trains_with_our_verifier_as_its_reward(tmp_path):
     for row in logs:  # each step holds all four tasks: 4 samples of t/3 are left out (None), not scored 0 (mean 0.75)
         assert row["rewards/flaky/mean"] == 1.0, row
     assert any(not torch.equal(before[k], v) for k, v in model.named_parameters())  # the model trained
+
+
+def test_trl_adapter_says_why_a_verifier_raised_and_reads_fenced_code_like_verl_and_eval(caplog):
+    from onpolicy.data.tasks import extract_code as eval_rule
+    from verifiers.base import Task, Verdict
+    from verifiers.trl import as_reward_function
+
+    class Broken:
+        def verify(self, tasks, completions):
+            raise RuntimeError("sandbox image missing")
+
+    class Echo:
+        def verify(self, tasks, completions):
+            self.seen = completions
+            return [Verdict(t.task_id, True, 1.0, "passed", "", 0.0) for t in tasks]
+
+    task = Task("t", "def f():\n", "f", "def check(c):\n    pass\n")
+    with caplog.at_level("WARNING", logger="verifiers.trl"):
+        assert as_reward_function(Broken(), {"t": task})(["p"], ["x"], task_id=["t"]) == [None]
+    assert "sandbox image missing" in caplog.text
+    echo = Echo()
+    reply = "Here you go:\n```python\n    return 1\n```\nDone."
+    assert as_reward_function(echo, {"t": task})(["p"], [reply], task_id=["t"]) == [1.0]
+    assert echo.seen == ["    return 1\n"] == [eval_rule(reply)]

@@ -9,9 +9,13 @@ never a 0 reward.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from verifiers.base import Task, Verdict, Verifier
+from verifiers.code import extract_code
+
+logger = logging.getLogger("verifiers.trl")
 
 
 def as_reward_function(verifier: Verifier, tasks: dict[str, Task] | None = None, name: str | None = None) -> Callable:
@@ -37,13 +41,28 @@ def as_reward_function(verifier: Verifier, tasks: dict[str, Task] | None = None,
                 for i in range(n)
             ]
         try:
-            verdicts = verifier.verify(batch, [_text(c) for c in completions])
-        except Exception:  # the verifier itself broke: no verdicts, not zero rewards
+            verdicts = verifier.verify(batch, [extract_code(_text(c)) for c in completions])
+        except Exception as e:  # the verifier itself broke: no verdicts (None), not zero rewards, and say why
+            _warn_raised(reward.__name__, e)
             return [None] * n
         return [None if v.status == "excluded" else v.score for v in verdicts]
 
     reward.__name__ = name or f"{type(verifier).__name__}_reward"
     return reward
+
+
+_raised: dict[str, int] = {}
+
+
+def _warn_raised(name: str, e: Exception) -> None:
+    """A warning with the reason when the verifier behind a reward function raises: the first three times
+    for each kind of error, then every hundredth (TRL calls the reward every step)."""
+    key = f"{type(e).__name__}: {e}"
+    _raised[key] = _raised.get(key, 0) + 1
+    count = _raised[key]
+    if count <= 3 or count % 100 == 0:
+        logger.warning("%s: the verifier raised %s (%d times so far); these completions get None (no reward)",
+                       name, key, count)
 
 
 def _text(x) -> str:

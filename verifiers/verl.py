@@ -19,8 +19,8 @@ import re
 import threading
 
 from verifiers.base import Task
+from verifiers.code import extract_code
 
-_FENCE = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
 _lock = threading.Lock()
 _verifier = None
 
@@ -55,8 +55,7 @@ def _task(ground_truth, extra_info: dict) -> Task:
 def compute_score(data_source, solution_str: str, ground_truth, extra_info: dict | None = None, verifier=None) -> dict:
     """verl's reward-function signature; `verifier` (any Verifier) replaces the shared sandbox pool."""
     task = _task(ground_truth, extra_info or {})
-    fenced = _FENCE.search(solution_str)
-    completion = fenced.group(1) if fenced else solution_str
+    completion = extract_code(solution_str)
     if re.search(rf"^def {re.escape(task.entry_point)}\s*\(", completion, re.MULTILINE):  # a whole program: no prompt
         task = Task(task.task_id, "", task.entry_point, task.test, strict=task.strict)
     verdict = (verifier or _shared_verifier()).verify([task], [completion])[0]

