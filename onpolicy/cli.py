@@ -179,8 +179,16 @@ def _verify(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from onpolicy.export import export_run
 
-    folder = export_run(args.run, args.out, args.step, args.llama)
+    folder = export_run(args.run, args.out, args.step, args.llama, args.base_model)
     print(f"wrote {folder}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from onpolicy.export import push_folder
+
+    url = push_folder(Path(args.folder), args.repo_id, args.private, args.message)
+    print(f"pushed {args.folder} to {url}")
     return 0
 
 
@@ -311,7 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="export the resumable checkpoint of this step instead of final/")
     p.add_argument("--out", default=None, help="target folder (default: RUN/export/final or RUN/export/step_N)")
     p.add_argument("--llama", action="store_true", help="a causal (AR) model as a plain transformers LlamaForCausalLM")
+    p.add_argument("--base-model", default=None, help="the card's base_model: the Hub id (or name) of what the run started from")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("push", help="upload an exported model folder to the Hugging Face Hub (huggingface_hub)")
+    p.add_argument("folder", help="an exported folder (onpolicy export, merge or a run's final/)")
+    p.add_argument("--repo-id", required=True, help="org/name on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--message", default="Upload model from onpolicy", help="the commit message")
+    p.set_defaults(func=_push)
 
     p = sub.add_parser("recipes", help="list the shipped recipes and DeepSpeed configs, or copy one out (cp NAME DEST)")
     p.add_argument("action", nargs="?", choices=["cp"], help="cp: copy a recipe")

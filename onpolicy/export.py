@@ -19,6 +19,7 @@ model, or the resumable checkpoint of step N (ZeRO shards gathered, LoRA adapter
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def save_model_folder(model, tokenizer, out_dir: Path, decoding: dict | None = N
     inherited = {k: v for k, v in (getattr(model.config, "decoding", None) or {}).items() if k != "block_size"}
     model.config.decoding = {"max_new_tokens": 128, "temperature": 0.0, **inherited, "block_size": model.config.block_size,
                              **(decoding or {})}
+    if getattr(model.config, "mask_token_id", None) is not None:  # our diffusion model: the sampler needs these ids
+        from onpolicy.special_tokens import SpecialTokens
+
+        special = SpecialTokens.from_tokenizer(tokenizer)
+        for name in ("pad", "bos", "eos"):
+            if getattr(model.config, f"{name}_token_id", None) is None:
+                setattr(model.config, f"{name}_token_id", getattr(special, name))
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     model.save_pretrained(str(out_dir), state_dict=state)
     tokenizer.save_pretrained(str(out_dir))
@@ -63,34 +71,119 @@ def add_model_code(folder: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+HUB_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+PATH_KEYS = ("source", "init_from", "output_dir", "cache_dir", "path", "deepspeed", "tasks", "resume")
+
+
+def public_base(spec: str | None) -> tuple[str | None, str | None]:
+    """(the Hub id for the card's `base_model`, a name for people) of what a model started from: a Hub id
+    stays; a local folder gives no Hub id and only its name (never a path of this machine)."""
+    import re
+
+    if not spec:
+        return None, None
+    if re.match(HUB_ID, str(spec)) and not Path(spec).exists():
+        return str(spec), str(spec)
+    p = Path(spec)
+    name = f"{p.parent.name}/{p.name}" if p.name in ("final", "best") else p.name
+    return None, name
+
+
+def public_recipe(recipe_yaml: str, model) -> str:
+    """The run's config for the card: paths reduced to their last names, the model section the real shape."""
+    import yaml
+
+    data = yaml.safe_load(recipe_yaml) or {}
+
+    def scrub(node):
+        if isinstance(node, dict):
+            return {k: (_name(v) if k in PATH_KEYS and isinstance(v, str) else scrub(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    data = scrub(data)
+    c = model.config
+    model_section = data.setdefault("model", {})
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "attention", "block_size", "shift_logits"):
+        if hasattr(c, key):
+            model_section[key] = getattr(c, key)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _name(value: str) -> str:
+    return Path(value).name if ("/" in value or "\\" in value) and not value.startswith(("generated:", "repair:")) else value
+
+
 def write_model_card(folder: Path, model, card: dict) -> None:
-    """README.md with Hub metadata (library, tags, base model, license), usage, recipe, eval numbers."""
+    """README.md with Hub metadata (library, tags, base model as a Hub id, license), a usage snippet that
+    runs as written, the recipe (paths reduced to names) and eval numbers. No path of this machine."""
     c = model.config
     causal = c.attention == "causal"
     n_params = sum(p.numel() for p in model.parameters())
+    hub_base, base_name = public_base(card.get("base_model"))
     tags = ["onpolicy", "code"] + (["causal-lm"] if causal else ["diffusion", "block-diffusion", "dllm"])
-    meta = ["---", "library_name: transformers", "pipeline_tag: text-generation", "license: apache-2.0", "tags:",
-            *[f"- {t}" for t in tags]]
-    if card.get("base_model"):
-        meta.append(f"base_model: {card['base_model']}")
+    # no pipeline_tag: transformers' pipeline() cannot drive a diffusion sampler; the snippet below is the way in
+    meta = ["---", "library_name: transformers", "license: apache-2.0", "tags:", *[f"- {t}" for t in tags]]
+    if hub_base:
+        meta.append(f"base_model: {hub_base}")
     meta.append("---")
     kind = "causal (autoregressive) transformer" if causal else f"{c.attention} diffusion transformer, block size {c.block_size}"
+    adapters = card.get("adapter_params")
+    repo = card.get("repo") or "path/to/this/folder"
+    shape = f"{c.num_hidden_layers} layers, hidden size {c.hidden_size}, {c.num_attention_heads} heads, vocabulary {c.vocab_size:,}"
     lines = [*meta, "", f"# {card.get('name', folder.name)}", "",
-             f"A {n_params / 1e6:.1f}M-parameter {kind}, trained with [onpolicy](https://github.com/onpolicy/onpolicy)"
-             + (f" (stage `{card['stage']}`)" if card.get("stage") else "") + ".", "",
+             f"A {n_params / 1e6:.2f}M-parameter {kind} ({shape}), trained with onpolicy"
+             + (f" (stage `{card['stage']}`)" if card.get("stage") else "")
+             + (f", starting from `{base_name}`" if base_name else "")
+             + (f"; LoRA adapters ({adapters:,} parameters) merged in" if adapters else "") + ".", "",
              "## Use", "", "```python", "from transformers import AutoModel, AutoTokenizer", "",
-             f'model = AutoModel.from_pretrained("{card.get("repo", "path/to/this/folder")}", trust_remote_code=True)',
-             f'tokenizer = AutoTokenizer.from_pretrained("{card.get("repo", "path/to/this/folder")}")',
+             f'model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)',
+             f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
              'ids = tokenizer("def add(a, b):\\n", return_tensors="pt").input_ids',
-             "out = model.diffusion_generate(ids)  # decoding defaults: config.json's `decoding`",
+             "out = model.generate(ids, max_new_tokens=32)  # the block-diffusion sampler; defaults: config.json's `decoding`",
              "print(tokenizer.decode(out[0]))", "```", "",
              f"Recommended decoding (saved in config.json): `{json.dumps(c.decoding)}`.", ""]
     if card.get("eval"):
         lines += ["## Evaluation", "", "| metric | value |", "|---|---|",
                   *[f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in card["eval"].items()], ""]
     if card.get("recipe"):
-        lines += ["## Recipe", "", "```yaml", card["recipe"].rstrip(), "```", ""]
+        lines += ["## Recipe", "", "```yaml", public_recipe(card["recipe"], model).rstrip(), "```", ""]
     (folder / "README.md").write_text("\n".join(lines))
+
+
+def machine_paths(folder: Path) -> list[str]:
+    """Files of `folder` that name a path of this machine (an absolute path of it, or the home folder)."""
+    import tempfile
+
+    marks = {str(Path.home()) + "/", str(Path.cwd()) + "/", tempfile.gettempdir() + "/", str(folder.resolve().parent) + "/"}
+    found = []
+    for f in sorted(folder.rglob("*")):  # the tokenizer's vocabulary may hold any text: not a path it names
+        if f.is_file() and f.suffix in (".json", ".md", ".yaml", ".txt", ".py") and f.name not in ("tokenizer.json", "vocab.json"):
+            text = f.read_text(errors="ignore")
+            if any(m in text for m in marks if len(m) > 2):
+                found.append(str(f.relative_to(folder)))
+    return found
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = False, message: str = "Upload model from onpolicy",
+                api=None) -> str:
+    """Upload an exported folder to the Hub repository `repo_id` (created if missing); its URL. Refuses a
+    folder that is not a model folder or that names paths of this machine. `api`: a stand-in for tests."""
+    from onpolicy.errors import ConfigError
+
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"{folder}: not a model folder (no config.json); export one with `onpolicy export RUN`")
+    leaks = machine_paths(folder)
+    if leaks:
+        raise ConfigError(f"{folder}: {leaks[0]} names a path of this machine; re-export with this version of onpolicy")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=message)
+    return f"https://huggingface.co/{repo_id}"
 
 
 def save_skeleton(out: Path, model, tokenizer, is_main: bool) -> None:
@@ -152,7 +245,7 @@ def model_at_step(run: Path, step: int):
     return model.eval(), load_model_tokenizer(skeleton)
 
 
-def export_run(run: str, out: str | None, step: int | None, llama: bool) -> Path:
+def export_run(run: str, out: str | None, step: int | None, llama: bool, base_model: str | None = None) -> Path:
     """`onpolicy export`: a run (or model folder) as a self-contained folder; its path."""
     from onpolicy.loading import load_pretrained
 
@@ -171,10 +264,20 @@ def export_run(run: str, out: str | None, step: int | None, llama: bool) -> Path
         llama_model.save_pretrained(str(target))
         tokenizer.save_pretrained(str(target))
         return target
-    card = {"name": run_dir.name, "stage": None, "eval": None}
+    card = {"name": run_dir.name, "stage": None, "eval": None, "base_model": base_model}
     recipe = run_dir / "config.yaml"
     if recipe.is_file():
         card["recipe"] = recipe.read_text()
+        if base_model is None:
+            import yaml
+
+            card["base_model"] = ((yaml.safe_load(card["recipe"]) or {}).get("model") or {}).get("init_from")
+    adapter = run_dir / "final-adapter" / "adapter_model.safetensors"
+    if adapter.is_file():  # a LoRA run: its adapters, counted apart from the merged model's parameters
+        from safetensors import safe_open
+
+        with safe_open(str(adapter), "pt") as f:
+            card["adapter_params"] = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     summary = run_dir / "summary.json"
     if summary.is_file() and step is None:
         s = json.loads(summary.read_text())

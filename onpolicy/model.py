@@ -491,6 +491,14 @@ class DiffusionTransformer(PreTrainedModel):
             out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         return (out, traj) if return_trajectory else out
 
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, **decoding):
+        """`model.generate(ids, max_new_tokens=...)` as users of transformers write it: the block-diffusion
+        sampler (`diffusion_generate`); transformers' own generation loop cannot decode a diffusion model.
+        Options other than the sampler's (`do_sample`, `num_beams`, ...) are refused by name."""
+        if decoding.pop("do_sample", False) and "temperature" not in decoding:
+            decoding["temperature"] = 1.0
+        return self.diffusion_generate(input_ids, attention_mask=attention_mask, **decoding)
+
     def _attention_mask(self, q_pos, q_block, q_noisy, k_pos, k_block, k_valid, k_noisy, cache) -> torch.Tensor | None:
         """The boolean attention mask [B, 1, Lq, Lk], or None when SDPA needs none (no padding, no
         cache: full attention, or its own fused causal path). A query repeated at the same cache length

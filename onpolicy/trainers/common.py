@@ -183,9 +183,8 @@ def export(engine, tokenizer, out_dir: Path, is_main: bool, cfg=None, decoding: 
 
     card = {"name": Path(out_dir).parent.name}
     if cfg is not None:
-        from omegaconf import OmegaConf
 
-        card.update(stage=cfg.stage, base_model=cfg.model.init_from, recipe=OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        card.update(stage=cfg.stage, base_model=cfg.model.init_from, recipe=run_config_yaml(cfg, engine.module))
     module = engine.module
     if hasattr(module, "merge_and_unload"):
         if engine.zero_optimization_stage() == 3:
@@ -193,6 +192,7 @@ def export(engine, tokenizer, out_dir: Path, is_main: bool, cfg=None, decoding: 
         import copy
 
         if is_main:
+            card["adapter_params"] = sum(p.numel() for n, p in module.named_parameters() if "lora_" in n)
             merged = copy.deepcopy(module).merge_and_unload()
             save_model_folder(merged, tokenizer, out_dir, decoding, card)
             save_llama_twin(merged, tokenizer, out_dir)
@@ -220,13 +220,46 @@ def save_llama_twin(model, tokenizer, out_dir: Path) -> None:
 
 def save_adapter(peft_model, tokenizer, folder: Path, base: str | None) -> None:
     """LoRA adapters only (adapter_config.json + adapter_model.safetensors), PEFT's format; the base is
-    recorded as an absolute path when it is a local folder (a Hub id or `smollm2` as given)."""
-    if base is not None:
+    recorded as a path relative to `folder` when it is a local folder (a Hub id or `smollm2` as given)."""
+    if base is not None:  # a local base as a path relative to the adapter folder: loads here, names no machine
+        import os
+
         local = Path(base)
-        peft_model.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.exists() else base
+        peft_model.peft_config["default"].base_model_name_or_path = \
+            os.path.relpath(local.resolve(), folder.resolve()) if local.exists() else base
     folder.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+    write_adapter_card(folder, base)
+
+
+def write_adapter_card(folder: Path, base: str | None) -> None:
+    """The adapter folder's README.md in place of PEFT's (which records the base's local path)."""
+    from onpolicy.export import public_base
+
+    hub, name = public_base(base)
+    meta = ["---", "library_name: peft", "license: apache-2.0", "tags:", "- onpolicy", "- lora"]
+    meta += [f"base_model: {hub}", "---"] if hub else ["---"]
+    text = [*meta, "", f"# {folder.name}", "", f"LoRA adapters trained with onpolicy on `{name or 'its base model'}`.", "",
+            "```bash", f"onpolicy sample {folder.name} --prompt 'def f(' --threshold 0.7   # loads the base, merges the adapters",
+            f"onpolicy merge {folder.name} --out merged-model                         # a plain model folder", "```", ""]
+    (folder / "README.md").write_text("\n".join(text))
+
+
+MODEL_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+               "rope_theta", "attention", "block_size", "shift_logits")
+
+
+def run_config_yaml(cfg, model) -> str:
+    """The run's config.yaml: the config as it ran, with the model section showing the model's real shape
+    (a run from `model.init_from` takes the start's shape, not the recipe's defaults)."""
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
+    real = unwrap(model).config
+    shape = {k: getattr(real, k) for k in MODEL_SHAPE if hasattr(real, k)}
+    return OmegaConf.to_yaml(OmegaConf.structured(replace(cfg, model=replace(cfg.model, **shape))))
 
 
 def write_summary(out: Path, summary: dict, is_main: bool) -> None:

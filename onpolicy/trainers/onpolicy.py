@@ -36,7 +36,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from omegaconf import OmegaConf
 
 from onpolicy import checkpoint as ckpt
 from onpolicy import engine as eng
@@ -78,6 +77,7 @@ from onpolicy.trainers.common import (
     noise_generator,
     plan_resume,
     resume,
+    run_config_yaml,
     start_from_model,
     unwrap,
     validate,
@@ -433,7 +433,7 @@ def train(cfg: OnPolicyConfig) -> dict:
                                for k, v in row.items()}) for row in state.get("buffer", [])]
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (out / "config.yaml").write_text(run_config_yaml(cfg, engine.module))
         save_skeleton(out, unwrap(engine.module), tokenizer, True)  # `onpolicy export RUN --step N` needs it
     log = MetricsLogger(out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
                         config=asdict(cfg), progress=cfg.logging.progress)

@@ -34,7 +34,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from onpolicy import checkpoint as ckpt
 from onpolicy import engine as eng
@@ -56,6 +55,7 @@ from onpolicy.trainers.common import (
     model_hidden_size,
     plan_resume,
     resume,
+    run_config_yaml,
     start_from_model,
     unwrap,
     validate,
@@ -183,7 +183,7 @@ def train(cfg: OrderConfig) -> dict:
     step, history = state.get("step", 0), state.get("val_history", [])
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (out / "config.yaml").write_text(run_config_yaml(cfg, engine.module))
         save_skeleton(out, unwrap(engine.module), tokenizer, True)  # `onpolicy export RUN --step N` needs it
     log = MetricsLogger(out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
                         config=asdict(cfg), progress=cfg.logging.progress)

@@ -24,7 +24,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from onpolicy import checkpoint as ckpt
 from onpolicy import engine as eng
@@ -47,6 +46,7 @@ from onpolicy.trainers.common import (
     prepare_data,
     resume,
     resumed_grad_accum,
+    run_config_yaml,
     unwrap,
     write_summary,
 )
@@ -138,7 +138,7 @@ def train(cfg: PretrainConfig) -> dict:
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (out / "config.yaml").write_text(run_config_yaml(cfg, engine.module))
         save_skeleton(out, unwrap(engine.module), tokenizer, True)  # `onpolicy export RUN --step N` needs it
     log = MetricsLogger(
         out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
