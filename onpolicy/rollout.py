@@ -339,8 +339,12 @@ class VerifierPool:
 
         out = []
         for job in self._jobs:
-            if not job["done"].wait(self.timeout_s):
-                out += excluded(job["tasks"], f"verifier timeout after {self.timeout_s:g} s")
+            # a verifier that knows its programs' own timeouts gets at least that long: programs that hang
+            # are failures (status "timeout"), not a verifier that broke
+            worst = getattr(self.verifier, "worst_case_seconds", None)
+            wait = max(self.timeout_s, worst(len(job["tasks"]))) if callable(worst) else self.timeout_s
+            if not job["done"].wait(wait):
+                out += excluded(job["tasks"], f"verifier timeout after {wait:g} s")
                 stuck, self._queue = self._queue, self._start_worker()  # later chunks move to a fresh thread
                 while True:
                     try:

@@ -296,9 +296,31 @@ def test_kl_reference_is_the_base_with_the_lora_adapters_off(make_model, special
     loss, stats = micro_batch_loss(model, Reference(model, cfg.loss.beta), rows, special, torch.tensor([1.0, -1.0]),
                                    two.bool(), torch.zeros(2), cfg, 4, torch.device("cpu"))
     assert float(stats["kl"]) > 1e-4
+    assert float(stats["replay_drift_max"]) < 1e-4  # a first update replays exactly what the sampler recorded
     cfg.loss.beta = 0.0
     without, _ = micro_batch_loss(model, Reference(model, 0.0), rows, special, torch.tensor([1.0, -1.0]), two.bool(),
                                   torch.zeros(2), cfg, 4, torch.device("cpu"))
     lora = [p for name, p in model.named_parameters() if "lora_" in name]
     grads = torch.autograd.grad(loss - without, lora, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_programs_that_hang_to_their_own_timeout_are_failures_not_exclusions():
+    """A chunk of hanging programs takes as long as their own timeouts add up; the pool waits for that
+    (the verifier says how long) instead of calling the chunk an infrastructure failure."""
+    import time
+
+    from onpolicy.rollout import VerifierPool
+    from verifiers.base import Task, Verdict
+
+    class Hanging:
+        def verify(self, tasks, completions):
+            time.sleep(0.6)
+            return [Verdict(t.task_id, False, 0.0, "timeout", "ran past its timeout", 0.3) for t in tasks]
+
+        def worst_case_seconds(self, n):
+            return 0.3 * n
+
+    tasks = [Task(f"t{i}", "", "f", "") for i in range(4)]
+    verdicts = VerifierPool(Hanging(), timeout_s=0.1).verify(tasks, ["x"] * 4)
+    assert [v.status for v in verdicts] == ["timeout"] * 4

@@ -30,6 +30,12 @@ class PythonTestVerifier:
             for t, r in zip(tasks, results)
         ]
 
+    def worst_case_seconds(self, n: int) -> float:
+        """How long `n` programs may take when every one of them runs to its own timeout: a caller that
+        waits less would call hanging programs (failures) infrastructure trouble (excluded)."""
+        workers = max(1, len(getattr(self.sandbox, "_workers", [])) or 1)
+        return -(-n // workers) * (self.sandbox.limits.timeout_s + 10.0)
+
     def close(self) -> None:
         if self._own:
             self.sandbox.close()

@@ -267,9 +267,13 @@ def write_summary(out: Path, summary: dict, is_main: bool) -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
-def validate(engine, tokenizer, tasks, sampler, fast_threshold: float, batch_size: int, seed: int, verifier) -> dict:
+def validate(engine, tokenizer, tasks, sampler, fast_threshold: float, batch_size: int, seed: int, verifier,
+             rollout_rule: bool = False) -> dict:
     """pass@1 and tokens per forward on validation tasks (greedy), at one token per step ("slow") and
-    at the fast threshold ("fast"), with `sampler`'s canvas and block size (stages 3 and 4)."""
+    at the fast threshold ("fast", the hard rule eval and bench use), with `sampler`'s canvas and block
+    size (stages 3 and 4). With `rollout_rule` and a soft-commit sampler, also under the rule rollouts
+    decode with ("rollout": the soft threshold, the sampler's temperatures): the gap between what stage 4
+    optimises and what the claim measures, on every validation."""
     from dataclasses import replace
 
     from onpolicy.evaluation import evaluate_checkpoint
@@ -280,7 +284,10 @@ def validate(engine, tokenizer, tasks, sampler, fast_threshold: float, batch_siz
     base = SamplerConfig(max_new_tokens=sampler.max_new_tokens, block_size=sampler.block_size)
     out = {}
     with torch.no_grad():
-        for name, cfg in (("slow", base), ("fast", replace(base, threshold=fast_threshold))):
+        rules = [("slow", base), ("fast", replace(base, threshold=fast_threshold))]
+        if rollout_rule and sampler.commit_temperature is not None:
+            rules.append(("rollout", replace(sampler, remask_threshold=None)))
+        for name, cfg in rules:
             r = evaluate_checkpoint(module, tokenizer, tasks, cfg, samples=1, verifier=verifier, batch_size=batch_size, seed=seed)
             out[name] = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"], "tokens_per_forward": r["tokens_per_forward"]}
     module.train()

@@ -363,6 +363,12 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
     stats.update(pg_stats)
     stats["pg_loss"] = pg.detach()
     stats["kl"] = kl
+    # replay drift: how far the replayed log-probs of on-policy tokens are from those recorded at commit time
+    # (0 up to float error on a first update: the ratio is 1 and the clip inert; it grows with updates per batch)
+    on_tok = committed & (on_policy[:, None] if on_policy is not None else torch.ones_like(committed))
+    drift = (token_logp.detach() - old_token).abs()[on_tok]
+    stats["replay_drift_mean"] = drift.mean() if drift.numel() else torch.zeros(())
+    stats["replay_drift_max"] = drift.max() if drift.numel() else torch.zeros(())
     stats["entropy"] = entropy_sum / max(1, entropy_n)
     return loss, stats
 
@@ -450,7 +456,7 @@ def train(cfg: OnPolicyConfig) -> dict:
                           f"{cfg.model.init_from} is {unwrap(engine.module).config.attention}: set loss.anchor=0")
     if bar is None:  # the starting model sets the quality bar, decoding at its own block size
         start = validate(engine, tokenizer, val_tasks, replace(r.sampler, block_size=own_block or r.sampler.block_size), cfg.validation.fast_threshold,
-                         r.batch_size, t.seed, pool)
+                         r.batch_size, t.seed, pool, rollout_rule=True)
         bar, best = start["slow"]["pass@1"], start
         history.append({"step": 0, **start})
         log.log(0, flat_validation(start))
@@ -525,7 +531,10 @@ def train(cfg: OnPolicyConfig) -> dict:
             for stats, n in parts:
                 for key, v in stats.items():
                     acc = stat_sums.setdefault(key, [0.0, 0])
-                    acc[0], acc[1] = acc[0] + float(v) * n, acc[1] + n
+                    if key.endswith("_max"):  # a maximum over the step, not a mean
+                        acc[0], acc[1] = max(acc[0], float(v)), 1
+                    else:
+                        acc[0], acc[1] = acc[0] + float(v) * n, acc[1] + n
         # a step whose rows all feed only the jump term has no policy gradient: nothing clipped, no KL, pg 0
         step_stats = {"pg_loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, **{k: s / n for k, (s, n) in stat_sums.items()}}
         step_stats["loss"] = eng.mean_over_ranks(torch.tensor(loss_sum / max(1, len(items)))).item()
@@ -577,7 +586,8 @@ def train(cfg: OnPolicyConfig) -> dict:
         # 3e. validation, best checkpoint, early stop; resumable checkpoint
         stop_now = False
         if (cfg.validation.every and step % cfg.validation.every == 0) or step == stop:
-            val = validate(engine, tokenizer, val_tasks, cfg.rollout.sampler, cfg.validation.fast_threshold, r.batch_size, t.seed, pool)
+            val = validate(engine, tokenizer, val_tasks, cfg.rollout.sampler, cfg.validation.fast_threshold, r.batch_size, t.seed, pool,
+                           rollout_rule=True)
             history.append({"step": step, **val})
             log.log(step, flat_validation(val))
             if is_better(val, best, bar, cfg.validation.quality_tolerance):
