@@ -273,6 +273,17 @@ class OnPolicyConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    # keys this stage takes from elsewhere: set in a recipe or override, they are refused with the reason
+    UNUSED: typing.ClassVar[dict[str, str]] = {
+        **{f"model.{k}": "the model and its shape come from model.init_from" for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+            "rope_theta", "attention", "block_size", "shift_logits")},
+        "train.eval_every": "stage 4 validates on validation.every",
+        "train.eval_batches": "stage 4 validates on validation.n_tasks tasks",
+        "train.grad_accum": "stage 4 accumulates over its step's rows (rollout.prompts_per_step x group_size / micro_batch_size)",
+        "logging.log_every": "stage 4 logs every step",
+    }
+
     def validate(self) -> None:
         check_common(self)
         r, rw, loss = self.rollout, self.reward, self.loss
@@ -350,6 +361,14 @@ class OrderConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    UNUSED: typing.ClassVar[dict[str, str]] = {
+        **{f"model.{k}": "the model and its shape come from model.init_from" for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+            "rope_theta", "attention", "block_size", "shift_logits")},
+        "train.eval_every": "stage 3 validates on validation.every",
+        "train.eval_batches": "stage 3 validates on validation.n_tasks tasks",
+    }
 
     def validate(self) -> None:
         check_common(self)
@@ -464,6 +483,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, sta
     schema = STAGES[stage][0]
     _check_keys(raw, schema, "")
     _check_keys(over, schema, "")
+    unused = getattr(schema, "UNUSED", {})
+    for key in [*_leaves(raw), *_leaves(over)]:
+        if key in unused:
+            raise ConfigError(f"{key}: stage {stage} does not use it ({unused[key]}); remove it from {path or 'the overrides'}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw, over)
     except Exception as e:  # type errors: "train.max_steps=ten"; OmegaConf's message runs over several lines

@@ -49,6 +49,7 @@ def cases(f):
         (["train", S4, f"model.init_from={m}", f"rollout.tasks={d}/broken.jsonl", out], "broken.jsonl:1"),
         (["train", S4, f"model.init_from={m}", "rollout.verifier=nope:Thing", out], "rollout.verifier"),
         (["train", S4, f"model.init_from={m}", "validation.tasks=generated:heldout:skip=-3", out], "validation.tasks"),
+        (["train", S4, f"model.init_from={m}", "model.hidden_size=64", out], "model.hidden_size"),
         (["train", "recipes/tiny/stage3_order.yaml", f"model.init_from={m}", "pool.prefer=slow", out], "pool.prefer"),
         # pipeline
         (["pipeline", str(d / "no_such_pipeline.yaml")], "no_such_pipeline.yaml"),

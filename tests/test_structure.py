@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT
 
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
@@ -162,3 +164,41 @@ def test_the_circle_check_finds_a_planted_circle(tmp_path):
     (pkg / "a.py").write_text("from onpolicy import b\n")
     (pkg / "b.py").write_text("def f():\n    from onpolicy.a import g\n")
     assert import_cycles(tmp_path) == [["onpolicy.a", "onpolicy.b", "onpolicy.a"]]
+
+
+@pytest.mark.slow
+def test_stage4_uses_every_config_key_it_accepts(tmp_path, init_model):
+    """A toy stage-4 run with every optional part on (LoRA, KL, the anchor, both surrogates, failed rows,
+    sampled states, the buffer, dynamic sampling, validation, wandb offline) reads every key the stage accepts;
+    the keys it does not use are refused when set (config.OnPolicyConfig.UNUSED)."""
+    import dataclasses
+    import json
+
+    from onpolicy.config import OnPolicyConfig
+    from onpolicy.sampling import SamplerConfig
+
+    def leaves(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                yield from leaves(type(default), f"{prefix}{f.name}.")
+            elif f.name != "stage":
+                yield f"{prefix}{f.name}", f"{cls.__name__}.{f.name}"
+
+    accepted = {key: field for key, field in leaves(OnPolicyConfig) if key not in OnPolicyConfig.UNUSED}
+    assert SamplerConfig.__name__ in {f.split(".")[0] for f in accepted.values()}
+    reads = tmp_path / "reads.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.config_reads", str(reads), "train", "recipes/tiny/stage4_onpolicy.yaml",
+         f"model.init_from={init_model}", f"logging.output_dir={tmp_path / 'run'}", "logging.progress=false",
+         "logging.wandb=offline", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.n_tasks=8",
+         "rollout.batch_size=4", "rollout.sampler.max_new_tokens=8", "rollout.dynamic_sampling=1",
+         "rollout.verifier=tests.plugins:CoinVerifier", "validation.n_tasks=2", "validation.every=1", "validation.patience=5",
+         "train.max_steps=2", "train.micro_batch_size=2", "train.save_every=1", "train.warmup_steps=1", "lora.r=2",
+         "loss.beta=0.1", "loss.surrogate=both", "loss.anchor=1", "loss.distill_failed=1", "loss.distill_rows=2",
+         "loss.buffer_size=8", "loss.buffer_rows=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "WANDB_SILENT": "true"})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    read = set(json.loads(reads.read_text()))
+    unread = sorted(key for key, field in accepted.items() if field not in read)
+    assert unread == [], unread
