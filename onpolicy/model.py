@@ -311,6 +311,7 @@ class DiffusionTransformer(PreTrainedModel):
     _no_split_modules = ["Layer"]
     _supports_sdpa = True
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}  # tied only when config.tie_word_embeddings
+    broadcast_mask = True  # rows with one layout share one [1, 1, L, L] mask (False: one per row; benchmarks/train_layout.py)
 
     def __init__(self, config: DiffusionTransformerConfig):
         super().__init__(config)
@@ -512,6 +513,13 @@ class DiffusionTransformer(PreTrainedModel):
             if cache is not None and mode == "block_causal" and bool((q_block == k_block[:, -1:]).all()):
                 return None  # one block after its prefix sees everything (a step inside a block)
         q_valid = k_valid[:, -q_pos.shape[1] :]
+        if self.broadcast_mask and cache is None and q_pos.shape[0] > 1 and bool(k_valid.all()) and bool((q_pos == q_pos[:1]).all()) \
+                and bool((q_block == q_block[:1]).all()) and (q_noisy is None or bool((q_noisy == q_noisy[:1]).all())):
+            # every row has the same layout (packed training rows, no padding): one mask [1, 1, L, L], broadcast
+            # over the batch, instead of B copies (measured: a fifth less attention time in BD3 training)
+            one = self._attention_mask(q_pos[:1], q_block[:1], None if q_noisy is None else q_noisy[:1], k_pos[:1], k_block[:1],
+                                       k_valid[:1], None if k_noisy is None else k_noisy[:1], None)
+            return one
         if cache is not None and cache.mask_memo is not None:
             length, pos, block, valid, allowed = cache.mask_memo
             if length == cache.length and pos.shape == q_pos.shape and torch.equal(pos, q_pos) and torch.equal(block, q_block) \
