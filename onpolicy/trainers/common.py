@@ -61,6 +61,11 @@ def prepare_data(cfg, builder: bool):
     for turn in (0, 1):
         if (turn == 0) == builder:
             docs = load_documents(cfg.data)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"[onpolicy] data: {len(docs):,} documents ({cfg.data.source}"
+                      + (f", {cfg.data.task_fraction:.0%} generated tasks" if getattr(cfg.data, "task_fraction", 0) else "")
+                      + f"); tokenizer and token shards cached in {Path(cfg.data.cache_dir).resolve()} (built on the first run)",
+                      flush=True)
             if init:
                 tokenizer = load_model_tokenizer(init)
                 if cfg.tokenizer.path is not None:
