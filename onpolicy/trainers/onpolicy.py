@@ -407,6 +407,88 @@ def is_better(val: dict, best: dict | None, bar: float, tolerance: float) -> boo
     return key > (best["fast"]["tokens_per_forward"], best["fast"]["pass@1"])
 
 
+@dataclass
+class TrainRow:
+    """One row of a step's loss: a recorded trajectory and what the loss does with it."""
+
+    trajectory: TrajectoryRow
+    advantage: float  # group-relative advantage (0: no policy gradient)
+    passed: bool  # verified correct (the progress surrogate reads these)
+    on_policy: bool  # decoded by the current weights this step (buffer and anchor rows are not)
+    distill: float  # weight in the jump distillation (0: none)
+
+
+def training_rows(got: StepSamples, adv: torch.Tensor, buffer: list, tokenizer, cfg: OnPolicyConfig, step: int) -> list[TrainRow]:
+    """The rows a step trains on; rows that carry no signal are skipped. Verified trajectories of earlier
+    steps (the buffer) join for the surrogate terms only (they are off-policy). With `loss.distill_failed`
+    > 0, up to `loss.distill_rows` failed rollouts also feed the jump term (self-distillation of the model's
+    own paths); with `loss.anchor` > 0 the prompts' reference solutions do (supervised)."""
+    t, valid, rollouts = cfg.train, got.valid, got.rollouts
+    ok = got.passed & valid
+    distill = ok.float()
+    if cfg.loss.distill_failed > 0:
+        failed = (valid & ~ok).nonzero().flatten()
+        pick = failed[torch.randperm(len(failed), generator=noise_generator(t.seed, -6, step))[: cfg.loss.distill_rows]]
+        distill[pick] = cfg.loss.distill_failed
+    useful = ((adv != 0) | (distill > 0)).nonzero().flatten().tolist()
+    rows = [TrainRow(rollouts[i].trajectory, float(adv[i]), bool(ok[i]), True, float(distill[i])) for i in useful]
+    if buffer and cfg.loss.buffer_rows:
+        pick = torch.randperm(len(buffer), generator=noise_generator(t.seed, -4, step))[: cfg.loss.buffer_rows].tolist()
+        rows += [TrainRow(buffer[i], 0.0, True, False, 1.0) for i in pick]
+    if cfg.loss.anchor > 0:
+        rows += [TrainRow(row, 0.0, False, False, cfg.loss.anchor)
+                 for row in anchor_rows(tokenizer, rollouts, cfg, noise_generator(t.seed, -8, step))]
+    return rows
+
+
+def train_step(engine, reference: Reference, items: list[TrainRow], special: SpecialTokens, cfg: OnPolicyConfig, gap: int,
+               grad_accum: int, step: int, dist) -> dict:
+    """The losses of `items` in `grad_accum` micro-batches and one optimizer step; the step's loss stats, each
+    averaged over the rows that carry it (`*_max`: the maximum)."""
+    t = cfg.train
+    stat_sums: dict[str, list[float]] = {}  # key -> [sum over rows, rows]
+    loss_sum = 0.0
+    jump_only = [is_jump_only(it.advantage, it.passed, it.distill, cfg) for it in items]
+    for k in range(grad_accum):
+        chunk = range(k, len(items), grad_accum)
+        if not chunk:  # keep DeepSpeed's accumulation count: a zero loss on the same graph
+            loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+            engine.backward(loss)
+            eng.step(engine)
+            continue
+        cheap = [items[i] for i in chunk if jump_only[i]]
+        full = [items[i] for i in chunk if not jump_only[i]]
+        loss, parts = 0.0, []
+
+        def column(rows: list[TrainRow], name: str) -> torch.Tensor:
+            return torch.tensor([getattr(row, name) for row in rows], device=dist.device)
+
+        with autocast(dist.device, t.precision):
+            if full:
+                part, stats = micro_batch_loss(engine, reference, [it.trajectory for it in full], special, column(full, "advantage"),
+                                               column(full, "passed"), column(full, "distill"), cfg, gap, dist.device,
+                                               on_policy=column(full, "on_policy"))
+                loss, parts = loss + part * len(full), parts + [(stats, len(full))]
+            if cheap:
+                part, stats = sampled_jump_loss(engine, [it.trajectory for it in cheap], special, column(cheap, "distill"), cfg, gap,
+                                                noise_generator(t.seed, -7, step, k))
+                loss, parts = loss + part * len(cheap), parts + [(stats, len(cheap))]
+        engine.backward(loss / len(items) * grad_accum)  # each row weighs the same
+        eng.step(engine)
+        loss_sum += float(loss.detach()) if torch.is_tensor(loss) else loss
+        for stats, n in parts:
+            for key, v in stats.items():
+                acc = stat_sums.setdefault(key, [0.0, 0])
+                if key.endswith("_max"):  # a maximum over the step, not a mean
+                    acc[0], acc[1] = max(acc[0], float(v)), 1
+                else:
+                    acc[0], acc[1] = acc[0] + float(v) * n, acc[1] + n
+    # a step whose rows all feed only the jump term has no policy gradient: nothing clipped, no KL, pg 0
+    step_stats = {"pg_loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, **{k: s / n for k, (s, n) in stat_sums.items()}}
+    step_stats["loss"] = eng.mean_over_ranks(torch.tensor(loss_sum / max(1, len(items)))).item()
+    return step_stats
+
+
 def train(cfg: OnPolicyConfig) -> dict:
     """Run stage 4 to `train.max_steps` (or an early stop); returns the summary (also summary.json)."""
     out, dist, tokenizer, special = start_from_model(cfg)
@@ -481,63 +563,10 @@ def train(cfg: OnPolicyConfig) -> dict:
         adv, adv_stats = group_advantages(rewards.view(-1, r.group_size), valid.view(-1, r.group_size), cfg.reward.scale_rewards)
         adv = adv.flatten()
 
-        # 3c. loss over the replayed states, in micro-batches; rows that carry no signal are skipped. Verified
-        # trajectories of earlier steps (the buffer) join for the surrogate terms only (they are off-policy).
-        # With `loss.distill_failed` > 0, up to `loss.distill_rows` failed rollouts also feed the jump term
-        # (self-distillation of the model's own paths).
-        ok = passed & valid
-        distill = ok.float()
-        if cfg.loss.distill_failed > 0:
-            failed = (valid & ~ok).nonzero().flatten()
-            pick = failed[torch.randperm(len(failed), generator=noise_generator(t.seed, -6, step))[: cfg.loss.distill_rows]]
-            distill[pick] = cfg.loss.distill_failed
-        useful = ((adv != 0) | (distill > 0)).nonzero().flatten().tolist()
-        items = [(rollouts[i].trajectory, float(adv[i]), bool(ok[i]), True, float(distill[i])) for i in useful]
-        if buffer and cfg.loss.buffer_rows:
-            pick = torch.randperm(len(buffer), generator=noise_generator(t.seed, -4, step))[: cfg.loss.buffer_rows].tolist()
-            items += [(buffer[i], 0.0, True, False, 1.0) for i in pick]
-        anchors = anchor_rows(tokenizer, rollouts, cfg, noise_generator(t.seed, -8, step)) if cfg.loss.anchor > 0 else []
-        items += [(row, 0.0, False, False, cfg.loss.anchor) for row in anchors]
+        # 3c. the rows this step trains on, 3d. their losses over the replayed states and the optimizer step
+        items = training_rows(got, adv, buffer, tokenizer, cfg, step)
         gap = jump_gap(cfg, step)
-        stat_sums: dict[str, list[float]] = {}  # key -> [sum over rows, rows]: each stat averages the rows that have it
-        loss_sum = 0.0
-        jump_only = [is_jump_only(it[1], it[2], it[4], cfg) for it in items]
-        for k in range(grad_accum):
-            chunk = range(k, len(items), grad_accum)
-            if not chunk:  # keep DeepSpeed's accumulation count: a zero loss on the same graph
-                loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
-                engine.backward(loss)
-                eng.step(engine)
-                continue
-            cheap = [items[i] for i in chunk if jump_only[i]]
-            full = [items[i] for i in chunk if not jump_only[i]]
-            loss, parts = 0.0, []
-            with autocast(dist.device, t.precision):
-                if full:
-                    part, stats = micro_batch_loss(engine, reference, [it[0] for it in full], special,
-                                                   torch.tensor([it[1] for it in full], device=dist.device),
-                                                   torch.tensor([it[2] for it in full], device=dist.device),
-                                                   torch.tensor([it[4] for it in full], device=dist.device), cfg, gap, dist.device,
-                                                   on_policy=torch.tensor([it[3] for it in full], device=dist.device))
-                    loss, parts = loss + part * len(full), parts + [(stats, len(full))]
-                if cheap:
-                    part, stats = sampled_jump_loss(engine, [it[0] for it in cheap], special,
-                                                    torch.tensor([it[4] for it in cheap], device=dist.device), cfg, gap,
-                                                    noise_generator(t.seed, -7, step, k))
-                    loss, parts = loss + part * len(cheap), parts + [(stats, len(cheap))]
-            engine.backward(loss / len(items) * grad_accum)  # each row weighs the same
-            eng.step(engine)
-            loss_sum += float(loss.detach()) if torch.is_tensor(loss) else loss
-            for stats, n in parts:
-                for key, v in stats.items():
-                    acc = stat_sums.setdefault(key, [0.0, 0])
-                    if key.endswith("_max"):  # a maximum over the step, not a mean
-                        acc[0], acc[1] = max(acc[0], float(v)), 1
-                    else:
-                        acc[0], acc[1] = acc[0] + float(v) * n, acc[1] + n
-        # a step whose rows all feed only the jump term has no policy gradient: nothing clipped, no KL, pg 0
-        step_stats = {"pg_loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, **{k: s / n for k, (s, n) in stat_sums.items()}}
-        step_stats["loss"] = eng.mean_over_ranks(torch.tensor(loss_sum / max(1, len(items)))).item()
+        step_stats = train_step(engine, reference, items, special, cfg, gap, grad_accum, step, dist)
         if cfg.loss.buffer_size:
             buffer += [rollouts[i].trajectory for i in (passed & valid).nonzero().flatten().tolist()]
             buffer = buffer[-cfg.loss.buffer_size :]
@@ -568,9 +597,9 @@ def train(cfg: OnPolicyConfig) -> dict:
             "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine),
             "train/jump_gap": gap,
             "train/rows_trained": len(items),
-            "train/rows_distilled_failed": int(((distill > 0) & ~ok).sum()),
-            "train/rows_anchor": len(anchors),
-            "train/rows_jump_only_sampled": sum(jump_only),
+            "train/rows_distilled_failed": sum(it.distill > 0 and not it.passed and it.on_policy for it in items),
+            "train/rows_anchor": sum(not it.on_policy and not it.passed for it in items),
+            "train/rows_jump_only_sampled": sum(is_jump_only(it.advantage, it.passed, it.distill, cfg) for it in items),
             "train/buffer": len(buffer),
             "time/rollout": t_rollout,
             "time/verify": t_verify,
