@@ -489,6 +489,41 @@ def train_step(engine, reference: Reference, items: list[TrainRow], special: Spe
     return step_stats
 
 
+def step_metrics(got: StepSamples, adv_stats: dict, step_stats: dict, items: list[TrainRow], cfg: OnPolicyConfig, gap: int,
+                 buffered: int, times: dict, optimizer: dict) -> dict:
+    """One step's metrics, each on the population its name says: `rollout/*` and `completions/*` over every
+    decoded sample (what the policy does), `reward*` and the loss terms over what the step trains on."""
+    tokens, forwards = got.decoded_tokens, got.decoded_forwards
+    excluded: dict[str, int] = {}
+    for v in got.decoded_verdicts:
+        if v.status == "excluded":
+            key = f"verifier/excluded/{excluded_reason(v.detail)}"
+            excluded[key] = excluded.get(key, 0) + 1
+    return {
+        **{k: float(v) for k, v in adv_stats.items()},
+        **step_stats,
+        "rollout/pass_rate": got.pass_rate,
+        "rollout/prompts_decoded": got.prompts_decoded,
+        "rollout/rounds": got.rounds,
+        "rollout/live_groups": got.live,
+        "rollout/tokens_per_forward": tokens / max(1, forwards),
+        "rollout/forwards_per_token": forwards / max(1, tokens),
+        "rollout/tokens_per_step": tokens / max(1, forwards),  # every forward of a row is one of its steps
+        "completions/mean_length": tokens / max(1, len(got.decoded_verdicts)),
+        "verifier/excluded": sum(v.status == "excluded" for v in got.decoded_verdicts),
+        **excluded,
+        **optimizer,
+        "train/jump_gap": gap,
+        "train/rows_trained": len(items),
+        "train/rows_distilled_failed": sum(it.distill > 0 and not it.passed and it.on_policy for it in items),
+        "train/rows_anchor": sum(not it.on_policy and not it.passed for it in items),
+        "train/rows_jump_only_sampled": sum(is_jump_only(it.advantage, it.passed, it.distill, cfg) for it in items),
+        "train/buffer": buffered,
+        **{f"time/{k}": v for k, v in times.items()},
+        "time/verifier_share": times["verify"] / max(1e-9, times["step"]),
+    }
+
+
 def train(cfg: OnPolicyConfig) -> dict:
     """Run stage 4 to `train.max_steps` (or an early stop); returns the summary (also summary.json)."""
     out, dist, tokenizer, special = start_from_model(cfg)
@@ -574,45 +609,16 @@ def train(cfg: OnPolicyConfig) -> dict:
         t_step = time.perf_counter() - tic
         t_train = t_step - t_rollout - t_verify
 
-        # 3d. metrics (TRL's names where they exist)
-        tokens, forwards = got.decoded_tokens, got.decoded_forwards  # every decoded sample: what the policy does
-        excluded: dict[str, int] = {}
-        for v in got.decoded_verdicts:
-            if v.status == "excluded":
-                key = f"verifier/excluded/{excluded_reason(v.detail)}"
-                excluded[key] = excluded.get(key, 0) + 1
-        metrics = {
-            **{k: float(v) for k, v in adv_stats.items()},
-            **{k: v for k, v in step_stats.items()},
-            "rollout/pass_rate": got.pass_rate,
-            "rollout/prompts_decoded": got.prompts_decoded,
-            "rollout/rounds": got.rounds,
-            "rollout/live_groups": got.live,
-            "rollout/tokens_per_forward": tokens / max(1, forwards),
-            "rollout/forwards_per_token": forwards / max(1, tokens),
-            "rollout/tokens_per_step": tokens / max(1, forwards),  # every forward of a row is one of its steps
-            "completions/mean_length": tokens / max(1, len(got.decoded_verdicts)),
-            "verifier/excluded": sum(v.status == "excluded" for v in got.decoded_verdicts),
-            **excluded,
-            "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine),
-            "train/jump_gap": gap,
-            "train/rows_trained": len(items),
-            "train/rows_distilled_failed": sum(it.distill > 0 and not it.passed and it.on_policy for it in items),
-            "train/rows_anchor": sum(not it.on_policy and not it.passed for it in items),
-            "train/rows_jump_only_sampled": sum(is_jump_only(it.advantage, it.passed, it.distill, cfg) for it in items),
-            "train/buffer": len(buffer),
-            "time/rollout": t_rollout,
-            "time/verify": t_verify,
-            "time/train": t_train,
-            "time/step": t_step,
-            "time/verifier_share": t_verify / max(1e-9, t_step),
-        }
+        # 3e. metrics (TRL's names where they exist)
+        metrics = step_metrics(got, adv_stats, step_stats, items, cfg, gap, len(buffer),
+                               {"rollout": t_rollout, "verify": t_verify, "train": t_train, "step": t_step},
+                               {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine)})
         log.log(step, metrics)
         log.completions(step, completion_rows(got, cfg.rollout.log_completions))
         log.progress(step, {"reward": f"{metrics['reward']:.3f}", "pass": f"{metrics['rollout/pass_rate']:.2f}",
                             "tok/fwd": f"{metrics['rollout/tokens_per_forward']:.2f}"})
 
-        # 3e. validation, best checkpoint, early stop; resumable checkpoint
+        # 3f. validation, best checkpoint, early stop; resumable checkpoint
         stop_now = False
         if (cfg.validation.every and step % cfg.validation.every == 0) or step == stop:
             val = validate(engine, tokenizer, val_tasks, cfg.rollout.sampler, cfg.validation.fast_threshold, r.batch_size, t.seed, pool,
