@@ -216,6 +216,8 @@ class RewardConfig:
     alpha: float = 0.5  # exponent of the multiplicative form (0 = accuracy only)
     lam: float = 0.5  # weight of K / L in the additive form (0 = accuracy only)
     scale_rewards: str = "group"  # group | batch | none: what the centred rewards are divided by
+    min_speed_spread: int = 2  # a group where every sample passed and step counts differ by fewer forwards than
+    # this gets no advantage (its reward differences are commit-sampling noise); 0 = keep every group
 
 
 @dataclass
@@ -233,8 +235,9 @@ class LossConfig:
     jump_gap_start: int = 2  # steps jumped at the start (from s_j straight to s_j+gap) ...
     jump_gap_end: int = 8  # ... growing linearly to this at the last step
     certainty: float = 0.3  # entropy of correct predictions (dParallel's certainty forcing)
-    distill_failed: float = 0.0  # jump-distillation weight of rollouts that failed verification (0: verified
-    # only; 1: every rollout, dParallel's self-distillation of the model's own paths, correctness left to the policy term)
+    distill_failed: float = 0.0  # jump-distillation weight of failed rollouts that carry no policy gradient
+    # (advantage 0: all-fail groups), a self-distillation of the model's own paths (dParallel); a failed row with a
+    # negative advantage is never distilled, which would push toward the very tokens its advantage pushes away from
     distill_rows: int = 16  # at most this many failed rollouts per step join for it (seeded pick: each costs a replay)
     jump_states: str = "every"  # rows that feed only the jump term (failed rows picked above, buffer rows, groups
     # without reward variance): "every" replays each of their steps; "sampled" one seeded state per block, one forward
@@ -306,6 +309,8 @@ class OnPolicyConfig:
             raise ConfigError("loss.commit_actions needs soft commits: set rollout.sampler.commit_temperature (and threshold)")
         if r.sampler.commit_temperature is not None and r.sampler.threshold is None:
             raise ConfigError("rollout.sampler.commit_temperature needs rollout.sampler.threshold")
+        if rw.min_speed_spread < 0:
+            raise ConfigError(f"reward.min_speed_spread must be >= 0 (forwards), got {rw.min_speed_spread}")
         if loss.distill_failed < 0 or loss.distill_rows < 0:
             raise ConfigError(f"loss.distill_failed and loss.distill_rows must be >= 0, got {loss.distill_failed}, {loss.distill_rows}")
         if loss.anchor < 0 or loss.anchor_rows < 0:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from onpolicy.data.tasks import completion_text, encode_prompt
+from onpolicy.data.tasks import completion_text, encode_prompt, truncate_completion
 from onpolicy.sampling import (
     SamplerConfig,
     TrajectoryRow,
@@ -96,6 +96,8 @@ def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig
         new = []
         for row, (i, s) in enumerate(chunk):
             record = traj.row(row)
+            if not chat:
+                record.verified = verified_length(tokenizer, record.tokens, encoded[i][1], record.finished)
             new.append(Rollout(i, s, tasks[i], completion_text(tokenizer, record.tokens, encoded[i][1], chat), record))
         out.rollouts += new
         if on_batch:
@@ -106,6 +108,25 @@ def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig
         if progress:
             progress(len(chunk))
     return out
+
+
+def verified_length(tokenizer, tokens: list[int], held_back: str, finished: bool) -> int:
+    """How many canvas positions the verdict covers: the tokens up to and including the one where
+    `truncate_completion` cuts (the token that starts the next top-level statement), or, uncut, every
+    token and the EOS that ended them. Positions past it were decoded but never run; stage 4 trains none
+    of them."""
+    text = tokenizer.decode(tokens).removeprefix(held_back)
+    kept = len(truncate_completion(text))
+    if kept == len(text):
+        return len(tokens) + int(finished)
+    lo, hi = 1, len(tokens)  # the fewest tokens whose text reaches past the cut
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(tokens[:mid]).removeprefix(held_back)) > kept:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def reference_trajectory(tokenizer, task: Task, block_size: int, max_new_tokens: int,
@@ -192,7 +213,7 @@ class ReplayStep:
     """The model's view of one step index j of a batch of recorded trajectories."""
 
     index: int | torch.Tensor  # j; or [B, G], each position's block's own j (`replay_sampled_states`)
-    logits: torch.Tensor  # [B, G, V] proposal logits of the canvas positions in the state before step j
+    logits: torch.Tensor | None  # [B, G, V] proposal logits of the canvas positions in the state before step j
     now: torch.Tensor  # [B, G] bool: positions committed at step j
     step_index: torch.Tensor  # [B, G] the step (0-based, within the block for block_causal) of every position, -1 = none
     canvas: torch.Tensor  # [B, G] the final tokens
@@ -232,10 +253,24 @@ def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens)
         p_len = p.prompt.shape[1]
         yield ReplayStep(0, proposal_logits(logits[:, p_len - 1 : -1], special), p.step_index >= 0, p.step_index, p.canvas, p.block)
         return
+    for st in _steps(p):
+        st.logits = _state_logits(model, p, (p.step_index >= 0) & (p.step_index < st.index), mode, special)
+        yield st
+
+
+def replay_masks(rows: list[TrajectoryRow], special: SpecialTokens, mode: str) -> Iterator[ReplayStep]:
+    """`replay_step_logits`' steps without the model (`logits` None): which positions each step committed,
+    for counting a step's loss terms before any forward."""
+    p = _pack(rows, special, mode, torch.device("cpu"))
+    if mode == "causal":
+        yield ReplayStep(0, None, p.step_index >= 0, p.step_index, p.canvas, p.block)
+        return
+    yield from _steps(p)
+
+
+def _steps(p: _Packed) -> Iterator[ReplayStep]:
     for j in range(int(p.step_index.max()) + 1):
-        shown = (p.step_index >= 0) & (p.step_index < j)
-        yield ReplayStep(j, _state_logits(model, p, shown, mode, special), p.step_index == j, p.step_index,
-                         p.canvas, p.block)
+        yield ReplayStep(j, None, p.step_index == j, p.step_index, p.canvas, p.block)
 
 
 def replay_sampled_states(model, rows: list[TrajectoryRow], special: SpecialTokens, generator: torch.Generator) -> ReplayStep:

@@ -87,6 +87,20 @@ class TrajectoryRow:
     block_size: int
     canvas_len: int  # the full canvas length of the call (bidirectional models see all of it)
     replayable: bool = True  # False when self-correction re-opened tokens (replay would not be exact)
+    behaviour_logprob: torch.Tensor | None = None  # [G] log p(token) under the distribution it was drawn from
+    # (temperature, top-k, top-p: `behaviour_logp`); None for greedy tokens (no draw: commit_logprob stands in)
+    verified: int | None = None  # canvas positions the verdict covers (the rest was cut by a stop sequence); None: all
+
+    TENSORS = {"canvas": torch.long, "commit_forward": torch.long, "commit_logprob": torch.float, "behaviour_logprob": torch.float}
+
+    def to_json(self) -> dict:
+        """Plain lists and numbers (a trajectory pool's lines, stage 4's buffer in a checkpoint)."""
+        return {k: v.tolist() if torch.is_tensor(v) else v for k, v in vars(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrajectoryRow:
+        return cls(**{k: torch.tensor(v, dtype=cls.TENSORS[k]) if k in cls.TENSORS and v is not None else v
+                      for k, v in data.items()})
 
     def check_replayable(self) -> None:
         if not self.replayable:
@@ -115,12 +129,14 @@ class Trajectory:
     self_correcting: bool = False
     # record_states=True: per batch step, (canvas before the step [B, G], rows that stepped [B], logits [B, block, V])
     states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    behaviour_logprob: torch.Tensor | None = None  # [B, G] float, sampled tokens only (temperature > 0)
 
     def row(self, i: int) -> TrajectoryRow:
         n = self.row_lengths[i]
+        behaviour = None if self.behaviour_logprob is None else self.behaviour_logprob[i, :n].clone()
         return TrajectoryRow(self.prompts[i], self.canvas[i, :n].clone(), self.commit_forward[i, :n].clone(),
                              self.commit_logprob[i, :n].clone(), self.row_forwards[i], self.seeds[i], self.finished[i],
-                             self.tokens[i], self.block_size, self.canvas.shape[1], not self.self_correcting)
+                             self.tokens[i], self.block_size, self.canvas.shape[1], not self.self_correcting, behaviour)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -176,36 +192,50 @@ def proposal_logits(logits: torch.Tensor, special: SpecialTokens) -> torch.Tenso
     return logits.float().masked_fill(banned, torch.finfo(torch.float32).min)
 
 
+def behaviour_logp(logp: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+    """log-probabilities of the distribution the sampler draws tokens from: [..., V] -> [..., V]. logp at
+    temperature 0 (greedy: nothing is drawn); else logp / temperature, filtered by top-k and top-p,
+    renormalised. The on-policy stage's token term reads it on both sides of its importance ratio."""
+    if cfg.temperature <= 0:
+        return logp
+    scaled = logp / cfg.temperature
+    low = torch.finfo(scaled.dtype).min  # not -inf: a filtered token's gradient stays finite
+    if cfg.top_k is not None:
+        kth = scaled.topk(min(cfg.top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, low)
+    if cfg.top_p is not None:
+        sorted_logits, order = scaled.sort(-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # keep the smallest prefix reaching top_p
+        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, low))
+    return scaled.log_softmax(-1)
+
+
 def _propose(logp: torch.Tensor, cfg: SamplerConfig, generators: list[torch.Generator | None],
-             rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Candidate token, its confidence, and its log-probability: [B, L, V] -> [B, L] x 3.
+             rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Candidate token, its confidence, its log-probability and its behaviour log-probability (None when
+    greedy): [B, L, V] -> [B, L] x 4.
 
     logp: the proposal distribution's log-probabilities (`proposal_logits(...).log_softmax(-1)`).
 
     Confidence is the model's own probability of the candidate (temperature 1, unfiltered), so the
     commit order does not depend on how the candidate was drawn. With temperature > 0 each row in
-    `rows` (bool [B]: rows that step now) draws from its own generator, so its samples do not depend
-    on its batch-mates; other rows draw nothing.
+    `rows` (bool [B]: rows that step now) draws from `behaviour_logp` with its own generator, so its
+    samples do not depend on its batch-mates; other rows draw nothing.
     """
+    behaviour = None
     if cfg.temperature <= 0:
         token = logp.argmax(-1)
     else:
-        scaled = logp / cfg.temperature
-        if cfg.top_k is not None:
-            kth = scaled.topk(min(cfg.top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
-            scaled = scaled.masked_fill(scaled < kth, -float("inf"))
-        if cfg.top_p is not None:
-            sorted_logits, order = scaled.sort(-1, descending=True)
-            sorted_probs = sorted_logits.softmax(-1)
-            drop = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # keep the smallest prefix reaching top_p
-            scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
-        draw = scaled.softmax(-1).cpu()
+        full = behaviour_logp(logp, cfg)
+        draw = full.exp().cpu()
         token = torch.zeros(logp.shape[:2], dtype=torch.long)
         for i in rows.nonzero().flatten().tolist():
             token[i] = torch.multinomial(draw[i], 1, generator=generators[i])[:, 0]
         token = token.to(logp.device)
+        behaviour = full.gather(-1, token[..., None])[..., 0]
     token_logp = logp.gather(-1, token[..., None])[..., 0]
-    return token, token_logp.exp(), token_logp
+    return token, token_logp.exp(), token_logp, behaviour
 
 
 def _commit_mask(conf: torch.Tensor, open_: torch.Tensor, n_steps_left: int, threshold: float | None) -> torch.Tensor:
@@ -286,6 +316,7 @@ def generate(
     canvas = torch.full((batch, gen_len), special.mask, dtype=torch.long, device=device)  # [B, G]
     commit_forward = torch.zeros((batch, gen_len), dtype=torch.long, device=device)
     commit_logprob = torch.zeros((batch, gen_len), dtype=torch.float, device=device)
+    behaviour_logprob = torch.zeros_like(commit_logprob) if cfg.temperature > 0 else None
     row_fwd = torch.zeros(batch, dtype=torch.long, device=device)  # each row's own forward count
     row_len = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -351,7 +382,7 @@ def generate(
             if record_states:
                 states.append((canvas.clone().cpu(), stepping.clone().cpu(), logits.float().cpu()))
             dist = proposal_logits(logits, special).log_softmax(-1)  # [B, block, V], once per step
-            token, conf, logp = _propose(dist, cfg, generators, stepping)  # [B, block] x 3
+            token, conf, logp, b_logp = _propose(dist, cfg, generators, stepping)  # [B, block] x 4
             open_ = open_ & stepping[:, None]
             last_step = step == max_steps - 1
             if self_correct and not last_step:
@@ -372,6 +403,8 @@ def generate(
             canvas[:, sl] = torch.where(chosen, token, canvas[:, sl])
             commit_forward[:, sl] = torch.where(chosen, row_fwd[:, None], commit_forward[:, sl])
             commit_logprob[:, sl] = torch.where(chosen, logp, commit_logprob[:, sl])
+            if behaviour_logprob is not None:
+                behaviour_logprob[:, sl] = torch.where(chosen, b_logp, behaviour_logprob[:, sl])
         if cfg.stop_at_eos:
             done |= (canvas[:, : sl.stop] == special.eos).any(1)
         if bool(done.all()) or b == n_blocks - 1:
@@ -391,7 +424,8 @@ def generate(
         finished.append(special.eos in row[: cfg.max_new_tokens])
     return Trajectory(list(map(list, prompts)), canvas.cpu(), commit_forward.cpu(), commit_logprob.cpu(), row_fwd.tolist(),
                       row_len.tolist(), seeds, tokens, finished, block, stats["forwards"], time.perf_counter() - t_start,
-                      stats["model_s"], stats["remasked"], self_correct, states)
+                      stats["model_s"], stats["remasked"], self_correct, states,
+                      None if behaviour_logprob is None else behaviour_logprob.cpu())
 
 
 def replay_states(row: TrajectoryRow, mask_id: int) -> list[torch.Tensor]:

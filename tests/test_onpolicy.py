@@ -45,7 +45,8 @@ def test_a_hanging_and_raising_verifier_costs_samples_not_the_run(init_model, tm
     assert all(m["verifier/excluded"] > 0 for m in steps)
     trl = ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio", "completions/mean_length")
     assert all(k in m for m in steps for k in trl), [sorted(m) for m in steps]
-    assert all("entropy" in m for m in steps if m["train/rows_trained"])
+    # entropy: the policy's, at the tokens of on-policy rows replayed step by step (not anchors or sampled states)
+    assert all("entropy" in m for m in steps if m["train/rows_trained"] > m["train/rows_jump_only_sampled"] + m["train/rows_anchor"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and (out / "final" / "model.safetensors").exists()
     assert "Traceback" not in r.stderr
@@ -324,3 +325,140 @@ def test_programs_that_hang_to_their_own_timeout_are_failures_not_exclusions():
     tasks = [Task(f"t{i}", "", "f", "") for i in range(4)]
     verdicts = VerifierPool(Hanging(), timeout_s=0.1).verify(tasks, ["x"] * 4)
     assert [v.status for v in verdicts] == ["timeout"] * 4
+
+
+def test_jump_targets_are_strictly_later_than_the_state():
+    """From state s_j the jump predicts what steps j+1 .. j+gap commit; step j's own commits belong to the
+    policy term (the jump once included them, pushing failed rows toward the very tokens their advantage
+    pushed away from)."""
+    from types import SimpleNamespace
+
+    from onpolicy.trainers.onpolicy import jump_positions
+
+    st = SimpleNamespace(step_index=torch.tensor([[0, 1, 1, 2, 3, -1]]), index=1)
+    assert jump_positions(st, 2).tolist() == [[False, False, False, True, True, False]]
+    assert jump_positions(st, 1).tolist() == [[False, False, False, True, False, False]]
+
+
+def _samples(passed: list[bool], forwards: list[int]):
+    from onpolicy.trainers.onpolicy import StepSamples
+
+    class Row:  # what training_rows reads of a rollout
+        def __init__(self, i):
+            self.trajectory, self.forwards = f"row{i}", forwards[i]
+
+    n = len(passed)
+    return StepSamples([Row(i) for i in range(n)], torch.zeros(n), torch.ones(n, dtype=torch.bool), torch.tensor(passed))
+
+
+def test_failed_rows_with_a_policy_gradient_are_never_distilled():
+    """`loss.distill_failed` self-distils only failed rows without advantage (all-fail groups); a failed row
+    of a mixed group carries a negative advantage and is not trained toward its own tokens."""
+    from onpolicy.config import OnPolicyConfig
+    from onpolicy.trainers.onpolicy import training_rows
+
+    cfg = OnPolicyConfig()
+    cfg.loss.distill_failed, cfg.loss.distill_rows, cfg.loss.anchor = 0.5, 8, 0.0
+    got = _samples([True, False, False, False], [3, 3, 3, 3])  # group 0: one pass; group 1: none
+    adv = torch.tensor([1.5, -0.5, 0.0, 0.0])
+    rows = {it.trajectory: it for it in training_rows(got, adv, [], None, cfg, step=0)}
+    assert rows["row0"].distill == 1.0 and rows["row0"].advantage == 1.5
+    assert rows["row1"].distill == 0.0 and rows["row1"].advantage == -0.5  # the policy term only
+    assert rows["row2"].distill == 0.5 and rows["row3"].distill == 0.5
+
+
+def test_groups_whose_speeds_differ_by_noise_get_no_advantage():
+    from onpolicy.diffusion.policy import speed_noise_groups
+
+    passed = torch.tensor([[True, True], [True, True], [True, False], [True, True]])
+    valid = torch.tensor([[True, True], [True, True], [True, True], [True, False]])
+    forwards = torch.tensor([[10, 11], [10, 14], [10, 11], [10, 99]])
+    # all pass, one forward apart: noise; four apart: signal; a failure: signal; the excluded sample does not count
+    assert speed_noise_groups(passed, valid, forwards, 2).tolist() == [True, False, False, True]
+    assert speed_noise_groups(passed, valid, forwards, 0).tolist() == [False, False, False, False]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])
+def test_step_normalised_policy_terms_do_not_depend_on_the_micro_batch_split(make_model, special, loss_type):
+    """dapo and dr_grpo divide every micro-batch by the whole step's count (as TRL does over gradient
+    accumulation): one micro-batch of four rows and two of two give the same gradient."""
+    from onpolicy.config import OnPolicyConfig
+    from onpolicy.sampling import SamplerConfig, generate
+    from onpolicy.trainers.onpolicy import Reference, TrainRow, micro_batch_loss, step_pg_denominators
+
+    model = make_model("block_causal", block_size=4, initializer_range=0.3)
+    cfg = OnPolicyConfig()
+    cfg.loss.loss_type, cfg.loss.surrogate = loss_type, "none"
+    cfg.rollout.sampler = SamplerConfig(max_new_tokens=12, block_size=4, threshold=0.5, commit_temperature=0.2, stop_at_eos=False)
+    traj = generate(model, [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]], special, cfg.rollout.sampler, seeds=[0, 1, 2, 3])
+    rows = [traj.row(i) for i in range(4)]
+    rows[1].verified = 5  # a row cut by a stop sequence: its later positions are in no term
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    items = [TrainRow(r, float(a), False, True, 0.0) for r, a in zip(rows, adv)]
+    dens = step_pg_denominators(items, special, "block_causal", cfg)
+    assert dens[0] is not None and dens[1] is not None
+
+    def grads(splits):
+        model.zero_grad()
+        for part in splits:
+            loss, _ = micro_batch_loss(model, Reference(model, 0.0), [rows[i] for i in part], special, adv[part],
+                                       torch.zeros(len(part), dtype=torch.bool), torch.zeros(len(part)), cfg, 2,
+                                       torch.device("cpu"), share=len(part) / 4, pg_denominators=dens)
+            loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    whole, halves = grads([[0, 1, 2, 3]]), grads([[0, 2], [1, 3]])
+    assert whole.abs().sum() > 0
+    assert torch.allclose(whole, halves, atol=1e-6, rtol=1e-4)
+
+
+def test_cut_positions_are_in_no_term(make_model, special):
+    """Positions past a row's verified text (a stop sequence cut the program there) carry no token or
+    decision term: the step's counts drop by exactly what lies past the cut."""
+    from onpolicy.sampling import SamplerConfig, generate
+    from onpolicy.trainers.onpolicy import pg_term_counts
+
+    model = make_model("block_causal", block_size=4)
+    cfg = SamplerConfig(max_new_tokens=12, block_size=4, stop_at_eos=False)
+    row = generate(model, [[5, 6, 7, 8]], special, cfg, seeds=[0]).row(0)
+    tokens, decisions = pg_term_counts([row], special, "block_causal", True)
+    assert (tokens, decisions) == (12, 12)  # one token per step: every position is a token and a decision
+    row.verified = 6
+    assert pg_term_counts([row], special, "block_causal", True) == (6, 6)
+
+
+def test_verified_length_covers_the_text_the_verifier_ran(init_model):
+    from onpolicy.rollout import verified_length
+    from onpolicy.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(init_model)
+    body = "\n    return x + 1\n"
+    ids = tok(body + "\ndef other():\n    pass", add_special_tokens=False)["input_ids"]
+    n = verified_length(tok, ids, "\n", finished=True)
+    assert tok.decode(ids[: n - 1]).startswith(body[: len(tok.decode(ids[: n - 1]))]) and len(tok.decode(ids[:n])) > len(body)
+    assert "pass" not in tok.decode(ids[:n])  # the next function's body was never run
+    assert verified_length(tok, ids[:3], "\n", finished=True) == 4  # uncut: every token and the EOS
+    assert verified_length(tok, ids[:3], "\n", finished=False) == 3
+
+
+def test_sampled_rollouts_record_the_behaviour_policy(make_model, special):
+    """With temperature and top-k the token term's recorded log-prob is the one of the distribution the token
+    was drawn from, and the replay computes the same (drift 0 at the first update), not the temperature-1
+    log-prob (which differs)."""
+    from onpolicy.config import OnPolicyConfig
+    from onpolicy.sampling import SamplerConfig, generate
+    from onpolicy.trainers.onpolicy import Reference, micro_batch_loss
+
+    model = make_model("block_causal", block_size=4, initializer_range=0.3)
+    cfg = OnPolicyConfig()
+    cfg.loss.surrogate = "none"
+    cfg.rollout.sampler = SamplerConfig(max_new_tokens=8, block_size=4, threshold=0.5, commit_temperature=0.2, temperature=0.7,
+                                        top_k=5, stop_at_eos=False)
+    traj = generate(model, [[5, 6, 7, 8], [9, 10]], special, cfg.rollout.sampler, seeds=[0, 1])
+    rows = [traj.row(i) for i in range(2)]
+    assert rows[0].behaviour_logprob is not None
+    assert not torch.allclose(rows[0].behaviour_logprob, rows[0].commit_logprob)
+    with torch.no_grad():
+        _, stats = micro_batch_loss(model, Reference(model, 0.0), rows, special, torch.tensor([1.0, -1.0]),
+                                    torch.zeros(2, dtype=torch.bool), torch.zeros(2), cfg, 2, torch.device("cpu"))
+    assert float(stats["replay_drift_max"]) < 1e-4

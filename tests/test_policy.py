@@ -75,12 +75,12 @@ def test_clipped_policy_loss_by_hand():
     adv = torch.tensor([1.0, -1.0])
     mask = torch.tensor([[True, True], [True, False]])
     # per term: -min(r A, clip(r) A): row 0: -min(1.5, 1.28) = -1.28, -1; row 1: -min(-0.5, -0.8) = 0.8
-    loss, stats = clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28, "dapo", max_tokens=2)
+    loss, stats = clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28, "dapo")
     assert float(loss) == pytest.approx((-1.28 - 1.0 + 0.8) / 3)
     assert float(stats["clip_ratio"]) == pytest.approx(2 / 3)
-    loss, _ = clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28, "grpo", max_tokens=2)
+    loss, _ = clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28, "grpo")
     assert float(loss) == pytest.approx(((-1.28 - 1.0) / 2 + 0.8) / 2)
-    loss, _ = clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28, "dr_grpo", max_tokens=4)
+    loss, _ = clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28, "dr_grpo", denominator=2 * 4)
     assert float(loss) == pytest.approx((-1.28 - 1.0 + 0.8) / (2 * 4))
     # at ratio 1 the gradient is the plain policy gradient: d/dlogp of -A * ratio = -A
     lp = torch.zeros(1, 1, requires_grad=True)

@@ -126,7 +126,7 @@ def test_record_states_are_the_states_before_each_step(peaked, special):
 def test_sampler_leaves_the_callers_logits_alone(special):
     logits = torch.randn(2, 4, special.vocab_size)
     before = logits.clone()
-    token, conf, logp = _propose(proposal_logits(logits, special).log_softmax(-1), SamplerConfig(), [None, None],
+    token, conf, logp, _ = _propose(proposal_logits(logits, special).log_softmax(-1), SamplerConfig(), [None, None],
                                  torch.ones(2, dtype=torch.bool))
     assert torch.equal(logits, before)
     assert not (token == special.mask).any() and torch.allclose(conf, logp.exp())

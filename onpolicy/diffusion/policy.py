@@ -104,16 +104,18 @@ def soft_commit_logprob(score: torch.Tensor, open_: torch.Tensor, committed: tor
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                        epsilon: float, epsilon_high: float, loss_type: str, max_tokens: int
+                        epsilon: float, epsilon_high: float, loss_type: str, denominator: float | None = None
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-style clipped policy gradient over the terms of each trajectory's log-probability.
+    """PPO-style clipped policy gradient over one kind of term of each trajectory's log-probability.
 
     logp, old_logp: [N, T] log-probability of each action (a committed token given the state before
     its step, or a step's commit decision) now and at rollout time; advantages: [N]; mask: [N, T]
     which terms exist. ratio = exp(logp - old_logp), clipped to [1 - epsilon, 1 + epsilon_high]:
         per term: -min(ratio * A, clip(ratio) * A)
-    loss_type: grpo (mean over a row's terms, then over rows), dr_grpo (sum / (N * max_tokens), no
-    length bias), dapo (mean over all terms of the batch).
+    loss_type: grpo (mean over a row's terms, then over rows), dr_grpo (sum / (rows * max_tokens), no
+    length bias), dapo (sum / all terms). For dr_grpo and dapo, `denominator` is the whole step's
+    (TRL: every micro-batch of the step divides by the same number), so the split into micro-batches
+    does not change the gradient; None: these rows' own (rows * width, or their term count).
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
@@ -123,15 +125,36 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     if loss_type == "grpo":
         loss = (per_term.sum(-1) / m.sum(-1).clamp(min=1)).mean()
     elif loss_type == "dr_grpo":
-        loss = per_term.sum() / (mask.shape[0] * max_tokens)
+        loss = per_term.sum() / (denominator or mask.shape[0] * mask.shape[1])
     elif loss_type == "dapo":
-        loss = per_term.sum() / m.sum().clamp(min=1)
+        loss = per_term.sum() / (denominator or m.sum().clamp(min=1))
     else:
         raise ValueError(f"loss_type '{loss_type}' is not one of {LOSS_TYPES}")
     with torch.no_grad():
         is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
         stats = {"clip_ratio": (is_clipped.float() * m).sum() / m.sum().clamp(min=1)}
     return loss, stats
+
+
+def pg_denominator(loss_type: str, terms: int, rows: int, max_terms: int) -> float | None:
+    """The whole step's divisor of a `clipped_policy_loss` term kind: dapo, its count of terms; dr_grpo, a
+    constant (rows * max_terms); grpo, None (it averages per row)."""
+    if loss_type == "dapo":
+        return float(max(1, terms))
+    if loss_type == "dr_grpo":
+        return float(max(1, rows) * max_terms)
+    return None
+
+
+def speed_noise_groups(passed: torch.Tensor, valid: torch.Tensor, forwards: torch.Tensor, min_spread: int) -> torch.Tensor:
+    """[P, G] x 3 -> [P] bool: groups where every valid sample passed and their step counts differ by fewer
+    than `min_spread` forwards. Their rewards differ only by commit-sampling noise, which group
+    normalisation would blow up to unit advantages; the trainer gives them none (`reward.min_speed_spread`)."""
+    big = torch.iinfo(torch.long).max
+    hi = torch.where(valid, forwards, -big).max(-1).values
+    lo = torch.where(valid, forwards, big).min(-1).values
+    all_pass = (passed | ~valid).all(-1) & valid.any(-1)
+    return all_pass & (hi - lo < min_spread)
 
 
 def step_progress(step_index: torch.Tensor, n_steps: int) -> torch.Tensor:

@@ -18,12 +18,18 @@ One step, top to bottom (`train` below):
      `loss.anchor` adds the prompts' reference solutions to that term, a supervised anchor);
   5. a DeepSpeed step; metrics; validation, best checkpoint and early stopping on a schedule.
 
+What each term is (docs/method.md, stage 4): the token term is a policy gradient on sampled rollouts
+(behaviour log-probs: temperature, top-k, top-p) and, on greedy ones (the tiny recipe), an
+advantage-weighted likelihood of the model's own tokens; the commit-decision term is a policy gradient
+either way (soft commits are drawn). The jump term distils verified paths (and, with `loss.distill_failed`,
+failed rows without advantage: self-distillation); `loss.anchor` adds a supervised term on references.
+Positions past the text the verifier ran are in no term. dapo and dr_grpo divide by the whole step's
+count; token and decision terms are normalised apart.
+
 Simplifications, stated: one optimizer step per rollout batch (so the importance ratio is 1 at the
-step and clipping guards only against stale recorded log-probs); the policy terms use the model's
-temperature-1 log-probabilities even when rollouts sample cooler (the tiny recipe's answers are greedy,
-its commit decisions soft: a biased but common approximation); soft commits score a position by its top
-probability; validation counts excluded samples as failures; each rank decodes and verifies its own
-share of the prompts (groups never span ranks).
+step and clipping guards only against stale recorded log-probs; `replay_drift_*` shows it); soft commits
+score a position by its top probability; validation counts excluded samples as failures; each rank decodes
+and verifies its own share of the prompts (groups never span ranks).
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ from onpolicy.diffusion.policy import (
     jump_distillation_loss,
     kl_penalty,
     live_groups,
+    pg_denominator,
     progress_cost_loss,
     soft_commit_logprob,
+    speed_noise_groups,
     trajectory_reward,
 )
 from onpolicy.errors import ConfigError
@@ -61,10 +69,11 @@ from onpolicy.rollout import (
     excluded_reason,
     final_token_logprob,
     reference_trajectory,
+    replay_masks,
     replay_sampled_states,
     replay_step_logits,
 )
-from onpolicy.sampling import TrajectoryRow
+from onpolicy.sampling import TrajectoryRow, behaviour_logp
 from onpolicy.tokenizer import SpecialTokens
 from onpolicy.trainers.common import (
     autocast,
@@ -222,8 +231,29 @@ def sample_step(engine, tokenizer, pool_tasks, cfg: OnPolicyConfig, step: int, p
 
 
 def jump_positions(st, gap: int) -> torch.Tensor:
-    """[B, T] bool: positions still masked in the replayed state s_j and committed by s_j+gap (the jump's targets)."""
-    return (st.step_index >= st.index) & (st.step_index < st.index + gap)
+    """[B, T] bool: the jump's targets from the replayed state s_j: positions committed by steps j+1 .. j+gap,
+    strictly later than s_j's own step (what step j itself commits is the policy term's, not the jump's)."""
+    return (st.step_index > st.index) & (st.step_index <= st.index + gap)
+
+
+def kept_positions(rows: list[TrajectoryRow], width: int, device) -> torch.Tensor:
+    """[B, width] bool: the canvas positions each row's verdict covers (`TrajectoryRow.verified`); the rest
+    was cut by a stop sequence and is in no loss term."""
+    verified = torch.tensor([width if r.verified is None else r.verified for r in rows], device=device)
+    return torch.arange(width, device=device)[None] < verified[:, None]
+
+
+def pg_term_counts(rows: list[TrajectoryRow], special: SpecialTokens, mode: str, decisions: bool) -> tuple[int, int]:
+    """How many token terms and commit-decision terms `micro_batch_loss` gives these rows' policy gradient
+    (the masks it builds, without a forward): what dapo divides the whole step by."""
+    tokens = n_decisions = 0
+    for st in replay_masks(rows, special, mode):
+        kept = kept_positions(rows, st.now.shape[1], st.now.device)
+        tokens += int((st.now & kept).sum())
+        if decisions and mode != "causal":
+            b, t = st.now.shape
+            n_decisions += int((open_positions(st) & kept).view(b, t // st.block, st.block).any(-1).sum())
+    return tokens, n_decisions
 
 
 def is_jump_only(adv: float, passed: bool, distill: float, cfg: OnPolicyConfig) -> bool:
@@ -257,9 +287,9 @@ def sampled_jump_loss(model, rows, special: SpecialTokens, distill: torch.Tensor
     """The jump term of jump-only rows from one forward: each block at one state drawn from its recorded
     steps (`rollout.replay_sampled_states`), the same `jump_distillation_loss` as at every state."""
     st = replay_sampled_states(model, rows, special, generator)
-    loss, stats = jump_distillation_loss(st.logits, st.canvas, jump_positions(st, gap), distill, cfg.loss.certainty)
-    ent_sum, ent_n = commit_entropy(st.logits, st.now)
-    return cfg.loss.jump_weight * loss, {**{f"{k}_sampled": v for k, v in stats.items()}, "entropy": ent_sum / max(1, ent_n)}
+    kept = kept_positions(rows, st.canvas.shape[1], st.canvas.device)
+    loss, stats = jump_distillation_loss(st.logits, st.canvas, jump_positions(st, gap) & kept, distill, cfg.loss.certainty)
+    return cfg.loss.jump_weight * loss, {f"{k}_sampled": v for k, v in stats.items()}
 
 
 def commit_entropy(logits: torch.Tensor, now: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -295,81 +325,94 @@ def commit_decisions(st, logp_all: torch.Tensor, open_: torch.Tensor, threshold:
 
 def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
                      distill: torch.Tensor, cfg: OnPolicyConfig, gap: int, device,
-                     on_policy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """The stage-4 loss of one micro-batch of recorded trajectories, over their replayed states.
+                     on_policy: torch.Tensor | None = None, share: float = 1.0,
+                     pg_denominators: tuple[float | None, float | None] = (None, None)) -> tuple[torch.Tensor, dict]:
+    """The stage-4 loss of one micro-batch of recorded trajectories, over their replayed states: its part of
+    the step's loss.
 
     adv: [B] advantages; passed: [B] bool (verified correct); distill: [B] jump-distillation weight of each
-    row (1 for passing rows, `loss.distill_failed` for failed rows picked for it, `loss.anchor` for reference rows, else 0); on_policy: [B] bool,
-    False for buffer rows (decoded by older weights: surrogate terms only). Every term is a pure function of
-    `onpolicy.diffusion.policy`; this function only gathers their inputs from the replay.
+    row (1 for passing rows, `loss.distill_failed` for failed rows without advantage, `loss.anchor` for reference
+    rows, else 0); on_policy: [B] bool, False for buffer and anchor rows (not decoded by these weights: no policy
+    term). share: these rows' share of the step's rows (the per-row terms are averaged over the step);
+    pg_denominators: the step's divisors of the token and decision terms (`pg_denominator`; None: this
+    micro-batch's own, scaled by `share`). Positions past a row's verified text are in no term. Every term is
+    a pure function of `onpolicy.diffusion.policy`; this function only gathers their inputs from the replay.
     """
     lc, sc = cfg.loss, cfg.rollout.sampler
-    token_logp = old_token = committed = None
+    token_logp = pg_token = committed = kept = None
     decisions, decision_mask = [], []
     jump_total, progress_total = torch.zeros((), device=device), torch.zeros((), device=device)
     stats: dict[str, torch.Tensor] = {}
     entropy_sum, entropy_n = torch.zeros(()), 0
+    on_pol = torch.ones(len(rows), dtype=torch.bool, device=device) if on_policy is None else on_policy
     jump_term = lc.surrogate in ("jump", "both") and bool((distill > 0).any())  # once, not per replayed step
     for st in replay_step_logits(model, rows, special):
+        if kept is None:
+            kept = kept_positions(rows, st.canvas.shape[1], device)
+        now = st.now & kept
         logp_all = st.logits.float().log_softmax(-1)  # [B, T, V]
         tok = final_token_logprob(logp_all, st)  # [B, T] log p(final token | state before step j)
-        token_logp = torch.where(st.now, tok, 0.0 if token_logp is None else token_logp)  # at each token's own step
-        committed = st.now if committed is None else committed | st.now
-        ent_sum, ent_n = commit_entropy(st.logits, st.now)
+        token_logp = torch.where(now, tok, 0.0 if token_logp is None else token_logp)  # at each token's own step
+        # the policy term's token log-prob: the distribution the rollout drew from (greedy: the model's own)
+        beh = tok if sc.temperature <= 0 else final_token_logprob(behaviour_logp(logp_all, sc), st)
+        pg_token = torch.where(now, beh, 0.0 if pg_token is None else pg_token)
+        committed = now if committed is None else committed | now
+        ent_sum, ent_n = commit_entropy(st.logits, now & on_pol[:, None])
         entropy_sum, entropy_n = entropy_sum + ent_sum, entropy_n + ent_n
-        open_ = open_positions(st)
+        open_ = open_positions(st) & kept
         if lc.commit_actions and sc.commit_temperature is not None:
             dec, dec_mask = commit_decisions(st, logp_all, open_, sc.threshold, sc.commit_temperature)
             decisions.append(dec)
             decision_mask.append(dec_mask)
         if jump_term:
-            jl, js = jump_distillation_loss(st.logits, st.canvas, jump_positions(st, gap), distill, lc.certainty)
+            jl, js = jump_distillation_loss(st.logits, st.canvas, jump_positions(st, gap) & kept, distill, lc.certainty)
             jump_total = jump_total + jl
             stats = {**stats, **{k: stats.get(k, 0) + v for k, v in js.items()}}
         if passed.any() and lc.surrogate in ("progress", "both"):
             b, t = open_.shape
-            per_block = st.now.view(b, -1, st.block).sum(-1, keepdim=True).expand(-1, -1, st.block).reshape(b, t)  # p_k per position
+            per_block = now.view(b, -1, st.block).sum(-1, keepdim=True).expand(-1, -1, st.block).reshape(b, t)  # p_k per position
             pl, ps = progress_cost_loss(-tok, open_, per_block.float(), passed, lc.progress_lambda)
             progress_total = progress_total + pl
             stats["progress_cost"] = stats.get("progress_cost", 0) + ps["progress_cost"]
     n_steps = st.index + 1
-    # the policy-gradient terms: each committed token at its step, and each step's commit decisions
-    old_token = torch.stack([torch.nn.functional.pad(r.commit_logprob, (0, token_logp.shape[1] - len(r.commit_logprob)))
-                             for r in rows]).to(device)
-    terms, old, mask = [token_logp], [old_token], [committed]
+    # the policy-gradient terms, each kind normalised on its own: every committed token at its step, then
+    # every step's commit decisions in each block
+    width = pg_token.shape[1]
+    old_token = torch.stack([torch.nn.functional.pad(r.commit_logprob if r.behaviour_logprob is None else r.behaviour_logprob,
+                                                     (0, width - len(r.commit_logprob))) for r in rows]).to(device)
+    token_mask = committed & on_pol[:, None]
+    pg, pg_stats = clipped_policy_loss(pg_token, old_token, adv, token_mask, lc.epsilon, lc.epsilon_high, lc.loss_type,
+                                       pg_denominators[0])
     if decisions:
-        dec = torch.cat(decisions, 1)
-        terms.append(dec)
-        old.append(dec.detach())  # one update per rollout: the decisions' old log-prob is the current one
-        mask.append(torch.cat(decision_mask, 1))
-    logp, old_logp, term_mask = torch.cat(terms, 1), torch.cat(old, 1), torch.cat(mask, 1)
-    if on_policy is not None:
-        term_mask = term_mask & on_policy[:, None]
-    pg, pg_stats = clipped_policy_loss(logp, old_logp, adv, term_mask, lc.epsilon, lc.epsilon_high, lc.loss_type,
-                                       max_tokens=term_mask.shape[1])
-    loss = lc.pg_weight * pg + lc.jump_weight * jump_total / n_steps + progress_total / n_steps
+        dec = torch.cat(decisions, 1)  # one update per rollout: the decisions' old log-prob is the current one
+        dec_pg, _ = clipped_policy_loss(dec, dec.detach(), adv, torch.cat(decision_mask, 1) & on_pol[:, None], lc.epsilon,
+                                        lc.epsilon_high, lc.loss_type, pg_denominators[1])
+        pg = pg + dec_pg
+    per_row = lc.jump_weight * jump_total / n_steps + progress_total / n_steps
     kl = torch.zeros(())
     if lc.beta > 0:
         with torch.no_grad(), reference.use(model) as ref_model:
             ref_logp = torch.zeros_like(token_logp)
             for st in replay_step_logits(ref_model, rows, special):
                 ref_tok = st.logits.float().log_softmax(-1).gather(-1, st.canvas[..., None])[..., 0]
-                ref_logp = torch.where(st.now, ref_tok, ref_logp)
-        per_term = kl_penalty(token_logp, ref_logp, committed)
-        kl_term = per_term.sum() / committed.sum().clamp(min=1)
-        loss = loss + lc.beta * kl_term
+                ref_logp = torch.where(st.now & kept, ref_tok, ref_logp)
+        per_term = kl_penalty(token_logp, ref_logp, token_mask)
+        kl_term = per_term.sum() / token_mask.sum().clamp(min=1)
+        per_row = per_row + lc.beta * kl_term
         kl = kl_term.detach()
+    step_normalised = lc.loss_type != "grpo" and pg_denominators[0] is not None
+    loss = share * per_row + lc.pg_weight * pg * (1.0 if step_normalised else share)
     stats = {k: v / n_steps for k, v in stats.items()}
     stats.update(pg_stats)
-    stats["pg_loss"] = pg.detach()
+    stats["pg_loss_sum" if step_normalised else "pg_loss"] = pg.detach()  # a step-normalised term adds up over micro-batches
     stats["kl"] = kl
     # replay drift: how far the replayed log-probs of on-policy tokens are from those recorded at commit time
     # (0 up to float error on a first update: the ratio is 1 and the clip inert; it grows with updates per batch)
-    on_tok = committed & (on_policy[:, None] if on_policy is not None else torch.ones_like(committed))
-    drift = (token_logp.detach() - old_token).abs()[on_tok]
+    drift = (pg_token.detach() - old_token).abs()[token_mask]
     stats["replay_drift_mean"] = drift.mean() if drift.numel() else torch.zeros(())
     stats["replay_drift_max"] = drift.max() if drift.numel() else torch.zeros(())
-    stats["entropy"] = entropy_sum / max(1, entropy_n)
+    if entropy_n:
+        stats["entropy"] = entropy_sum / entropy_n
     return loss, stats
 
 
@@ -426,8 +469,8 @@ def training_rows(got: StepSamples, adv: torch.Tensor, buffer: list, tokenizer, 
     t, valid, rollouts = cfg.train, got.valid, got.rollouts
     ok = got.passed & valid
     distill = ok.float()
-    if cfg.loss.distill_failed > 0:
-        failed = (valid & ~ok).nonzero().flatten()
+    if cfg.loss.distill_failed > 0:  # only failed rows without a policy gradient: never against their own advantage
+        failed = (valid & ~ok & (adv == 0)).nonzero().flatten()
         pick = failed[torch.randperm(len(failed), generator=noise_generator(t.seed, -6, step))[: cfg.loss.distill_rows]]
         distill[pick] = cfg.loss.distill_failed
     useful = ((adv != 0) | (distill > 0)).nonzero().flatten().tolist()
@@ -441,14 +484,29 @@ def training_rows(got: StepSamples, adv: torch.Tensor, buffer: list, tokenizer, 
     return rows
 
 
+def step_pg_denominators(items: list[TrainRow], special: SpecialTokens, mode: str, cfg: OnPolicyConfig) -> tuple[float | None, float | None]:
+    """The whole step's divisors of the token and decision terms (`pg_denominator`), over the on-policy rows
+    that carry a policy gradient on every rank, as TRL divides every micro-batch by the step's count."""
+    lc, sc = cfg.loss, cfg.rollout.sampler
+    if lc.loss_type == "grpo":
+        return None, None
+    rows = [it.trajectory for it in items if it.on_policy and it.advantage != 0]
+    tokens, decisions = pg_term_counts(rows, special, mode, lc.commit_actions and sc.commit_temperature is not None) if rows else (0, 0)
+    # DeepSpeed averages gradients over ranks: dividing by the ranks' mean count gives the global sum / global count
+    tokens, decisions, n = (float(eng.mean_over_ranks(torch.tensor(float(v)))) for v in (tokens, decisions, len(rows)))
+    return (pg_denominator(lc.loss_type, tokens, n, sc.max_new_tokens),
+            pg_denominator(lc.loss_type, decisions, n, sc.max_new_tokens))
+
+
 def train_step(engine, reference: Reference, items: list[TrainRow], special: SpecialTokens, cfg: OnPolicyConfig, gap: int,
                grad_accum: int, step: int, dist) -> dict:
     """The losses of `items` in `grad_accum` micro-batches and one optimizer step; the step's loss stats, each
-    averaged over the rows that carry it (`*_max`: the maximum)."""
+    averaged over the rows that carry it (`*_max`: the maximum; `*_sum`: added up over micro-batches)."""
     t = cfg.train
     stat_sums: dict[str, list[float]] = {}  # key -> [sum over rows, rows]
     loss_sum = 0.0
     jump_only = [is_jump_only(it.advantage, it.passed, it.distill, cfg) for it in items]
+    denominators = step_pg_denominators(items, special, unwrap(engine.module).config.attention, cfg)
     for k in range(grad_accum):
         chunk = range(k, len(items), grad_accum)
         if not chunk:  # keep DeepSpeed's accumulation count: a zero loss on the same graph
@@ -467,13 +525,14 @@ def train_step(engine, reference: Reference, items: list[TrainRow], special: Spe
             if full:
                 part, stats = micro_batch_loss(engine, reference, [it.trajectory for it in full], special, column(full, "advantage"),
                                                column(full, "passed"), column(full, "distill"), cfg, gap, dist.device,
-                                               on_policy=column(full, "on_policy"))
-                loss, parts = loss + part * len(full), parts + [(stats, len(full))]
+                                               on_policy=column(full, "on_policy"), share=len(full) / len(items),
+                                               pg_denominators=denominators)
+                loss, parts = loss + part, parts + [(stats, len(full))]
             if cheap:
                 part, stats = sampled_jump_loss(engine, [it.trajectory for it in cheap], special, column(cheap, "distill"), cfg, gap,
                                                 noise_generator(t.seed, -7, step, k))
-                loss, parts = loss + part * len(cheap), parts + [(stats, len(cheap))]
-        engine.backward(loss / len(items) * grad_accum)  # each row weighs the same
+                loss, parts = loss + part * len(cheap) / len(items), parts + [(stats, len(cheap))]
+        engine.backward(loss * grad_accum)  # DeepSpeed divides by grad_accum; the parts already sum to the step's loss
         eng.step(engine)
         loss_sum += float(loss.detach()) if torch.is_tensor(loss) else loss
         for stats, n in parts:
@@ -481,11 +540,14 @@ def train_step(engine, reference: Reference, items: list[TrainRow], special: Spe
                 acc = stat_sums.setdefault(key, [0.0, 0])
                 if key.endswith("_max"):  # a maximum over the step, not a mean
                     acc[0], acc[1] = max(acc[0], float(v)), 1
+                elif key.endswith("_sum"):
+                    acc[0], acc[1] = acc[0] + float(v), 1
                 else:
                     acc[0], acc[1] = acc[0] + float(v) * n, acc[1] + n
     # a step whose rows all feed only the jump term has no policy gradient: nothing clipped, no KL, pg 0
-    step_stats = {"pg_loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, **{k: s / n for k, (s, n) in stat_sums.items()}}
-    step_stats["loss"] = eng.mean_over_ranks(torch.tensor(loss_sum / max(1, len(items)))).item()
+    step_stats = {"pg_loss": 0.0, "kl": 0.0, "clip_ratio": 0.0,
+                  **{k.removesuffix("_sum"): s / n for k, (s, n) in stat_sums.items()}}
+    step_stats["loss"] = eng.mean_over_ranks(torch.tensor(loss_sum)).item()
     return step_stats
 
 
@@ -552,8 +614,7 @@ def train(cfg: OnPolicyConfig) -> dict:
     state = resume(engine, plan, dist)
     step, history, best, bar = state.get("step", 0), state.get("val_history", []), state.get("best"), state.get("bar")
     since_best = state.get("since_best", 0)
-    buffer = [TrajectoryRow(**{k: torch.tensor(v) if k.startswith(("canvas", "commit")) and k != "canvas_len" else v
-                               for k, v in row.items()}) for row in state.get("buffer", [])]
+    buffer = [TrajectoryRow.from_json(row) for row in state.get("buffer", [])]
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(run_config_yaml(cfg, engine.module))
@@ -596,6 +657,12 @@ def train(cfg: OnPolicyConfig) -> dict:
         rollouts, rewards, valid, passed = got.rollouts, got.rewards, got.valid, got.passed
         t_rollout, t_verify = got.t_rollout, got.t_verify
         adv, adv_stats = group_advantages(rewards.view(-1, r.group_size), valid.view(-1, r.group_size), cfg.reward.scale_rewards)
+        if cfg.reward.min_speed_spread:  # all-pass groups whose speeds differ by noise only: no advantage
+            forwards = torch.tensor([ro.forwards for ro in rollouts], dtype=torch.long).view(-1, r.group_size)
+            noise = speed_noise_groups(passed.view(-1, r.group_size), valid.view(-1, r.group_size), forwards,
+                                       cfg.reward.min_speed_spread)
+            adv = adv * ~noise[:, None]
+            adv_stats["frac_speed_noise_groups"] = noise.float().mean() if len(noise) else torch.tensor(0.0)
         adv = adv.flatten()
 
         # 3c. the rows this step trains on, 3d. their losses over the replayed states and the optimizer step
@@ -636,7 +703,7 @@ def train(cfg: OnPolicyConfig) -> dict:
                 log.write(f"[onpolicy] early stop: no new best in {since_best} validations")
         if (t.save_every and step % t.save_every == 0) or step == stop or stop_now:
             client = {"step": step, "val_history": history, "best": best, "bar": bar, "since_best": since_best,
-                      "buffer": [{k: v.tolist() if torch.is_tensor(v) else v for k, v in vars(row).items()} for row in buffer]}
+                      "buffer": [row.to_json() for row in buffer]}
             ckpt.save_checkpoint(engine, out / "checkpoints", step, client, t.keep_checkpoints, dist.is_main,
                                  dist.rank, dist.world_size)
         if stop_now:

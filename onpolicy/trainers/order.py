@@ -91,15 +91,6 @@ def _score(row: dict) -> float:
     return row["path_logp"] if "path_logp" in row else row["elbo"]  # "elbo": pools written before 2026-12-07
 
 
-def _row_json(row: TrajectoryRow) -> dict:
-    return {k: v.tolist() if torch.is_tensor(v) else v for k, v in vars(row).items()}
-
-
-def _row_from_json(data: dict) -> TrajectoryRow:
-    tensors = {"canvas": torch.long, "commit_forward": torch.long, "commit_logprob": torch.float}
-    return TrajectoryRow(**{k: torch.tensor(v, dtype=tensors[k]) if k in tensors else v for k, v in data.items()})
-
-
 def write_pool(path: Path, header: dict, kept: list[dict]) -> None:
     """JSONL: line 1 {"format", "model", "tasks", "sampler", "seed", "samples", "keep", counts...};
     then one kept trajectory per line: {"task_id", "task_index", "sample", "seed", "passed", "status",
@@ -152,7 +143,7 @@ def build_pool(engine, tokenizer, cfg: OrderConfig, verifier: VerifierPool, show
         by_task.setdefault(ro.task_index, []).append(
             {"task_id": ro.task.task_id, "task_index": ro.task_index, "sample": ro.sample, "seed": tr.seed,
              "passed": bool(v.passed), "status": v.status, "path_logp": path_logp,
-             "forwards": int(tr.commit_forward.max()), "trajectory": _row_json(tr)})
+             "forwards": int(tr.commit_forward.max()), "trajectory": TrajectoryRow.to_json(tr)})
     kept = [row for i in sorted(by_task) for row in select(by_task[i], p.keep, p.require_pass, p.prefer)]
     passed = sum(v.passed for v in verdicts)
     header = {"format": POOL_FORMAT, "model": str(cfg.model.init_from), "tasks": p.tasks, "n_tasks": len(tasks),
@@ -210,7 +201,7 @@ def train(cfg: OrderConfig) -> dict:
     if not kept:
         raise ConfigError(f"{pool_path}: no trajectory was kept (none verified?): nothing to distill. Raise pool.n_tasks or "
                           "pool.samples, lower pool.sampler.temperature, or set pool.require_pass=false")
-    rows = [_row_from_json(r["trajectory"]) for r in kept]
+    rows = [TrajectoryRow.from_json(r["trajectory"]) for r in kept]
 
     # 2. Distillation over the replayed states of the kept trajectories.
     stop = min(t.max_steps, t.stop_at_step or t.max_steps)
