@@ -86,11 +86,11 @@ def main() -> None:
 
     contenders = {}
     torch.manual_seed(t.seed)
-    contenders["bare_torch"] = Bare(build_model(cfg, special, {}).to(dist.device), cfg)
+    contenders["bare_torch"] = Bare(build_model(cfg, special).to(dist.device), cfg)
     for stage in args.zero:
         ds_config = eng.deepspeed_config(f"recipes/deepspeed/zero{stage}.json", t.micro_batch_size, t.grad_accum, 1, t.grad_clip, t.precision)
         torch.manual_seed(t.seed)
-        model = build_model(cfg, special, ds_config)
+        model = build_model(cfg, special)
         optimizer = eng.make_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))
         contenders[f"deepspeed_zero{stage}"] = Engine(eng.initialize(model, optimizer, make_scheduler(optimizer, t), ds_config))
 

@@ -204,7 +204,7 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    # ZeRO-3 partitions parameters at construction (zero.Init): their real shape is ds_shape.
+    # a parameter ZeRO-3 has partitioned keeps its real shape in ds_shape
     is_matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
     decay = [p for p, m in zip(params, is_matrix) if m]
     no_decay = [p for p, m in zip(params, is_matrix) if not m]

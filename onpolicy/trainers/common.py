@@ -95,8 +95,8 @@ def model_hidden_size(m) -> int | None:
     return json.loads((folder / "config.json").read_text()).get("hidden_size")
 
 
-def build_model(cfg, special: SpecialTokens, ds_config: dict, adapt_attention: bool = True) -> torch.nn.Module:
-    """The stage's model: from `model.init_from` or fresh from `model.*`; under ZeRO-3 built partitioned;
+def build_model(cfg, special: SpecialTokens, adapt_attention: bool = True) -> torch.nn.Module:
+    """The stage's model: from `model.init_from` or fresh from `model.*` (whole; ZeRO-3 partitions it later);
     with `lora.r > 0` wrapped in PEFT LoRA adapters. adapt_attention: give an init_from model the
     recipe's attention, block size and shift (pre-training); False keeps the model's own (later stages)."""
     m = cfg.model
@@ -121,13 +121,10 @@ def build_model(cfg, special: SpecialTokens, ds_config: dict, adapt_attention: b
             block_size=m.block_size, shift_logits=m.shift_logits, mask_token_id=special.mask, pad_token_id=special.pad,
             bos_token_id=special.bos, eos_token_id=special.eos,
         )
-        if eng.zero_stage(ds_config) == 3:
-            import deepspeed
-
-            with deepspeed.zero.Init(config_dict_or_path=ds_config):
-                model = DiffusionTransformer(mcfg)
-        else:
-            model = DiffusionTransformer(mcfg)
+        # built whole on every ZeRO stage, so a seed gives the same initial weights under ZeRO-0, 2 and 3
+        # (deepspeed.zero.Init draws them partition by partition: other numbers); ZeRO-3 partitions the
+        # built model when the engine starts, as it does a model loaded with `init_from`
+        model = DiffusionTransformer(mcfg)
     model.config.attention_kernel = m.attention_kernel
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     return apply_lora(model, cfg.lora, verbose=os.environ.get("RANK", "0") == "0")

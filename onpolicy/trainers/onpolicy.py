@@ -606,7 +606,7 @@ def train(cfg: OnPolicyConfig) -> dict:
     plan = plan_resume(out, t.resume, dist.world_size)
     ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip, t.precision,
                                                  model_hidden_size(cfg.model)))
-    model = build_model(cfg, special, ds_config, adapt_attention=False)
+    model = build_model(cfg, special, adapt_attention=False)
     reference = Reference(model, cfg.loss.beta)
     engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)
 

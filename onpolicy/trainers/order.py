@@ -164,7 +164,7 @@ def train(cfg: OrderConfig) -> dict:
     plan = plan_resume(out, t.resume, dist.world_size)
     ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, dist.world_size, t.grad_clip, t.precision,
                                                  model_hidden_size(cfg.model)))
-    model = build_model(cfg, special, ds_config, adapt_attention=False)
+    model = build_model(cfg, special, adapt_attention=False)
     if unwrap(model).config.attention == "causal":
         raise ConfigError("stage order distills diffusion trajectories; model.init_from is a causal (AR) model")
     engine, scheduler = make_engine(cfg, model, ds_config)

@@ -127,7 +127,7 @@ def train(cfg: PretrainConfig) -> dict:
     grad_accum = resumed_grad_accum(plan, t.micro_batch_size, t.grad_accum, dist.world_size)
     ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, grad_accum, dist.world_size, t.grad_clip, t.precision,
                                                  model_hidden_size(cfg.model)))
-    model = build_model(cfg, special, ds_config)
+    model = build_model(cfg, special)
     engine, scheduler = make_engine(cfg, model, ds_config)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
 
