@@ -228,14 +228,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from onpolicy.data.tasks import TASK_SETS  # torch-free
-    from verifiers.cli import add_verifier_arguments
-
     parser = Parser(prog="onpolicy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the deepspeed launcher passes --local_rank=N; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    _training_commands(sub)
+    _decoding_commands(sub)
+    _model_commands(sub)
+    return parser
 
+
+def _training_commands(sub) -> None:
+    """train, prepare-data, pipeline."""
     p = sub.add_parser("train", help="train a recipe (stage chosen by its `stage:` key)")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/stage1_mask.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
@@ -254,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of every stage (init, data order, sampling); the run folder gets a -seedN suffix")
     p.set_defaults(func=_pipeline)
+
+
+def _decoding_commands(sub) -> None:
+    """sample, bench, eval."""
+    from onpolicy.data.tasks import TASK_SETS  # torch-free
+    from verifiers.cli import add_verifier_arguments
 
     p = sub.add_parser("sample", help="generate code from a checkpoint")
     p.add_argument("checkpoint", help="a model folder written by onpolicy, a run folder (its final/), an adapter folder or a Hub id")
@@ -314,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md", default=None, help="also write a markdown table here")
     p.set_defaults(func=_eval)
 
+
+def _model_commands(sub) -> None:
+    """export, push, recipes, merge, verify."""
     p = sub.add_parser("export", help="a run's model (or the checkpoint of step N) as a folder that loads anywhere")
     p.add_argument("run", help="a run folder (its final/ model, or --step N), a model folder, or an adapter folder")
     p.add_argument("--step", type=int, default=None, help="export the resumable checkpoint of this step instead of final/")
@@ -344,7 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="score completions with a sandboxed verifier (--list: the verifiers known by name)")
     add_verify_arguments(p)
     p.set_defaults(func=_verify)
-    return parser
 
 
 def quiet_third_parties(with_transformers: bool = True) -> None:

@@ -197,16 +197,22 @@ def run_child(code, res_w, chal_r, out_w, err_w, req):
 MAX_PROGRAM_BYTES = 1 << 20
 
 
-def run_one(req, own_pidns):
-    # Compiled here, before the fork: compiling runs none of the program's code, and doing it in
-    # the forked child costs ~1.5 ms of copy-on-write faults per program.
-    source = req["program"]
+def _compiled(source):
+    """(code, None), or (None, the verdict) for a program too large or that does not compile. Compiled
+    here, before the fork: compiling runs none of the program's code, and doing it in the forked child
+    costs ~1.5 ms of copy-on-write faults per program."""
     if len(source) > MAX_PROGRAM_BYTES:
-        return _verdict_without_run("error", f"program larger than {MAX_PROGRAM_BYTES} bytes")
+        return None, _verdict_without_run("error", f"program larger than {MAX_PROGRAM_BYTES} bytes")
     try:
-        code = compile(source, "<program>", "exec")
+        return compile(source, "<program>", "exec"), None
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as e:
-        return _verdict_without_run("failed", f"{type(e).__name__}: {e}")
+        return None, _verdict_without_run("failed", f"{type(e).__name__}: {e}")
+
+
+def run_one(req, own_pidns):
+    code, verdict = _compiled(req["program"])
+    if verdict is not None:
+        return verdict
     res_r, res_w = os.pipe()
     chal_r, chal_w = os.pipe()
     out_r, out_w = os.pipe()
@@ -221,13 +227,11 @@ def run_one(req, own_pidns):
     for fd in (res_w, chal_r, out_w, err_w):
         os.close(fd)
     cap = req["output_bytes"]
-    out, err = bytearray(), bytearray()
-    truncated = False
+    out, err, truncated = bytearray(), bytearray(), False
     deadline = start + req["timeout_s"]
     proof, detail, timed_out, refused = False, "", False, False
     open_fds = {out_r, err_r, res_r}
-    status_code, usage = None, None
-    exited = False
+    status_code, usage, exited = None, None, False
     exit_fd = os.pidfd_open(pid)  # readable once the child has exited: no polling
     while True:
         remaining = deadline - time.monotonic()
@@ -246,38 +250,9 @@ def run_one(req, own_pidns):
                 if data[:1] != b"D" or proof:
                     detail, refused = "bad handshake from the program", True
                     os.kill(pid, signal.SIGKILL)
-                    open_fds.discard(res_r)
-                    continue
-                # Tests ran to the end. Nothing but the child may remain, and it must be alone.
-                kill_sandbox(own_pidns, pid, spare=(pid,))
-                try:
-                    with os.scandir(f"/proc/{pid}/task") as it:
-                        n_threads = sum(1 for _ in it)
-                except OSError:
-                    n_threads = 0
-                if n_threads != 1:
-                    detail = f"program left {n_threads - 1} extra threads running after the tests"
-                    refused = True
-                    os.kill(pid, signal.SIGKILL)
-                    open_fds.discard(res_r)
-                    continue
-                challenge = os.urandom(32)
-                answer = b""
-                try:
-                    write_all(chal_w, challenge)
-                    while len(answer) < 32 and time.monotonic() < deadline:
-                        r, _, _ = select.select([res_r], [], [], max(0.0, deadline - time.monotonic()))
-                        if not r:
-                            break
-                        chunk = os.read(res_r, 32 - len(answer))
-                        if not chunk:
-                            break
-                        answer += chunk
-                except OSError:
-                    pass
-                proof = answer == hashlib.sha256(PROOF_SALT + challenge).digest()
-                if not proof:
-                    detail, refused = "pass handshake failed", True
+                else:
+                    proof, detail = _pass_proof(pid, own_pidns, res_r, chal_w, deadline)
+                    refused = not proof
                 open_fds.discard(res_r)
             else:
                 truncated |= _keep(out if fd == out_r else err, data, cap)
@@ -290,13 +265,7 @@ def run_one(req, own_pidns):
             exited = True
             break
     if exited:  # collect what is already in the pipes, without waiting for descendants
-        for fd in (out_r, err_r):
-            buf = out if fd == out_r else err
-            while fd in open_fds and select.select([fd], [], [], 0)[0]:
-                data = os.read(fd, 65536)
-                if not data or _keep(buf, data, cap):
-                    truncated |= bool(data)
-                    break
+        truncated |= _drain({out_r: out, err_r: err}, open_fds, cap)
     seconds = time.monotonic() - start
     clean = kill_sandbox(own_pidns, pid)
     for fd in (res_r, chal_w, out_r, err_r, exit_fd):
@@ -305,27 +274,9 @@ def run_one(req, own_pidns):
         except OSError:
             pass
     _remove_tree(f"/tmp/run-{pid}")
-    exit_code = sig = None
-    if status_code is not None:
-        if os.WIFEXITED(status_code):
-            exit_code = os.WEXITSTATUS(status_code)
-        elif os.WIFSIGNALED(status_code):
-            sig = os.WTERMSIG(status_code)
-    if proof and not timed_out:
-        status = "passed"
-    elif timed_out:
-        status, detail = "timeout", f"wall-clock limit of {req['timeout_s']} s"
-    elif refused:
-        status = "failed"
-    elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and usage is not None and usage.ru_utime + usage.ru_stime >= req["cpu_s"]):
-        status, detail = "timeout", f"CPU-time limit of {req['cpu_s']} s"
-    elif sig is not None:
-        status, detail = "error", f"killed by signal {signal.Signals(sig).name}"
-    else:
-        status = "failed"
-        if not detail:
-            tail = err.decode(errors="replace").strip().splitlines()
-            detail = tail[-1] if tail else ("exited before the tests completed (no pass proof)" if exit_code == 0 else f"exit code {exit_code}")
+    exit_code = os.WEXITSTATUS(status_code) if status_code is not None and os.WIFEXITED(status_code) else None
+    sig = os.WTERMSIG(status_code) if status_code is not None and os.WIFSIGNALED(status_code) else None
+    status, detail = _status(req, proof, timed_out, refused, sig, usage, exit_code, detail, err)
     return {
         "status": status,
         "detail": detail[:500],
@@ -337,6 +288,67 @@ def run_one(req, own_pidns):
         "signal": sig,
         "clean": clean,
     }
+
+
+def _pass_proof(pid, own_pidns, res_r, chal_w, deadline):
+    """The tests ran to the end (the child wrote "D"): nothing but the child may remain in the sandbox, it
+    must be alone (one thread), and it must answer a fresh challenge with the salt only the test harness
+    held. Returns (proof, detail); a refusal kills the child."""
+    kill_sandbox(own_pidns, pid, spare=(pid,))
+    try:
+        with os.scandir(f"/proc/{pid}/task") as it:
+            n_threads = sum(1 for _ in it)
+    except OSError:
+        n_threads = 0
+    if n_threads != 1:
+        os.kill(pid, signal.SIGKILL)
+        return False, f"program left {n_threads - 1} extra threads running after the tests"
+    challenge = os.urandom(32)
+    answer = b""
+    try:
+        write_all(chal_w, challenge)
+        while len(answer) < 32 and time.monotonic() < deadline:
+            r, _, _ = select.select([res_r], [], [], max(0.0, deadline - time.monotonic()))
+            if not r:
+                break
+            chunk = os.read(res_r, 32 - len(answer))
+            if not chunk:
+                break
+            answer += chunk
+    except OSError:
+        pass
+    proof = answer == hashlib.sha256(PROOF_SALT + challenge).digest()
+    return proof, "" if proof else "pass handshake failed"
+
+
+def _drain(buffers, open_fds, cap):
+    """What is already in the output pipes ({fd: buffer}), without waiting for descendants; True if cut."""
+    truncated = False
+    for fd, buf in buffers.items():
+        while fd in open_fds and select.select([fd], [], [], 0)[0]:
+            data = os.read(fd, 65536)
+            if not data or _keep(buf, data, cap):
+                truncated |= bool(data)
+                break
+    return truncated
+
+
+def _status(req, proof, timed_out, refused, sig, usage, exit_code, detail, err):
+    """(status, detail) of a finished run: passed only with the proof and in time."""
+    if proof and not timed_out:
+        return "passed", detail
+    if timed_out:
+        return "timeout", f"wall-clock limit of {req['timeout_s']} s"
+    if refused:
+        return "failed", detail
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and usage is not None and usage.ru_utime + usage.ru_stime >= req["cpu_s"]):
+        return "timeout", f"CPU-time limit of {req['cpu_s']} s"
+    if sig is not None:
+        return "error", f"killed by signal {signal.Signals(sig).name}"
+    if not detail:
+        tail = err.decode(errors="replace").strip().splitlines()
+        detail = tail[-1] if tail else ("exited before the tests completed (no pass proof)" if exit_code == 0 else f"exit code {exit_code}")
+    return "failed", detail
 
 
 def _keep(buf, data, cap):
