@@ -586,17 +586,54 @@ def step_metrics(got: StepSamples, adv_stats: dict, step_stats: dict, items: lis
     }
 
 
-def train(cfg: OnPolicyConfig) -> dict:
-    """Run stage 4 to `train.max_steps` (or an early stop); returns the summary (also summary.json)."""
+@dataclass
+class Stage4:
+    """What the loop's phases share: the engine and everything that feeds it (built once by `setup`)."""
+
+    cfg: OnPolicyConfig
+    engine: object
+    scheduler: object
+    reference: Reference
+    tokenizer: object
+    special: SpecialTokens
+    pool: VerifierPool
+    pool_tasks: list
+    val_tasks: list
+    grad_accum: int
+    dist: object
+    out: object  # the run folder (Path)
+    log: MetricsLogger
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint carries from step to step (a resume restores it)."""
+
+    step: int = 0
+    history: list = field(default_factory=list)  # validations so far
+    best: dict | None = None  # the best validation (its model is best/)
+    bar: float | None = None  # the starting model's pass@1: the quality bar
+    since_best: int = 0  # validations without a new best
+    buffer: list = field(default_factory=list)  # verified trajectories of earlier steps (loss.buffer_size)
+
+    @classmethod
+    def restore(cls, client: dict) -> LoopState:
+        return cls(client.get("step", 0), client.get("val_history", []), client.get("best"), client.get("bar"),
+                   client.get("since_best", 0), [TrajectoryRow.from_json(row) for row in client.get("buffer", [])])
+
+    def client(self) -> dict:
+        return {"step": self.step, "val_history": self.history, "best": self.best, "bar": self.bar,
+                "since_best": self.since_best, "buffer": [row.to_json() for row in self.buffer]}
+
+
+def setup(cfg: OnPolicyConfig) -> tuple[Stage4, LoopState]:
+    """The prompts and the verifier (first: a misspelt task set or plugin fails before the model loads), the
+    starting model in a DeepSpeed engine, the KL reference, a resumed state, the run folder and its log."""
     out, dist, tokenizer, special = start_from_model(cfg)
     t, r = cfg.train, cfg.rollout
-
-    # 1. The starting model, its tokenizer, the prompts, the verifier.
     if r.prompts_per_step % dist.world_size:
         raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {dist.world_size} ranks")
-    rows_per_rank = r.prompts_per_step // dist.world_size * r.group_size
-    grad_accum = math.ceil(rows_per_rank / t.micro_batch_size)
-    # the prompts and the verifier first: a misspelt task set or plugin fails before the model loads
+    grad_accum = math.ceil(r.prompts_per_step // dist.world_size * r.group_size / t.micro_batch_size)
     pool_tasks = load_task_set(r.tasks, r.n_tasks, t.seed)
     val_tasks = load_task_set(cfg.validation.tasks, cfg.validation.n_tasks, t.seed)
     pool = verifier_pool(r.verifier, r.strict, r.verifier_timeout, "rollout.verifier", r.verifier_args, r.pass_threshold)
@@ -609,117 +646,129 @@ def train(cfg: OnPolicyConfig) -> dict:
     model = build_model(cfg, special, adapt_attention=False)
     reference = Reference(model, cfg.loss.beta)
     engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)
-
-    # 2. Resume.
-    state = resume(engine, plan, dist)
-    step, history, best, bar = state.get("step", 0), state.get("val_history", []), state.get("best"), state.get("bar")
-    since_best = state.get("since_best", 0)
-    buffer = [TrajectoryRow.from_json(row) for row in state.get("buffer", [])]
+    state = LoopState.restore(resume(engine, plan, dist))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(run_config_yaml(cfg, engine.module))
         save_skeleton(out, unwrap(engine.module), tokenizer, True)  # `onpolicy export RUN --step N` needs it
-    log = MetricsLogger(out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
-                        config=asdict(cfg), progress=cfg.logging.progress)
+    log = MetricsLogger(out, t.max_steps, state.step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project,
+                        cfg.logging.run_name, config=asdict(cfg), progress=cfg.logging.progress)
     log.write(f"[onpolicy] stage 4 from {cfg.model.init_from}: {len(pool_tasks)} prompts ({r.tasks}), {r.prompts_per_step} x "
               f"{r.group_size} samples per step, ZeRO-{eng.zero_stage(ds_config)}, world={dist.world_size}, "
               f"LoRA r={cfg.lora.r}, surrogate={cfg.loss.surrogate}, reward={cfg.reward.form}"
-              + (f", resumed at step {step}" if step else ""))
-    own_block = own_block_size(unwrap(engine.module).config)
+              + (f", resumed at step {state.step}" if state.step else ""))
+    return Stage4(cfg, engine, scheduler, reference, tokenizer, special, pool, pool_tasks, val_tasks, grad_accum, dist, out, log), state
+
+
+def prepare_model(s: Stage4, state: LoopState) -> None:
+    """Refuse terms the model cannot take; on a fresh start, validate the starting model (the quality bar,
+    at its own block size); switch to the rollout's block size if it differs."""
+    cfg, r, module = s.cfg, s.cfg.rollout, unwrap(s.engine.module)
+    own_block = own_block_size(module.config)
     if cfg.loss.jump_states == "sampled" and own_block is None:
         raise ConfigError(f"loss.jump_states=sampled needs a block-causal model (each block at its own state); "
-                          f"{cfg.model.init_from} is {unwrap(engine.module).config.attention}: use loss.jump_states=every")
+                          f"{cfg.model.init_from} is {module.config.attention}: use loss.jump_states=every")
     if cfg.loss.anchor > 0 and own_block is None:
         raise ConfigError(f"loss.anchor needs a block-causal model (its reference rows are written block by block); "
-                          f"{cfg.model.init_from} is {unwrap(engine.module).config.attention}: set loss.anchor=0")
-    if bar is None:  # the starting model sets the quality bar, decoding at its own block size
-        start = validate(engine, tokenizer, val_tasks, replace(r.sampler, block_size=own_block or r.sampler.block_size), cfg.validation.fast_threshold,
-                         r.batch_size, t.seed, pool, rollout_rule=True)
-        bar, best = start["slow"]["pass@1"], start
-        history.append({"step": 0, **start})
-        log.log(0, flat_validation(start))
-        log.write(f"[onpolicy] start: {describe(start)}")
-        export(engine, tokenizer, out / "best", dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
+                          f"{cfg.model.init_from} is {module.config.attention}: set loss.anchor=0")
+    if state.bar is None:
+        start = validate(s.engine, s.tokenizer, s.val_tasks, replace(r.sampler, block_size=own_block or r.sampler.block_size),
+                         cfg.validation.fast_threshold, r.batch_size, cfg.train.seed, s.pool, rollout_rule=True)
+        state.bar, state.best = start["slow"]["pass@1"], start
+        state.history.append({"step": 0, **start})
+        s.log.log(0, flat_validation(start))
+        s.log.write(f"[onpolicy] start: {describe(start)}")
+        export(s.engine, s.tokenizer, s.out / "best", s.dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
     if r.sampler.block_size and own_block and r.sampler.block_size != own_block:
         # a larger (or smaller) block than the model was trained with: from here on it decodes, replays and is
         # exported at the rollout's block (block ids follow each trajectory's block; the weights are unchanged)
-        unwrap(engine.module).config.block_size = cfg.model.block_size = r.sampler.block_size
-        save_skeleton(out, unwrap(engine.module), tokenizer, dist.is_main)  # `export --step N`: checkpoints are at the new block
-        log.write(f"[onpolicy] block size {own_block} -> {r.sampler.block_size} (rollout.sampler.block_size)")
+        module.config.block_size = cfg.model.block_size = r.sampler.block_size
+        save_skeleton(s.out, module, s.tokenizer, s.dist.is_main)  # `export --step N`: checkpoints are at the new block
+        s.log.write(f"[onpolicy] block size {own_block} -> {r.sampler.block_size} (rollout.sampler.block_size)")
 
-    # 3. The loop.
+
+def step_advantages(got: StepSamples, cfg: OnPolicyConfig) -> tuple[torch.Tensor, dict]:
+    """[N] group-relative advantages of a step's rows and their stats; all-pass groups whose speeds differ by
+    noise only (`reward.min_speed_spread`) get none."""
+    g = cfg.rollout.group_size
+    adv, adv_stats = group_advantages(got.rewards.view(-1, g), got.valid.view(-1, g), cfg.reward.scale_rewards)
+    if cfg.reward.min_speed_spread:
+        forwards = torch.tensor([ro.forwards for ro in got.rollouts], dtype=torch.long).view(-1, g)
+        noise = speed_noise_groups(got.passed.view(-1, g), got.valid.view(-1, g), forwards, cfg.reward.min_speed_spread)
+        adv = adv * ~noise[:, None]
+        adv_stats["frac_speed_noise_groups"] = noise.float().mean() if len(noise) else torch.tensor(0.0)
+    return adv.flatten(), adv_stats
+
+
+def one_step(s: Stage4, state: LoopState) -> dict:
+    """Rollout and verification (in the background as batches finish; dynamic sampling may decode more
+    prompts), rewards and advantages, the rows, their losses and the optimizer step; the step's metrics."""
+    cfg, tic = s.cfg, time.perf_counter()
+    got = sample_step(s.engine, s.tokenizer, s.pool_tasks, cfg, state.step, s.pool, s.dist)
+    adv, adv_stats = step_advantages(got, cfg)
+    items = training_rows(got, adv, state.buffer, s.tokenizer, cfg, state.step)
+    gap = jump_gap(cfg, state.step)
+    step_stats = train_step(s.engine, s.reference, items, s.special, cfg, gap, s.grad_accum, state.step, s.dist)
+    if cfg.loss.buffer_size:
+        state.buffer += [got.rollouts[i].trajectory for i in (got.passed & got.valid).nonzero().flatten().tolist()]
+        state.buffer = state.buffer[-cfg.loss.buffer_size :]
+    state.step += 1
+    t_step = time.perf_counter() - tic
+    times = {"rollout": got.t_rollout, "verify": got.t_verify, "train": t_step - got.t_rollout - got.t_verify, "step": t_step}
+    metrics = step_metrics(got, adv_stats, step_stats, items, cfg, gap, len(state.buffer), times,
+                           {"train/lr": s.scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(s.engine)})
+    s.log.log(state.step, metrics)
+    s.log.completions(state.step, completion_rows(got, cfg.rollout.log_completions))
+    s.log.progress(state.step, {"reward": f"{metrics['reward']:.3f}", "pass": f"{metrics['rollout/pass_rate']:.2f}",
+                                "tok/fwd": f"{metrics['rollout/tokens_per_forward']:.2f}"})
+    return metrics
+
+
+def validation_phase(s: Stage4, state: LoopState) -> bool:
+    """Validate, keep the best model (best/); True when patience says stop."""
+    cfg, r = s.cfg, s.cfg.rollout
+    val = validate(s.engine, s.tokenizer, s.val_tasks, r.sampler, cfg.validation.fast_threshold, r.batch_size, cfg.train.seed,
+                   s.pool, rollout_rule=True)
+    state.history.append({"step": state.step, **val})
+    s.log.log(state.step, flat_validation(val))
+    if is_better(val, state.best, state.bar, cfg.validation.quality_tolerance):
+        state.best, state.since_best = {"step": state.step, **val}, 0
+        export(s.engine, s.tokenizer, s.out / "best", s.dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
+    else:
+        state.since_best += 1
+    s.log.write(f"[onpolicy] step {state.step}: {describe(val)}; best so far: step {state.best.get('step', 0)}")
+    stop_now = bool(cfg.validation.patience) and state.since_best >= cfg.validation.patience
+    if stop_now:
+        s.log.write(f"[onpolicy] early stop: no new best in {state.since_best} validations")
+    return stop_now
+
+
+def train(cfg: OnPolicyConfig) -> dict:
+    """Run stage 4 to `train.max_steps` (or an early stop); returns the summary (also summary.json)."""
+    s, state = setup(cfg)
+    prepare_model(s, state)
+    t, v = cfg.train, cfg.validation
     stop = min(t.max_steps, t.stop_at_step or t.max_steps)
-    while step < stop:
-        tic = time.perf_counter()
-        # 3a. rollout and verification (which starts in the background as batches finish), 3b. rewards;
-        # dynamic sampling may decode more prompts in place of groups without signal
-        got = sample_step(engine, tokenizer, pool_tasks, cfg, step, pool, dist)
-        rollouts, rewards, valid, passed = got.rollouts, got.rewards, got.valid, got.passed
-        t_rollout, t_verify = got.t_rollout, got.t_verify
-        adv, adv_stats = group_advantages(rewards.view(-1, r.group_size), valid.view(-1, r.group_size), cfg.reward.scale_rewards)
-        if cfg.reward.min_speed_spread:  # all-pass groups whose speeds differ by noise only: no advantage
-            forwards = torch.tensor([ro.forwards for ro in rollouts], dtype=torch.long).view(-1, r.group_size)
-            noise = speed_noise_groups(passed.view(-1, r.group_size), valid.view(-1, r.group_size), forwards,
-                                       cfg.reward.min_speed_spread)
-            adv = adv * ~noise[:, None]
-            adv_stats["frac_speed_noise_groups"] = noise.float().mean() if len(noise) else torch.tensor(0.0)
-        adv = adv.flatten()
-
-        # 3c. the rows this step trains on, 3d. their losses over the replayed states and the optimizer step
-        items = training_rows(got, adv, buffer, tokenizer, cfg, step)
-        gap = jump_gap(cfg, step)
-        step_stats = train_step(engine, reference, items, special, cfg, gap, grad_accum, step, dist)
-        if cfg.loss.buffer_size:
-            buffer += [rollouts[i].trajectory for i in (passed & valid).nonzero().flatten().tolist()]
-            buffer = buffer[-cfg.loss.buffer_size :]
-        step += 1
-        t_step = time.perf_counter() - tic
-        t_train = t_step - t_rollout - t_verify
-
-        # 3e. metrics (TRL's names where they exist)
-        metrics = step_metrics(got, adv_stats, step_stats, items, cfg, gap, len(buffer),
-                               {"rollout": t_rollout, "verify": t_verify, "train": t_train, "step": t_step},
-                               {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine)})
-        log.log(step, metrics)
-        log.completions(step, completion_rows(got, cfg.rollout.log_completions))
-        log.progress(step, {"reward": f"{metrics['reward']:.3f}", "pass": f"{metrics['rollout/pass_rate']:.2f}",
-                            "tok/fwd": f"{metrics['rollout/tokens_per_forward']:.2f}"})
-
-        # 3f. validation, best checkpoint, early stop; resumable checkpoint
-        stop_now = False
-        if (cfg.validation.every and step % cfg.validation.every == 0) or step == stop:
-            val = validate(engine, tokenizer, val_tasks, cfg.rollout.sampler, cfg.validation.fast_threshold, r.batch_size, t.seed, pool,
-                           rollout_rule=True)
-            history.append({"step": step, **val})
-            log.log(step, flat_validation(val))
-            if is_better(val, best, bar, cfg.validation.quality_tolerance):
-                best, since_best = {"step": step, **val}, 0
-                export(engine, tokenizer, out / "best", dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
-            else:
-                since_best += 1
-            log.write(f"[onpolicy] step {step}: {describe(val)}; best so far: step {best.get('step', 0)}")
-            stop_now = bool(cfg.validation.patience) and since_best >= cfg.validation.patience
-            if stop_now:
-                log.write(f"[onpolicy] early stop: no new best in {since_best} validations")
-        if (t.save_every and step % t.save_every == 0) or step == stop or stop_now:
-            client = {"step": step, "val_history": history, "best": best, "bar": bar, "since_best": since_best,
-                      "buffer": [row.to_json() for row in buffer]}
-            ckpt.save_checkpoint(engine, out / "checkpoints", step, client, t.keep_checkpoints, dist.is_main,
-                                 dist.rank, dist.world_size)
+    while state.step < stop:
+        one_step(s, state)
+        stop_now = validation_phase(s, state) if (v.every and state.step % v.every == 0) or state.step == stop else False
+        if (t.save_every and state.step % t.save_every == 0) or state.step == stop or stop_now:
+            ckpt.save_checkpoint(s.engine, s.out / "checkpoints", state.step, state.client(), t.keep_checkpoints, s.dist.is_main,
+                                 s.dist.rank, s.dist.world_size)
         if stop_now:
             break
-
-    # 4. Export the last model (final/) beside the best (best/).
-    finished = step == t.max_steps or (cfg.validation.patience and since_best >= cfg.validation.patience)
+    # the last model (final/) beside the best (best/)
+    finished = state.step == t.max_steps or (v.patience and state.since_best >= v.patience)
     if finished:
-        export(engine, tokenizer, out / "final", dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
-    pool.close()
-    summary = {"output_dir": str(out), "final_model": str(out / "final") if finished else None, "best_model": str(out / "best"),
-               "steps": step, "bar": bar, "best": best, "val_history": history}
-    write_summary(out, summary, dist.is_main)
-    if dist.is_main:
-        log.write(f"[onpolicy] done at step {step}; best (step {best.get('step', 0)}): {describe(best)}")
-        (out / "best" / "validation.json").write_text(json.dumps(best, indent=1))
-    log.close()
+        export(s.engine, s.tokenizer, s.out / "final", s.dist.is_main, cfg, {"threshold": v.fast_threshold})
+    s.pool.close()
+    summary = {"output_dir": str(s.out), "final_model": str(s.out / "final") if finished else None,
+               "best_model": str(s.out / "best"), "steps": state.step, "bar": state.bar, "best": state.best,
+               "val_history": state.history}
+    write_summary(s.out, summary, s.dist.is_main)
+    if s.dist.is_main:
+        s.log.write(f"[onpolicy] done at step {state.step}; best (step {state.best.get('step', 0)}): {describe(state.best)}")
+        (s.out / "best" / "validation.json").write_text(json.dumps(state.best, indent=1))
+    s.log.close()
     eng.shutdown()
     return summary
