@@ -29,6 +29,19 @@ import torch
 from onpolicy.metrics import step_seconds
 
 
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ar", required=True)
+    p.add_argument("--recipe", default="recipes/tiny/stage4_onpolicy.yaml", help="stage-4 recipe whose settings TRL copies")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--eval-limit", type=int, default=100)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--ours", default=None, help="a stage-4 run folder to set beside TRL")
+    p.add_argument("--work", default="runs/trl-grpo")
+    p.add_argument("--out", default="benchmarks/results/trl/trl_grpo_cpu.json")
+    return p.parse_args()
+
+
 def main() -> int:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -42,16 +55,7 @@ def main() -> int:
     from verifiers import PythonTestVerifier
     from verifiers.trl import as_reward_function
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ar", required=True)
-    p.add_argument("--recipe", default="recipes/tiny/stage4_onpolicy.yaml", help="stage-4 recipe whose settings TRL copies")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--eval-limit", type=int, default=100)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--ours", default=None, help="a stage-4 run folder to set beside TRL")
-    p.add_argument("--work", default="runs/trl-grpo")
-    p.add_argument("--out", default="benchmarks/results/trl/trl_grpo_cpu.json")
-    args = p.parse_args()
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.recipe, [f"model.init_from={args.ar}"])
@@ -84,12 +88,10 @@ def main() -> int:
         cut = [truncate_completion(c.removeprefix(h)) for c, h in zip(completions, columns["held_back"])]
         return scored(prompts, cut, completion_ids, **columns)
 
-    trl_cfg = GRPOConfig(
-        output_dir=str(work / "trainer"), use_cpu=True, max_steps=args.steps, learning_rate=cfg.train.lr,
-        per_device_train_batch_size=r.prompts_per_step * r.group_size, num_generations=r.group_size,
-        max_completion_length=r.sampler.max_new_tokens, temperature=r.sampler.temperature, beta=0.0, logging_steps=1,
-        report_to=[], save_strategy="no", seed=cfg.train.seed, bf16=False,
-    )
+    trl_cfg = GRPOConfig(output_dir=str(work / "trainer"), use_cpu=True, max_steps=args.steps, learning_rate=cfg.train.lr,
+                         per_device_train_batch_size=r.prompts_per_step * r.group_size, num_generations=r.group_size,
+                         max_completion_length=r.sampler.max_new_tokens, temperature=r.sampler.temperature, beta=0.0,
+                         logging_steps=1, report_to=[], save_strategy="no", seed=cfg.train.seed, bf16=False)
     trainer = GRPOTrainer(model=llama, reward_funcs=[reward], args=trl_cfg, train_dataset=data, processing_class=tokenizer)
     tic = time.perf_counter()
     trainer.train()

@@ -375,31 +375,20 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
             progress_total = progress_total + pl
             stats["progress_cost"] = stats.get("progress_cost", 0) + ps["progress_cost"]
     n_steps = st.index + 1
-    # the policy-gradient terms, each kind normalised on its own: every committed token at its step, then
-    # every step's commit decisions in each block
-    width = pg_token.shape[1]
-    old_token = torch.stack([torch.nn.functional.pad(r.commit_logprob if r.behaviour_logprob is None else r.behaviour_logprob,
-                                                     (0, width - len(r.commit_logprob))) for r in rows]).to(device)
     token_mask = committed & on_pol[:, None]
+    old_token = recorded_logprob(rows, pg_token.shape[1], device)
     pg, pg_stats = clipped_policy_loss(pg_token, old_token, adv, token_mask, lc.epsilon, lc.epsilon_high, lc.loss_type,
                                        pg_denominators[0])
-    if decisions:
-        dec = torch.cat(decisions, 1)  # one update per rollout: the decisions' old log-prob is the current one
+    if decisions:  # normalised apart from the tokens; one update per rollout: their old log-prob is the current one
+        dec = torch.cat(decisions, 1)
         dec_pg, _ = clipped_policy_loss(dec, dec.detach(), adv, torch.cat(decision_mask, 1) & on_pol[:, None], lc.epsilon,
                                         lc.epsilon_high, lc.loss_type, pg_denominators[1])
         pg = pg + dec_pg
     per_row = lc.jump_weight * jump_total / n_steps + progress_total / n_steps
     kl = torch.zeros(())
     if lc.beta > 0:
-        with torch.no_grad(), reference.use(model) as ref_model:
-            ref_logp = torch.zeros_like(token_logp)
-            for st in replay_step_logits(ref_model, rows, special):
-                ref_tok = st.logits.float().log_softmax(-1).gather(-1, st.canvas[..., None])[..., 0]
-                ref_logp = torch.where(st.now & kept, ref_tok, ref_logp)
-        per_term = kl_penalty(token_logp, ref_logp, token_mask)
-        kl_term = per_term.sum() / token_mask.sum().clamp(min=1)
-        per_row = per_row + lc.beta * kl_term
-        kl = kl_term.detach()
+        kl_term = reference_kl(model, reference, rows, special, token_logp, token_mask)
+        per_row, kl = per_row + lc.beta * kl_term, kl_term.detach()
     step_normalised = lc.loss_type != "grpo" and pg_denominators[0] is not None
     loss = share * per_row + lc.pg_weight * pg * (1.0 if step_normalised else share)
     stats = {k: v / n_steps for k, v in stats.items()}
@@ -414,6 +403,23 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
     if entropy_n:
         stats["entropy"] = entropy_sum / entropy_n
     return loss, stats
+
+
+def recorded_logprob(rows: list[TrajectoryRow], width: int, device) -> torch.Tensor:
+    """[B, width] each committed token's log-prob recorded at rollout time under the behaviour policy (the
+    temperature-1 one for greedy tokens), right-padded with 0: the old side of the token term's ratio."""
+    return torch.stack([torch.nn.functional.pad(r.commit_logprob if r.behaviour_logprob is None else r.behaviour_logprob,
+                                                (0, width - len(r.commit_logprob))) for r in rows]).to(device)
+
+
+def reference_kl(model, reference: Reference, rows, special: SpecialTokens, token_logp: torch.Tensor, mask: torch.Tensor
+                 ) -> torch.Tensor:
+    """Mean k3 KL to the reference over the `mask` tokens ([B, T]), each at the state before its own step."""
+    with torch.no_grad(), reference.use(model) as ref_model:
+        ref_logp = torch.zeros_like(token_logp)
+        for st in replay_step_logits(ref_model, rows, special):
+            ref_logp = torch.where(st.now & mask, final_token_logprob(st.logits.float().log_softmax(-1), st), ref_logp)
+    return kl_penalty(token_logp, ref_logp, mask).sum() / mask.sum().clamp(min=1)
 
 
 class Reference:

@@ -155,6 +155,26 @@ def build_pool(engine, tokenizer, cfg: OrderConfig, verifier: VerifierPool, show
     return header, kept
 
 
+def pool_rows(engine, tokenizer, cfg: OrderConfig, verifier, pool_path: Path, dist, log: MetricsLogger) -> list[TrajectoryRow]:
+    """The kept trajectories: read from `pool_path`, or decoded, verified and written there (rank 0)."""
+    if pool_path.is_file():
+        header, kept = read_pool(pool_path)
+        log.write(f"[onpolicy] pool {pool_path}: {len(kept)} trajectories kept (made by {header['model']})")
+    elif cfg.pool.path:
+        raise ConfigError(f"pool.path: pool file not found: {pool_path}")
+    else:
+        header, kept = build_pool(engine, tokenizer, cfg, verifier, dist.is_main and cfg.logging.progress)
+        if dist.is_main:
+            write_pool(pool_path, header, kept)
+        eng.barrier()
+        log.write(f"[onpolicy] pool: {header['decoded']} trajectories of {header['n_tasks']} prompts in {header['seconds']} s, "
+                  f"{header['passed']} verified ({header['prompts_with_a_pass']} prompts), {header['kept']} kept -> {pool_path}")
+    if not kept:
+        raise ConfigError(f"{pool_path}: no trajectory was kept (none verified?): nothing to distill. Raise pool.n_tasks or "
+                          "pool.samples, lower pool.sampler.temperature, or set pool.require_pass=false")
+    return [TrajectoryRow.from_json(r["trajectory"]) for r in kept]
+
+
 def train(cfg: OrderConfig) -> dict:
     """Run stage 3: build (or reuse) the pool, distill it for `train.max_steps`; returns the summary."""
     out, dist, tokenizer, special = start_from_model(cfg)
@@ -186,22 +206,7 @@ def train(cfg: OrderConfig) -> dict:
 
     # 1. The pool: built once (by every rank alike from the same seeds, rank 0 writes it) or reused.
     pool_path = Path(p.path) if p.path else out / "pool.jsonl"
-    if pool_path.is_file():
-        header, kept = read_pool(pool_path)
-        log.write(f"[onpolicy] pool {pool_path}: {len(kept)} trajectories kept (made by {header['model']})")
-    elif p.path:
-        raise ConfigError(f"pool.path: pool file not found: {pool_path}")
-    else:
-        header, kept = build_pool(engine, tokenizer, cfg, verifier, dist.is_main and cfg.logging.progress)
-        if dist.is_main:
-            write_pool(pool_path, header, kept)
-        eng.barrier()
-        log.write(f"[onpolicy] pool: {header['decoded']} trajectories of {header['n_tasks']} prompts in {header['seconds']} s, "
-                  f"{header['passed']} verified ({header['prompts_with_a_pass']} prompts), {header['kept']} kept -> {pool_path}")
-    if not kept:
-        raise ConfigError(f"{pool_path}: no trajectory was kept (none verified?): nothing to distill. Raise pool.n_tasks or "
-                          "pool.samples, lower pool.sampler.temperature, or set pool.require_pass=false")
-    rows = [TrajectoryRow.from_json(r["trajectory"]) for r in kept]
+    rows = pool_rows(engine, tokenizer, cfg, verifier, pool_path, dist, log)
 
     # 2. Distillation over the replayed states of the kept trajectories.
     stop = min(t.max_steps, t.stop_at_step or t.max_steps)

@@ -111,6 +111,33 @@ def evaluate(model, val: torch.Tensor, cfg: PretrainConfig, special: SpecialToke
     return total / n_batches
 
 
+def one_step(engine, seq: torch.Tensor, step: int, grad_accum: int, cfg: PretrainConfig, special, dist,
+             edit: torch.Tensor | None) -> tuple[list[torch.Tensor], dict]:
+    """One optimizer step over `grad_accum` micro-batches of this rank's rows; (their losses, the last stats).
+    edit: the tokens edit corruption may substitute (stage 2), or None."""
+    t, losses = cfg.train, []
+    for micro in range(grad_accum):
+        rows = batch_rows(step, micro, dist.rank, dist.world_size, t.micro_batch_size, grad_accum, seq.shape[0], t.seed)
+        x0 = seq[rows].to(dist.device)
+        # noise keyed by the micro-batch's place in the global batch: the same rows get the same
+        # noise whatever the number of processes (a resumed run with another world size goes on alike)
+        noise = noise_generator(t.seed, step, micro * dist.world_size + dist.rank, 0)
+        with autocast(dist.device, t.precision):
+            loss, stats = stage1_loss(engine, x0, cfg.diffusion, special.mask, noise, edit)
+        engine.backward(loss)
+        eng.step(engine)
+        losses.append(loss.detach())
+    return losses, stats
+
+
+def log_window(log: MetricsLogger, step: int, engine, scheduler, losses: list[torch.Tensor], stats: dict, tokens_per_s: float) -> None:
+    """The metrics of the steps since the last log line (loss averaged over them and over ranks)."""
+    metrics = {"train/loss": eng.mean_over_ranks(torch.stack(losses).mean()).item(), **{f"train/{k}": v for k, v in stats.items()},
+               "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine), "perf/tokens_per_s": tokens_per_s}
+    log.log(step, metrics)
+    log.progress(step, {"loss": f"{metrics['train/loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"})
+
+
 def train(cfg: PretrainConfig) -> dict:
     """Run stage 1 to `train.max_steps`; returns the run summary (also written to summary.json)."""
     out = Path(cfg.logging.output_dir)
@@ -132,7 +159,6 @@ def train(cfg: PretrainConfig) -> dict:
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
 
     # 3. Resume from the newest complete checkpoint.
-    ckpt_dir = out / "checkpoints"
     state = resume(engine, plan, dist)
     step, history = state.get("step", 0), state.get("val_history", [])
 
@@ -140,16 +166,12 @@ def train(cfg: PretrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(run_config_yaml(cfg, engine.module))
         save_skeleton(out, unwrap(engine.module), tokenizer, True)  # `onpolicy export RUN --step N` needs it
-    log = MetricsLogger(
-        out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
-        config=asdict(cfg), progress=cfg.logging.progress,
-    )
-    log.write(
-        f"[onpolicy] {n_params / 1e6:.2f}M params, attention={cfg.model.attention}, "
-        f"ZeRO-{eng.zero_stage(ds_config)}, world={dist.world_size}, device={dist.device}, corpus {corpus.meta['train_tokens']:,} "
-        f"train / {corpus.meta['val_tokens']:,} val tokens" + (f", resumed at step {step}" if step else "")
-        + (f" from {plan.saved_world_size} processes (universal checkpoint, grad_accum {grad_accum})" if plan.universal else "")
-    )
+    log = MetricsLogger(out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
+                        config=asdict(cfg), progress=cfg.logging.progress)
+    log.write(f"[onpolicy] {n_params / 1e6:.2f}M params, attention={cfg.model.attention}, "
+              f"ZeRO-{eng.zero_stage(ds_config)}, world={dist.world_size}, device={dist.device}, corpus {corpus.meta['train_tokens']:,} "
+              f"train / {corpus.meta['val_tokens']:,} val tokens" + (f", resumed at step {step}" if step else "")
+              + (f" from {plan.saved_world_size} processes (universal checkpoint, grad_accum {grad_accum})" if plan.universal else ""))
     if not history:
         history.append({"step": step, "val_loss": evaluate(engine, corpus.val, cfg, special, dist.device)})
         log.log(step, {"val/loss": history[-1]["val_loss"]})
@@ -167,53 +189,29 @@ def train(cfg: PretrainConfig) -> dict:
     tic, window_tokens, loss_acc = time.perf_counter(), 0, []
     stop = min(t.max_steps, t.stop_at_step or t.max_steps)
     while step < stop:
-        for micro in range(grad_accum):
-            rows = batch_rows(step, micro, dist.rank, dist.world_size, t.micro_batch_size, grad_accum, seq.shape[0], t.seed)
-            x0 = seq[rows].to(dist.device)
-            # noise keyed by the micro-batch's place in the global batch: the same rows get the same
-            # noise whatever the number of processes (a resumed run with another world size goes on alike)
-            noise = noise_generator(t.seed, step, micro * dist.world_size + dist.rank, 0)
-            edit = ordinary if step >= first_edit_step else None  # stage 2: the last edit_fraction of the run
-            with autocast(dist.device, t.precision):
-                loss, stats = stage1_loss(engine, x0, cfg.diffusion, special.mask, noise, edit)
-            engine.backward(loss)
-            eng.step(engine)
-            loss_acc.append(loss.detach())  # read once per log line, not per micro-batch
+        # stage 2: the last edit_fraction of the run adds edit corruption
+        losses, stats = one_step(engine, seq, step, grad_accum, cfg, special, dist, ordinary if step >= first_edit_step else None)
+        loss_acc += losses  # read once per log line, not per micro-batch
         step += 1
         window_tokens += tokens_per_step
 
         if step % cfg.logging.log_every == 0 or step == stop:
-            elapsed = time.perf_counter() - tic
-            metrics = {
-                "train/loss": eng.mean_over_ranks(torch.stack(loss_acc).mean()).item(),
-                **{f"train/{k}": v for k, v in stats.items()},
-                "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine),
-                "perf/tokens_per_s": window_tokens / elapsed,
-            }
-            log.log(step, metrics)
-            log.progress(step, {"loss": f"{metrics['train/loss']:.3f}", "tok/s": f"{metrics['perf/tokens_per_s']:,.0f}"})
+            log_window(log, step, engine, scheduler, loss_acc, stats, window_tokens / (time.perf_counter() - tic))
             tic, window_tokens, loss_acc = time.perf_counter(), 0, []
         if (t.eval_every and step % t.eval_every == 0) or step == stop:
             history.append({"step": step, "val_loss": evaluate(engine, corpus.val, cfg, special, dist.device)})
             log.log(step, {"val/loss": history[-1]["val_loss"]})
             log.write(f"[onpolicy] step {step}: val loss {history[-1]['val_loss']:.4f}")
         if (t.save_every and step % t.save_every == 0) or step == stop:
-            ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "val_history": history}, t.keep_checkpoints, dist.is_main,
+            ckpt.save_checkpoint(engine, out / "checkpoints", step, {"step": step, "val_history": history}, t.keep_checkpoints, dist.is_main,
                                  dist.rank, dist.world_size, global_batch)
 
     # 5. Export the final model as an HF folder with its tokenizer.
     if step == t.max_steps:
         export(engine, tokenizer, out / "final", dist.is_main, cfg)
-    summary = {
-        "output_dir": str(out),
-        "final_model": str(out / "final") if step == t.max_steps else None,
-        "params": n_params,
-        "steps": step,
-        "val_loss_start": history[0]["val_loss"],
-        "val_loss_end": history[-1]["val_loss"],
-        "val_history": history,
-        "corpus": corpus.meta,
-    }
+    summary = {"output_dir": str(out), "final_model": str(out / "final") if step == t.max_steps else None, "params": n_params,
+               "steps": step, "val_loss_start": history[0]["val_loss"], "val_loss_end": history[-1]["val_loss"],
+               "val_history": history, "corpus": corpus.meta}
     write_summary(out, summary, dist.is_main)
     if dist.is_main:
         log.write(f"[onpolicy] val loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f}; model in {out / 'final'}")
