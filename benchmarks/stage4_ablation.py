@@ -14,6 +14,18 @@ number of steps; only the switches below differ:
     both                 loss.surrogate=both                       (the combination)
     additive             reward.form=additive, loss.surrogate=jump (additive instead of multiplicative reward)
 
+The controls (what stage 4 is: on-policy learning or self-distillation), from the main job's stage-3 model:
+
+    python benchmarks/stage4_ablation.py --init runs/pipeline-tiny/stage3/final --recipe recipes/tiny/stage4_onpolicy_b8.yaml \
+        --steps 120 --every 40 --arms "control recipe" "control no policy term" "control SFT only" "control sampled, 2 updates"
+
+    control recipe              the main job's stage 4 as it is
+    control no policy term      loss.pg_weight=0: the surrogates, the anchor and the distillation only
+    control SFT only            the reference solutions alone (the anchor; no rollout is trained on): continued
+                                supervised training on the same train tasks
+    control sampled, 2 updates  sampled rollouts (T 0.8) and two optimizer steps per batch, so the ratio leaves
+                                1 and the clip binds (twice the optimizer work: its seconds are reported)
+
 Each arm validates on the same validation tasks at one token per step and at the fast threshold
 every `--every` steps (the trainer's own validation, logged in its metrics.jsonl). The JSON holds
 every arm's curve, its last validation, its seconds of training; the PNG draws tokens per forward
@@ -41,6 +53,12 @@ ARMS = {
     "jump": ["loss.surrogate=jump"],
     "both": ["loss.surrogate=both"],
     "additive": ["reward.form=additive", "loss.surrogate=jump"],
+    # the controls: what is on-policy learning and what is self-distillation (run with the b8 recipe, --arms control*)
+    "control recipe": [],
+    "control no policy term": ["loss.pg_weight=0"],
+    "control SFT only": ["loss.pg_weight=0", "loss.distill_passed=0", "loss.distill_failed=0", "loss.buffer_size=0",
+                         "loss.anchor=1"],
+    "control sampled, 2 updates": ["rollout.sampler.temperature=0.8", "loss.updates_per_batch=2"],
 }
 
 

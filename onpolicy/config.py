@@ -228,6 +228,8 @@ class LossConfig:
     epsilon: float = 0.2  # PPO clip below 1
     epsilon_high: float = 0.28  # PPO clip above 1 (DAPO's clip-higher)
     pg_weight: float = 1.0  # weight of the policy-gradient term (0 = surrogates only)
+    updates_per_batch: int = 1  # optimizer steps on each step's rollouts (PPO epochs): past the first, the ratio
+    # leaves 1 and the clip binds (the token term's old log-probs are the rollout's, the decisions' the first update's)
     commit_actions: bool = True  # soft commits: the commit decisions' log-probability joins the policy term
     surrogate: str = "jump"  # none | progress | jump | both: the edit-distance surrogate(s) of equation (5) of docs/method.md
     progress_lambda: float = 0.5  # progress cost: step k costs lambda / max(p_k, 1) on passing trajectories
@@ -235,6 +237,8 @@ class LossConfig:
     jump_gap_start: int = 2  # steps jumped at the start (from s_j straight to s_j+gap) ...
     jump_gap_end: int = 8  # ... growing linearly to this at the last step
     certainty: float = 0.3  # entropy of correct predictions (dParallel's certainty forcing)
+    distill_passed: float = 1.0  # jump-distillation weight of verified rollouts (0 with pg_weight=0 and anchor > 0:
+    # supervised fine-tuning on the references alone, a control)
     distill_failed: float = 0.0  # jump-distillation weight of failed rollouts that carry no policy gradient
     # (advantage 0: all-fail groups), a self-distillation of the model's own paths (dParallel); a failed row with a
     # negative advantage is never distilled, which would push toward the very tokens its advantage pushes away from
@@ -311,6 +315,9 @@ class OnPolicyConfig:
             raise ConfigError("rollout.sampler.commit_temperature needs rollout.sampler.threshold")
         if rw.min_speed_spread < 0:
             raise ConfigError(f"reward.min_speed_spread must be >= 0 (forwards), got {rw.min_speed_spread}")
+        if loss.updates_per_batch < 1 or loss.distill_passed < 0:
+            raise ConfigError(f"loss.updates_per_batch must be >= 1 and loss.distill_passed >= 0, got {loss.updates_per_batch}, "
+                              f"{loss.distill_passed}")
         if loss.distill_failed < 0 or loss.distill_rows < 0:
             raise ConfigError(f"loss.distill_failed and loss.distill_rows must be >= 0, got {loss.distill_failed}, {loss.distill_rows}")
         if loss.anchor < 0 or loss.anchor_rows < 0:

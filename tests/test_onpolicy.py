@@ -463,3 +463,18 @@ def test_sampled_rollouts_record_the_behaviour_policy(make_model, special):
         _, stats = micro_batch_loss(model, Reference(model, 0.0), rows, special, torch.tensor([1.0, -1.0]),
                                     torch.zeros(2, dtype=torch.bool), torch.zeros(2), cfg, 2, torch.device("cpu"))
     assert float(stats["replay_drift_max"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_several_updates_per_batch_move_the_ratio_and_the_clip_binds(init_model, tmp_path):
+    """`loss.updates_per_batch=3` on sampled rollouts: past the first update the replayed log-probs leave the
+    recorded ones (drift > 0) and some terms are clipped; with one update the ratio stays 1 (drift ~0)."""
+    runs = {}
+    for updates in (1, 3):
+        out = tmp_path / f"u{updates}"
+        stage4(init_model, out, "train.max_steps=1", f"loss.updates_per_batch={updates}", "train.lr=3e-2", "loss.epsilon=0.01",
+               "loss.epsilon_high=0.01", "rollout.sampler.temperature=0.9", "rollout.verifier=tests.plugins:CoinVerifier",
+               "reward.min_speed_spread=0")
+        (runs[updates],) = [m for m in metrics(out) if "reward" in m]
+    assert runs[1]["replay_drift_max"] < 1e-3 and runs[1]["clip_ratio"] == 0.0
+    assert runs[3]["replay_drift_max"] > 1e-3 and runs[3]["clip_ratio"] > 0.0

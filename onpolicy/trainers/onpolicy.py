@@ -326,7 +326,8 @@ def commit_decisions(st, logp_all: torch.Tensor, open_: torch.Tensor, threshold:
 def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialTokens, adv: torch.Tensor, passed: torch.Tensor,
                      distill: torch.Tensor, cfg: OnPolicyConfig, gap: int, device,
                      on_policy: torch.Tensor | None = None, share: float = 1.0,
-                     pg_denominators: tuple[float | None, float | None] = (None, None)) -> tuple[torch.Tensor, dict]:
+                     pg_denominators: tuple[float | None, float | None] = (None, None),
+                     old_decisions: dict | None = None) -> tuple[torch.Tensor, dict]:
     """The stage-4 loss of one micro-batch of recorded trajectories, over their replayed states: its part of
     the step's loss.
 
@@ -335,7 +336,8 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
     rows, else 0); on_policy: [B] bool, False for buffer and anchor rows (not decoded by these weights: no policy
     term). share: these rows' share of the step's rows (the per-row terms are averaged over the step);
     pg_denominators: the step's divisors of the token and decision terms (`pg_denominator`; None: this
-    micro-batch's own, scaled by `share`). Positions past a row's verified text are in no term. Every term is
+    micro-batch's own, scaled by `share`); old_decisions: where the first update of a batch leaves its decision
+    log-probs for the later ones (`loss.updates_per_batch`). Positions past a row's verified text are in no term. Every term is
     a pure function of `onpolicy.diffusion.policy`; this function only gathers their inputs from the replay.
     """
     lc, sc = cfg.loss, cfg.rollout.sampler
@@ -379,9 +381,10 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
     old_token = recorded_logprob(rows, pg_token.shape[1], device)
     pg, pg_stats = clipped_policy_loss(pg_token, old_token, adv, token_mask, lc.epsilon, lc.epsilon_high, lc.loss_type,
                                        pg_denominators[0])
-    if decisions:  # normalised apart from the tokens; one update per rollout: their old log-prob is the current one
+    if decisions:  # normalised apart from the tokens; their old log-prob: the first update's (the rollout's weights)
         dec = torch.cat(decisions, 1)
-        dec_pg, _ = clipped_policy_loss(dec, dec.detach(), adv, torch.cat(decision_mask, 1) & on_pol[:, None], lc.epsilon,
+        old_dec = dec.detach() if old_decisions is None else old_decisions.setdefault("decisions", dec.detach())
+        dec_pg, _ = clipped_policy_loss(dec, old_dec, adv, torch.cat(decision_mask, 1) & on_pol[:, None], lc.epsilon,
                                         lc.epsilon_high, lc.loss_type, pg_denominators[1])
         pg = pg + dec_pg
     per_row = lc.jump_weight * jump_total / n_steps + progress_total / n_steps
@@ -474,7 +477,7 @@ def training_rows(got: StepSamples, adv: torch.Tensor, buffer: list, tokenizer, 
     own paths); with `loss.anchor` > 0 the prompts' reference solutions do (supervised)."""
     t, valid, rollouts = cfg.train, got.valid, got.rollouts
     ok = got.passed & valid
-    distill = ok.float()
+    distill = ok.float() * cfg.loss.distill_passed
     if cfg.loss.distill_failed > 0:  # only failed rows without a policy gradient: never against their own advantage
         failed = (valid & ~ok & (adv == 0)).nonzero().flatten()
         pick = failed[torch.randperm(len(failed), generator=noise_generator(t.seed, -6, step))[: cfg.loss.distill_rows]]
@@ -505,7 +508,7 @@ def step_pg_denominators(items: list[TrainRow], special: SpecialTokens, mode: st
 
 
 def train_step(engine, reference: Reference, items: list[TrainRow], special: SpecialTokens, cfg: OnPolicyConfig, gap: int,
-               grad_accum: int, step: int, dist) -> dict:
+               grad_accum: int, step: int, dist, old_decisions: dict | None = None) -> dict:
     """The losses of `items` in `grad_accum` micro-batches and one optimizer step; the step's loss stats, each
     averaged over the rows that carry it (`*_max`: the maximum; `*_sum`: added up over micro-batches)."""
     t = cfg.train
@@ -532,7 +535,8 @@ def train_step(engine, reference: Reference, items: list[TrainRow], special: Spe
                 part, stats = micro_batch_loss(engine, reference, [it.trajectory for it in full], special, column(full, "advantage"),
                                                column(full, "passed"), column(full, "distill"), cfg, gap, dist.device,
                                                on_policy=column(full, "on_policy"), share=len(full) / len(items),
-                                               pg_denominators=denominators)
+                                               pg_denominators=denominators,
+                                               old_decisions=None if old_decisions is None else old_decisions.setdefault(k, {}))
                 loss, parts = loss + part, parts + [(stats, len(full))]
             if cheap:
                 part, stats = sampled_jump_loss(engine, [it.trajectory for it in cheap], special, column(cheap, "distill"), cfg, gap,
@@ -651,7 +655,9 @@ def setup(cfg: OnPolicyConfig) -> tuple[Stage4, LoopState]:
                                                  model_hidden_size(cfg.model)))
     model = build_model(cfg, special, adapt_attention=False)
     reference = Reference(model, cfg.loss.beta)
-    engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum)), model, ds_config)
+    u = cfg.loss.updates_per_batch  # the LR schedule counts optimizer steps: u per rollout step
+    engine, scheduler = make_engine(replace(cfg, train=replace(t, grad_accum=grad_accum, max_steps=t.max_steps * u,
+                                                               warmup_steps=t.warmup_steps * u)), model, ds_config)
     state = LoopState.restore(resume(engine, plan, dist))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -714,7 +720,9 @@ def one_step(s: Stage4, state: LoopState) -> dict:
     adv, adv_stats = step_advantages(got, cfg)
     items = training_rows(got, adv, state.buffer, s.tokenizer, cfg, state.step)
     gap = jump_gap(cfg, state.step)
-    step_stats = train_step(s.engine, s.reference, items, s.special, cfg, gap, s.grad_accum, state.step, s.dist)
+    old_decisions: dict = {}  # the first update's decision log-probs, the old side of the later ones' ratios
+    for _ in range(cfg.loss.updates_per_batch):
+        step_stats = train_step(s.engine, s.reference, items, s.special, cfg, gap, s.grad_accum, state.step, s.dist, old_decisions)
     if cfg.loss.buffer_size:
         state.buffer += [got.rollouts[i].trajectory for i in (got.passed & got.valid).nonzero().flatten().tolist()]
         state.buffer = state.buffer[-cfg.loss.buffer_size :]
