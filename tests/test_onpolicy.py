@@ -478,3 +478,26 @@ def test_several_updates_per_batch_move_the_ratio_and_the_clip_binds(init_model,
         (runs[updates],) = [m for m in metrics(out) if "reward" in m]
     assert runs[1]["replay_drift_max"] < 1e-3 and runs[1]["clip_ratio"] == 0.0
     assert runs[3]["replay_drift_max"] > 1e-3 and runs[3]["clip_ratio"] > 0.0
+
+
+def test_surrogate_metrics_average_over_the_steps_that_have_targets(make_model, special):
+    """`jump_ce` is the mean over replayed steps whose jump has targets; the last steps of a block have none
+    (nothing is committed later), and counting them as 0 once pulled the metric down."""
+    from onpolicy.config import OnPolicyConfig
+    from onpolicy.diffusion.policy import jump_distillation_loss
+    from onpolicy.rollout import replay_step_logits
+    from onpolicy.sampling import SamplerConfig, generate
+    from onpolicy.trainers.onpolicy import Reference, jump_positions, micro_batch_loss
+
+    model = make_model("block_causal", block_size=4)
+    cfg = OnPolicyConfig()
+    cfg.loss.surrogate, cfg.loss.commit_actions = "jump", False
+    cfg.rollout.sampler = SamplerConfig(max_new_tokens=8, block_size=4, stop_at_eos=False)
+    rows = [generate(model, [[5, 6, 7]], special, cfg.rollout.sampler, seeds=[0]).row(0)]
+    with torch.no_grad():
+        _, stats = micro_batch_loss(model, Reference(model, 0.0), rows, special, torch.zeros(1), torch.ones(1, dtype=torch.bool),
+                                    torch.ones(1), cfg, 2, torch.device("cpu"))
+        per_step = [jump_distillation_loss(st.logits, st.canvas, jump_positions(st, 2), torch.ones(1), 0.0)[1]["jump_ce"]
+                    for st in replay_step_logits(model, rows, special) if jump_positions(st, 2).any()]
+    assert len(per_step) == 3  # four steps per block, the last has no later commit
+    assert float(stats["jump_ce"]) == pytest.approx(float(sum(per_step)) / 3, rel=1e-5)

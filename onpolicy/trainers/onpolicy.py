@@ -346,6 +346,7 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
     jump_total, progress_total = torch.zeros((), device=device), torch.zeros((), device=device)
     stats: dict[str, torch.Tensor] = {}
     entropy_sum, entropy_n = torch.zeros(()), 0
+    seen = {"jump": 0, "progress": 0}  # replayed steps where each surrogate had positions
     on_pol = torch.ones(len(rows), dtype=torch.bool, device=device) if on_policy is None else on_policy
     jump_term = lc.surrogate in ("jump", "both") and bool((distill > 0).any())  # once, not per replayed step
     for st in replay_step_logits(model, rows, special):
@@ -367,15 +368,18 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
             decisions.append(dec)
             decision_mask.append(dec_mask)
         if jump_term:
-            jl, js = jump_distillation_loss(st.logits, st.canvas, jump_positions(st, gap) & kept, distill, lc.certainty)
+            targets = jump_positions(st, gap) & kept
+            jl, js = jump_distillation_loss(st.logits, st.canvas, targets, distill, lc.certainty)
             jump_total = jump_total + jl
-            stats = {**stats, **{k: stats.get(k, 0) + v for k, v in js.items()}}
+            if bool((targets & (distill > 0)[:, None]).any()):  # its metrics: the mean over steps that have targets
+                stats, seen["jump"] = {**stats, **{k: stats.get(k, 0) + v for k, v in js.items()}}, seen["jump"] + 1
         if passed.any() and lc.surrogate in ("progress", "both"):
             b, t = open_.shape
             per_block = now.view(b, -1, st.block).sum(-1, keepdim=True).expand(-1, -1, st.block).reshape(b, t)  # p_k per position
             pl, ps = progress_cost_loss(-tok, open_, per_block.float(), passed, lc.progress_lambda)
             progress_total = progress_total + pl
-            stats["progress_cost"] = stats.get("progress_cost", 0) + ps["progress_cost"]
+            if bool((open_ & passed[:, None]).any()):
+                stats["progress_cost"], seen["progress"] = stats.get("progress_cost", 0) + ps["progress_cost"], seen["progress"] + 1
     n_steps = st.index + 1
     token_mask = committed & on_pol[:, None]
     old_token = recorded_logprob(rows, pg_token.shape[1], device)
@@ -394,7 +398,7 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
         per_row, kl = per_row + lc.beta * kl_term, kl_term.detach()
     step_normalised = lc.loss_type != "grpo" and pg_denominators[0] is not None
     loss = share * per_row + lc.pg_weight * pg * (1.0 if step_normalised else share)
-    stats = {k: v / n_steps for k, v in stats.items()}
+    stats = {k: v / max(1, seen["progress" if k == "progress_cost" else "jump"]) for k, v in stats.items()}
     stats.update(pg_stats)
     stats["pg_loss_sum" if step_normalised else "pg_loss"] = pg.detach()  # a step-normalised term adds up over micro-batches
     stats["kl"] = kl
