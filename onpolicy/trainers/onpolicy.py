@@ -343,7 +343,7 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
     lc, sc = cfg.loss, cfg.rollout.sampler
     token_logp = pg_token = committed = kept = None
     decisions, decision_mask = [], []
-    jump_total, progress_total = torch.zeros((), device=device), torch.zeros((), device=device)
+    totals = {"jump": torch.zeros((), device=device), "progress": torch.zeros((), device=device)}
     stats: dict[str, torch.Tensor] = {}
     entropy_sum, entropy_n = torch.zeros(()), 0
     seen = {"jump": 0, "progress": 0}  # replayed steps where each surrogate had positions
@@ -367,19 +367,10 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
             dec, dec_mask = commit_decisions(st, logp_all, open_, sc.threshold, sc.commit_temperature)
             decisions.append(dec)
             decision_mask.append(dec_mask)
-        if jump_term:
-            targets = jump_positions(st, gap) & kept
-            jl, js = jump_distillation_loss(st.logits, st.canvas, targets, distill, lc.certainty)
-            jump_total = jump_total + jl
-            if bool((targets & (distill > 0)[:, None]).any()):  # its metrics: the mean over steps that have targets
-                stats, seen["jump"] = {**stats, **{k: stats.get(k, 0) + v for k, v in js.items()}}, seen["jump"] + 1
-        if passed.any() and lc.surrogate in ("progress", "both"):
-            b, t = open_.shape
-            per_block = now.view(b, -1, st.block).sum(-1, keepdim=True).expand(-1, -1, st.block).reshape(b, t)  # p_k per position
-            pl, ps = progress_cost_loss(-tok, open_, per_block.float(), passed, lc.progress_lambda)
-            progress_total = progress_total + pl
-            if bool((open_ & passed[:, None]).any()):
-                stats["progress_cost"], seen["progress"] = stats.get("progress_cost", 0) + ps["progress_cost"], seen["progress"] + 1
+        for name, (term, term_stats) in surrogate_terms(st, tok, now, open_, kept, distill, passed, gap, lc, jump_term).items():
+            totals[name] = totals[name] + term
+            if term_stats is not None:  # its metrics: the mean over the steps where it has positions
+                stats, seen[name] = {**stats, **{k: stats.get(k, 0) + v for k, v in term_stats.items()}}, seen[name] + 1
     n_steps = st.index + 1
     token_mask = committed & on_pol[:, None]
     old_token = recorded_logprob(rows, pg_token.shape[1], device)
@@ -391,7 +382,7 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
         dec_pg, _ = clipped_policy_loss(dec, old_dec, adv, torch.cat(decision_mask, 1) & on_pol[:, None], lc.epsilon,
                                         lc.epsilon_high, lc.loss_type, pg_denominators[1])
         pg = pg + dec_pg
-    per_row = lc.jump_weight * jump_total / n_steps + progress_total / n_steps
+    per_row = lc.jump_weight * totals["jump"] / n_steps + totals["progress"] / n_steps
     kl = torch.zeros(())
     if lc.beta > 0:
         kl_term = reference_kl(model, reference, rows, special, token_logp, token_mask)
@@ -410,6 +401,23 @@ def micro_batch_loss(model, reference: Reference | None, rows, special: SpecialT
     if entropy_n:
         stats["entropy"] = entropy_sum / entropy_n
     return loss, stats
+
+
+def surrogate_terms(st, tok: torch.Tensor, now: torch.Tensor, open_: torch.Tensor, kept: torch.Tensor, distill: torch.Tensor,
+                    passed: torch.Tensor, gap: int, lc, jump: bool) -> dict[str, tuple[torch.Tensor, dict | None]]:
+    """The edit-distance surrogates at one replayed state: {"jump" | "progress": (loss, stats or None when the
+    term has no position at this state)}, each only when the loss has it."""
+    out = {}
+    if jump:
+        targets = jump_positions(st, gap) & kept
+        loss, stats = jump_distillation_loss(st.logits, st.canvas, targets, distill, lc.certainty)
+        out["jump"] = (loss, stats if bool((targets & (distill > 0)[:, None]).any()) else None)
+    if passed.any() and lc.surrogate in ("progress", "both"):
+        b, t = open_.shape
+        per_block = now.view(b, -1, st.block).sum(-1, keepdim=True).expand(-1, -1, st.block).reshape(b, t)  # p_k per position
+        loss, stats = progress_cost_loss(-tok, open_, per_block.float(), passed, lc.progress_lambda)
+        out["progress"] = (loss, stats if bool((open_ & passed[:, None]).any()) else None)
+    return out
 
 
 def recorded_logprob(rows: list[TrajectoryRow], width: int, device) -> torch.Tensor:
