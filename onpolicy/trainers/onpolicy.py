@@ -247,8 +247,10 @@ def pg_term_counts(rows: list[TrajectoryRow], special: SpecialTokens, mode: str,
     """How many token terms and commit-decision terms `micro_batch_loss` gives these rows' policy gradient
     (the masks it builds, without a forward): what dapo divides the whole step by."""
     tokens = n_decisions = 0
+    kept = None
     for st in replay_masks(rows, special, mode):
-        kept = kept_positions(rows, st.now.shape[1], st.now.device)
+        if kept is None:  # the same for every replayed step
+            kept = kept_positions(rows, st.now.shape[1], st.now.device)
         tokens += int((st.now & kept).sum())
         if decisions and mode != "causal":
             b, t = st.now.shape
@@ -520,14 +522,15 @@ def step_pg_denominators(items: list[TrainRow], special: SpecialTokens, mode: st
 
 
 def train_step(engine, reference: Reference, items: list[TrainRow], special: SpecialTokens, cfg: OnPolicyConfig, gap: int,
-               grad_accum: int, step: int, dist, old_decisions: dict | None = None) -> dict:
+               grad_accum: int, step: int, dist, denominators: tuple[float | None, float | None] = (None, None),
+               old_decisions: dict | None = None) -> dict:
     """The losses of `items` in `grad_accum` micro-batches and one optimizer step; the step's loss stats, each
-    averaged over the rows that carry it (`*_max`: the maximum; `*_sum`: added up over micro-batches)."""
+    averaged over the rows that carry it (`*_max`: the maximum; `*_sum`: added up over micro-batches).
+    denominators: the step's policy-term divisors (`step_pg_denominators`, once per rollout batch)."""
     t = cfg.train
     stat_sums: dict[str, list[float]] = {}  # key -> [sum over rows, rows]
     loss_sum = 0.0
     jump_only = [is_jump_only(it.advantage, it.passed, it.distill, cfg) for it in items]
-    denominators = step_pg_denominators(items, special, unwrap(engine.module).config.attention, cfg)
     for k in range(grad_accum):
         chunk = range(k, len(items), grad_accum)
         if not chunk:  # keep DeepSpeed's accumulation count: a zero loss on the same graph
@@ -732,9 +735,11 @@ def one_step(s: Stage4, state: LoopState) -> dict:
     adv, adv_stats = step_advantages(got, cfg)
     items = training_rows(got, adv, state.buffer, s.tokenizer, cfg, state.step)
     gap = jump_gap(cfg, state.step)
+    denominators = step_pg_denominators(items, s.special, unwrap(s.engine.module).config.attention, cfg)
     old_decisions: dict = {}  # the first update's decision log-probs, the old side of the later ones' ratios
     for _ in range(cfg.loss.updates_per_batch):
-        step_stats = train_step(s.engine, s.reference, items, s.special, cfg, gap, s.grad_accum, state.step, s.dist, old_decisions)
+        step_stats = train_step(s.engine, s.reference, items, s.special, cfg, gap, s.grad_accum, state.step, s.dist, denominators,
+                                old_decisions)
     if cfg.loss.buffer_size:
         state.buffer += [got.rollouts[i].trajectory for i in (got.passed & got.valid).nonzero().flatten().tolist()]
         state.buffer = state.buffer[-cfg.loss.buffer_size :]

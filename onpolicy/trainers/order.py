@@ -143,7 +143,7 @@ def build_pool(engine, tokenizer, cfg: OrderConfig, verifier: VerifierPool, show
         by_task.setdefault(ro.task_index, []).append(
             {"task_id": ro.task.task_id, "task_index": ro.task_index, "sample": ro.sample, "seed": tr.seed,
              "passed": bool(v.passed), "status": v.status, "path_logp": path_logp,
-             "forwards": int(tr.commit_forward.max()), "trajectory": TrajectoryRow.to_json(tr)})
+             "forwards": int(tr.commit_forward.max()), "trajectory": tr.to_json()})
     kept = [row for i in sorted(by_task) for row in select(by_task[i], p.keep, p.require_pass, p.prefer)]
     passed = sum(v.passed for v in verdicts)
     header = {"format": POOL_FORMAT, "model": str(cfg.model.init_from), "tasks": p.tasks, "n_tasks": len(tasks),
