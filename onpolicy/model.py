@@ -90,13 +90,15 @@ class DiffusionTransformerConfig(PretrainedConfig):
 class KVCache:
     """Keys and values of finished (clean) tokens, per layer, plus what masking needs about them.
 
-    Preallocated and written in place (no copy of the past per forward): the first `length` slots
-    hold the cache; a forward writes its new tokens into the slots after them and attends to
-    everything up to its own tokens. With `use_cache` the first `cache_len` new tokens (default all)
-    then join the cache; the others were scratch and are overwritten by the next forward. That is
+    Preallocated and written in place (no copy of the past per forward). Each row holds its own
+    number of cached slots (`lengths`): rows of one batch may be at different blocks (the sampler
+    decodes each row at its own pace). A forward writes row i's new tokens into the slots after its
+    own `lengths[i]` and attends to everything up to them; slots past a row's own end are masked.
+    With `use_cache` the first `cache_len` new tokens (default all; an int or one count per row) then
+    join the row's cache; the others were scratch and are overwritten by the next forward. That is
     what lets the sampler write a finished block into the cache in the same forward as the next
-    block's first step. Buffers are [batch, heads, capacity, head_dim]; they grow (a copy) only
-    when a write would not fit.
+    block's first step. Buffers are [batch, heads, capacity, head_dim]; they grow (a copy) only when a
+    write would not fit. `keep_rows` and `add_rows` let rows leave and join a batch between forwards.
     """
 
     keys: list[torch.Tensor] = field(default_factory=list)
@@ -104,10 +106,72 @@ class KVCache:
     positions: torch.Tensor | None = None  # [B, capacity] RoPE position of each slot
     block_ids: torch.Tensor | None = None  # [B, capacity] block index of each slot
     valid: torch.Tensor | None = None  # [B, capacity] False for padding
-    length: int = 0  # slots that hold cached tokens
+    lengths: torch.Tensor | None = None  # [B] long: slots that hold each row's cached tokens (None: all 0)
     capacity: int = 0  # slots to allocate at the first write (grown as needed)
-    last_logits: torch.Tensor | None = None  # [B, 1, V] raw logits of the last cached token (shift_logits)
-    mask_memo: tuple | None = None  # (length, q_pos, q_block, q_valid, mask): the same query at the same length reuses its mask
+    last_logits: torch.Tensor | None = None  # [B, 1, V] raw logits of each row's last cached token (shift_logits)
+    mask_memo: tuple | None = None  # (lengths, q_pos, q_block, q_valid, mask): the same query at the same lengths reuses its mask
+    window: tuple | None = None  # (start, end, slots) of the forward in flight: see `starts`
+
+    @property
+    def length(self) -> int:
+        """The longest row's cached slots (every row's, when the batch moves in lock-step)."""
+        return 0 if self.lengths is None or not len(self.lengths) else int(self.lengths.max())
+
+    def starts(self, batch: int, n: int, device) -> torch.Tensor:
+        """Where this forward's `n` new tokens go in each row ([B] long, the rows' lengths), and the
+        write window the attention layers read: (start, end, slots) with slots None when every row
+        starts at the same slot (a plain slice), else [B, n] per-row slot indices."""
+        if self.lengths is None:
+            self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        start = self.length
+        uniform = bool((self.lengths == start).all())
+        slots = None if uniform else self.lengths[:, None] + torch.arange(n, device=device)
+        self.window = (start, int(self.lengths.max()) + n, slots)
+        return self.lengths
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new keys and values [B, H, n, D] in the window; return the keys and values
+        to attend to ([B, H, end, D])."""
+        start, end, slots = self.window
+        keys, values = self.keys[layer], self.values[layer]
+        if slots is None:
+            keys[:, :, start : start + k.shape[2]] = k.detach()
+            values[:, :, start : start + k.shape[2]] = v.detach()
+        else:
+            index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            keys.scatter_(2, index, k.detach())
+            values.scatter_(2, index, v.detach())
+        return keys[:, :, :end], values[:, :, :end]
+
+    def write_meta(self, position_ids, block_ids, valid) -> torch.Tensor:
+        """Store the new tokens' positions, blocks and padding flags; return which of the first `end`
+        slots each row may attend to ([B, end] bool: valid, and not past the row's own end)."""
+        start, end, slots = self.window
+        n = position_ids.shape[1]
+        for buffer, new in ((self.positions, position_ids), (self.block_ids, block_ids), (self.valid, valid)):
+            if slots is None:
+                buffer[:, start : start + n] = new
+            else:
+                buffer.scatter_(1, slots, new)
+        if slots is None:
+            return self.valid[:, :end]
+        own_end = self.lengths + n
+        return self.valid[:, :end] & (torch.arange(end, device=valid.device)[None] < own_end[:, None])
+
+    def advance(self, kept: int | torch.Tensor | None, n: int, raw: torch.Tensor, last_only: bool) -> None:
+        """After a forward with `use_cache`: the first `kept` new tokens (per row, or all `n`) join each
+        row's cache, and a row that kept any remembers the raw logits of its last kept token."""
+        kept = torch.full_like(self.lengths, n if kept is None else kept) if not torch.is_tensor(kept) else kept.to(self.lengths)
+        if last_only:  # the head ran on the last token only (logits_to_keep)
+            new = raw[:, -1:]
+        else:
+            new = raw[torch.arange(raw.shape[0], device=raw.device), (kept - 1).clamp(min=0)][:, None]
+        joined = kept > 0
+        if self.last_logits is None or self.last_logits.shape != new.shape:
+            self.last_logits = new.detach().clone()
+        else:
+            self.last_logits = torch.where(joined[:, None, None], new.detach(), self.last_logits)
+        self.lengths = self.lengths + kept
 
     def reserve(self, batch: int, needed: int, layers: int, heads: int, head_dim: int, dtype, device) -> None:
         """Make room for `needed` slots (allocating at first use, copying only to grow)."""
@@ -125,6 +189,22 @@ class KVCache:
                 new[:, :, :have] = prev
             for new, prev in zip((self.positions, self.block_ids, self.valid), old[2:]):
                 new[:, :have] = prev
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep only these rows (bool [B] or indices), in this order: rows leave the batch."""
+        pick = lambda t: None if t is None else t[keep]  # noqa: E731
+        self.keys, self.values = [k[keep] for k in self.keys], [v[keep] for v in self.values]
+        self.positions, self.block_ids, self.valid = pick(self.positions), pick(self.block_ids), pick(self.valid)
+        self.lengths, self.last_logits, self.mask_memo = pick(self.lengths), pick(self.last_logits), None
+
+    def add_rows(self, n: int) -> None:
+        """Append `n` empty rows (length 0) after the others: rows join the batch."""
+        if self.lengths is None or not self.keys:
+            raise ValueError("add_rows needs a cache that has been written once")
+        grow = lambda t: torch.cat([t, t.new_zeros((n, *t.shape[1:]))]) if t is not None else None  # noqa: E731
+        self.keys, self.values = [grow(k) for k in self.keys], [grow(v) for v in self.values]
+        self.positions, self.block_ids, self.valid = grow(self.positions), grow(self.block_ids), grow(self.valid)
+        self.lengths, self.last_logits, self.mask_memo = grow(self.lengths), grow(self.last_logits), None
 
 
 @dataclass
@@ -267,11 +347,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = (p(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2) for p in (self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, L, D]
-        if cache is not None:  # write the new keys after the cached ones, attend to both (no copy)
-            end = cache.length + n
-            cache.keys[layer][:, :, cache.length : end] = k.detach()
-            cache.values[layer][:, :, cache.length : end] = v.detach()
-            k, v = cache.keys[layer][:, :, :end].to(q.dtype), cache.values[layer][:, :, :end].to(q.dtype)
+        if cache is not None:  # write the new keys after each row's cached ones, attend to both (no copy)
+            k, v = (t.to(q.dtype) for t in cache.write(layer, k, v))
         gqa = self.n_kv != self.n_heads  # each key/value head serves n_heads / n_kv query heads
         if allowed is not None and not isinstance(allowed, torch.Tensor):  # a flex BlockMask
             out = flex_attention(q, k, v, allowed, gqa)
@@ -388,8 +465,10 @@ class DiffusionTransformer(PreTrainedModel):
         cache = past_key_values
         if cache is None and use_cache:
             cache = KVCache(capacity=n)
-        if position_ids is None:
-            start = (cache.positions[:, : cache.length].max(dim=1).values + 1)[:, None] if cache is not None and cache.length else 0
+        if position_ids is None:  # continue each row's cached positions (the cache's padding slots hold position 0)
+            start = 0
+            if cache is not None and cache.length:
+                start = (cache.positions[:, : cache.length] * cache.valid[:, : cache.length]).max(dim=1).values[:, None] + 1
             position_ids = (valid.long().cumsum(1) - 1).clamp(min=0) + start
         if block_ids is None:
             block_ids = position_ids // cfg.block_size
@@ -408,17 +487,19 @@ class DiffusionTransformer(PreTrainedModel):
         past_len = 0
         k_pos, k_block, k_valid, k_noisy = position_ids, block_ids, valid, noisy
         if cache is not None:
-            past_len, end = cache.length, cache.length + n
+            past_len = cache.length
+            cache.starts(b, n, device)
+            end = cache.window[1]
             cache.reserve(b, end, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, x.dtype, device)
-            cache.positions[:, past_len:end], cache.block_ids[:, past_len:end], cache.valid[:, past_len:end] = position_ids, block_ids, valid
-            k_pos, k_block, k_valid = cache.positions[:, :end], cache.block_ids[:, :end], cache.valid[:, :end]
+            k_valid = cache.write_meta(position_ids, block_ids, valid)
+            k_pos, k_block = cache.positions[:, :end], cache.block_ids[:, :end]
         kernel = cfg.attention_kernel
         if kernel == "auto":
             kernel = "flex" if device.type == "cuda" and cfg.attention == "block_causal" and cache is None else "sdpa"
         if kernel == "flex" and cache is None:
             allowed = flex_block_mask(cfg.attention, position_ids, block_ids, valid, noisy)
         else:
-            allowed = self._attention_mask(position_ids, block_ids, noisy, k_pos, k_block, k_valid, k_noisy, cache)
+            allowed = self._attention_mask(position_ids, block_ids, noisy, valid, k_pos, k_block, k_valid, k_noisy, cache)
         # A pure causal pass with no padding and no cache takes SDPA's fused causal path.
         fast_causal = allowed is None and cfg.attention == "causal" and cache is None
 
@@ -433,14 +514,9 @@ class DiffusionTransformer(PreTrainedModel):
         raw = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
         logits = raw[:, :n]
         if cfg.shift_logits:
-            logits = shift_to_previous(raw, n, block_ids[:, :n], cache if past_len else None)
-
-        if cache is not None:
-            if use_cache:
-                kept = n if cache_len is None else cache_len
-                if kept:
-                    cache.length = past_len + kept
-                    cache.last_logits = raw[:, kept - 1 : kept].detach() if not logits_to_keep else raw[:, -1:].detach()
+            logits = shift_to_previous(raw, n, block_ids[:, :n], cache if past_len else None, valid[:, :n])
+        if cache is not None and use_cache:
+            cache.advance(cache_len, n, raw, last_only=bool(logits_to_keep))
         return DiffusionOutput(logits=logits, past_key_values=cache)
 
     @torch.no_grad()
@@ -500,7 +576,7 @@ class DiffusionTransformer(PreTrainedModel):
             decoding["temperature"] = 1.0
         return self.diffusion_generate(input_ids, attention_mask=attention_mask, **decoding)
 
-    def _attention_mask(self, q_pos, q_block, q_noisy, k_pos, k_block, k_valid, k_noisy, cache) -> torch.Tensor | None:
+    def _attention_mask(self, q_pos, q_block, q_noisy, q_valid, k_pos, k_block, k_valid, k_noisy, cache) -> torch.Tensor | None:
         """The boolean attention mask [B, 1, Lq, Lk], or None when SDPA needs none (no padding, no
         cache: full attention, or its own fused causal path). A query repeated at the same cache length
         (every step inside a block) reuses the mask built at its first step."""
@@ -512,25 +588,29 @@ class DiffusionTransformer(PreTrainedModel):
                 return None
             if cache is not None and mode == "block_causal" and bool((q_block == k_block[:, -1:]).all()):
                 return None  # one block after its prefix sees everything (a step inside a block)
-        q_valid = k_valid[:, -q_pos.shape[1] :]
         if self.broadcast_mask and cache is None and q_pos.shape[0] > 1 and bool(k_valid.all()) and bool((q_pos == q_pos[:1]).all()) \
                 and bool((q_block == q_block[:1]).all()) and (q_noisy is None or bool((q_noisy == q_noisy[:1]).all())):
             # every row has the same layout (packed training rows, no padding): one mask [1, 1, L, L], broadcast
             # over the batch, instead of B copies (measured: a fifth less attention time in BD3 training)
-            one = self._attention_mask(q_pos[:1], q_block[:1], None if q_noisy is None else q_noisy[:1], k_pos[:1], k_block[:1],
-                                       k_valid[:1], None if k_noisy is None else k_noisy[:1], None)
+            one = self._attention_mask(q_pos[:1], q_block[:1], None if q_noisy is None else q_noisy[:1], q_valid[:1], k_pos[:1],
+                                       k_block[:1], k_valid[:1], None if k_noisy is None else k_noisy[:1], None)
             return one
         if cache is not None and cache.mask_memo is not None:
-            length, pos, block, valid, allowed = cache.mask_memo
-            if length == cache.length and pos.shape == q_pos.shape and torch.equal(pos, q_pos) and torch.equal(block, q_block) \
-                    and torch.equal(valid, q_valid):
+            lengths, pos, block, valid, allowed = cache.mask_memo
+            if pos.shape == q_pos.shape and allowed.shape[-1] == k_pos.shape[1] and torch.equal(lengths, cache.lengths) \
+                    and torch.equal(pos, q_pos) and torch.equal(block, q_block) and torch.equal(valid, q_valid):
                 return allowed
         allowed = attention_allowed(mode, q_pos, k_pos, q_block, k_block, k_valid, q_noisy, k_noisy)
-        # A padding query may see nothing at all; let it see itself so softmax stays finite.
+        # A padding query may see nothing at all; let it see itself (its own slot) so softmax stays finite.
         lq, lk = q_pos.shape[1], k_pos.shape[1]
-        allowed[:, 0, torch.arange(lq, device=q_pos.device), torch.arange(lq, device=q_pos.device) + (lk - lq)] = True
+        own = torch.arange(lq, device=q_pos.device)
+        slots = cache.window[2] if cache is not None else None
+        if slots is None:
+            allowed[:, 0, own, own + (lk - lq)] = True
+        else:  # rows at their own cache lengths
+            allowed[torch.arange(q_pos.shape[0], device=q_pos.device)[:, None], 0, own[None], slots] = True
         if cache is not None:
-            cache.mask_memo = (cache.length, q_pos.clone(), q_block.clone(), q_valid.clone(), allowed)
+            cache.mask_memo = (cache.lengths.clone(), q_pos.clone(), q_block.clone(), q_valid.clone(), allowed)
         return allowed
 
 
@@ -540,14 +620,16 @@ def _checkpoint(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False)
 
 
-def shift_to_previous(raw: torch.Tensor, n: int, block_ids: torch.Tensor, past: KVCache | None) -> torch.Tensor:
+def shift_to_previous(raw: torch.Tensor, n: int, block_ids: torch.Tensor, past: KVCache | None,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """Logits for the n query tokens, each read from the token before it (shift_logits).
 
     raw: [B, n or 2n, V], the head's output per input token (with BD3 training, the noisy half then
     the clean half). Inside a block the predecessor is the previous input token. At a block start it
     is the last token of the block before, taken from the *clean* half in BD3 training (a clean
     token that saw only clean tokens, as the cache's tokens are at sampling time) or from the cache
-    (`last_logits`). The very first token of a sequence has no predecessor and keeps its own logits.
+    (`last_logits`): with a cache, each row's first real query token (after its padding, `valid`
+    [B, n]) reads it. The very first token of a sequence has no predecessor and keeps its own logits.
     """
     out = torch.cat([raw[:, :1], raw[:, : n - 1]], dim=1)  # [B, n, V]: previous input token
     if raw.shape[1] == 2 * n:  # BD3 training: block starts read the clean half
@@ -556,7 +638,13 @@ def shift_to_previous(raw: torch.Tensor, n: int, block_ids: torch.Tensor, past: 
         clean_prev = torch.cat([raw[:, n : n + 1], raw[:, n : 2 * n - 1]], dim=1)
         out = torch.where(starts[..., None], clean_prev, out)
     elif past is not None and past.length and past.last_logits is not None:
-        out = torch.cat([past.last_logits.to(out.dtype), out[:, 1:]], dim=1)
+        if valid is None or bool(valid[:, 0].all()):
+            out = torch.cat([past.last_logits.to(out.dtype), out[:, 1:]], dim=1)
+        else:
+            first = valid.long().argmax(1)  # each row's first real query token
+            rows = torch.arange(out.shape[0], device=out.device)
+            out = out.clone()
+            out[rows, first] = torch.where((past.lengths > 0)[:, None], past.last_logits[:, 0].to(out.dtype), out[rows, first])
     return out
 
 

@@ -52,6 +52,7 @@ class SamplerConfig:
     commit_temperature: float | None = None  # with threshold: soft commits, each open position commits with
     #                                          probability sigmoid((top prob - threshold) / this) (on-policy rollouts)
     use_cache: bool = True  # exact KV cache of finished blocks (block_causal and causal models)
+    per_row: bool = True  # with the cache: each row at its own block, done rows leave (False: the batch in lock-step)
     stop_at_eos: bool = True  # stop a sequence after the block in which it commits EOS
 
     def __post_init__(self) -> None:
@@ -284,10 +285,13 @@ def generate(
     cfg: SamplerConfig,
     seeds: list[int] | None = None,
     record_states: bool = False,
+    slots: int | None = None,
 ) -> Trajectory:
     """Decode a batch of prompts (token id lists) with the model's own attention mode.
 
     seeds: one per row (default 0, 1, ...); row i samples from `torch.Generator().manual_seed(seeds[i])`.
+    slots: per-row decoding decodes at most this many rows at once; the others wait and take the place
+    of rows that finish (default: all rows at once). A row's tokens do not depend on it.
     """
     t_start = time.perf_counter()
     mode = model.config.attention
@@ -339,82 +343,89 @@ def generate(
     keep = {"logits_to_keep": 1} if mode == "causal" else {}  # a causal decoder reads only the last logits
     full_valid = torch.cat([prompt_valid, torch.ones_like(canvas, dtype=torch.bool)], 1)
     full_pos, full_blocks = torch.cat([prompt_pos, gen_pos], 1), torch.cat([prompt_blocks, gen_blocks], 1)
-    cache, next_logits = None, None
-    # Tokens waiting to enter the cache (ids, valid, positions, blocks): first the prompt, then each
-    # finished block. They ride along with the next forward the block needs anyway.
-    pending = (prompt, prompt_valid, prompt_pos, prompt_blocks) if cached else None
-    if cached:
-        cache = model.allocate_cache(p_len + gen_len) if hasattr(model, "allocate_cache") else None
-    if cached and mode == "causal":  # the prompt's forward predicts the first token
-        out = forward(torch.ones_like(done), input_ids=prompt, attention_mask=prompt_valid, position_ids=prompt_pos,
-                      block_ids=prompt_blocks, past_key_values=cache, use_cache=True, **keep)
-        cache, next_logits, pending = out.past_key_values, out.logits[:, -1:], None
+    per_row = cached and cfg.per_row and not self_correct and hasattr(model, "allocate_cache")
+    if per_row:
+        tensors = {"canvas": canvas, "commit_forward": commit_forward, "commit_logprob": commit_logprob,
+                   "behaviour_logprob": behaviour_logprob, "row_fwd": row_fwd, "row_len": row_len, "done": done}
+        _RowDecoder(model, prompts, special, cfg, generators, block, steps_per_block, gen_len, slots, tensors).run(
+            forward, states if record_states else None)
+    else:  # lock-step: the batch works on one block at a time
+        cache, next_logits = None, None
+        # Tokens waiting to enter the cache (ids, valid, positions, blocks): first the prompt, then each
+        # finished block. They ride along with the next forward the block needs anyway.
+        pending = (prompt, prompt_valid, prompt_pos, prompt_blocks) if cached else None
+        if cached:
+            cache = model.allocate_cache(p_len + gen_len) if hasattr(model, "allocate_cache") else None
+        if cached and mode == "causal":  # the prompt's forward predicts the first token
+            out = forward(torch.ones_like(done), input_ids=prompt, attention_mask=prompt_valid, position_ids=prompt_pos,
+                          block_ids=prompt_blocks, past_key_values=cache, use_cache=True, **keep)
+            cache, next_logits, pending = out.past_key_values, out.logits[:, -1:], None
 
-    for b in range(n_blocks):
-        sl = slice(b * block, (b + 1) * block)
-        canvas[done, sl] = special.eos  # finished sequences only pad out the batch
-        row_len[~done] = sl.stop
-        for step in range(max_steps):  # every step commits >= 1 token per open sequence
-            open_ = canvas[:, sl] == special.mask  # [B, block]
-            stepping = ~done & (open_.any(1) | self_correct)  # [B] rows that need this forward
-            if not stepping.any():
-                break
-            if mode == "causal":
-                if cached:
-                    logits = next_logits
-                else:
-                    end = p_len + sl.start
-                    logits = forward(stepping, input_ids=torch.cat([prompt, canvas], 1)[:, :end], attention_mask=full_valid[:, :end],
-                                     position_ids=full_pos[:, :end], **keep).logits[:, -1:]
-            elif cached and pending is not None:  # cache write + this block's first step, one forward
-                ids, valid, pos, blk = pending
-                out = forward(stepping, input_ids=torch.cat([ids, canvas[:, sl]], 1), attention_mask=torch.cat([valid, full_valid[:, p_len + sl.start : p_len + sl.stop]], 1),
-                              position_ids=torch.cat([pos, gen_pos[:, sl]], 1), block_ids=torch.cat([blk, gen_blocks[:, sl]], 1),
-                              past_key_values=cache, use_cache=True, cache_len=ids.shape[1])
-                cache, pending = out.past_key_values, None
-                logits = out.logits[:, ids.shape[1] :]
-            elif cached:
-                logits = forward(stepping, input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
-                                 past_key_values=cache).logits
-            else:
-                logits = forward(stepping, input_ids=torch.cat([prompt, canvas], 1), attention_mask=full_valid, position_ids=full_pos,
-                                 block_ids=full_blocks).logits[:, p_len + sl.start : p_len + sl.stop]
-            if record_states:
-                states.append((canvas.clone().cpu(), stepping.clone().cpu(), logits.float().cpu()))
-            dist = proposal_logits(logits, special).log_softmax(-1)  # [B, block, V], once per step
-            token, conf, logp, b_logp = _propose(dist, cfg, generators, stepping)  # [B, block] x 4
-            open_ = open_ & stepping[:, None]
-            last_step = step == max_steps - 1
-            if self_correct and not last_step:
-                current = canvas[:, sl]
-                p_current = dist.gather(-1, current[..., None])[..., 0].exp()
-                reopen = ~open_ & stepping[:, None] & (p_current < cfg.remask_threshold) & (token != current)
-                if reopen.any():
-                    stats["remasked"] += int(reopen.sum())
-                    open_ = open_ | reopen
-                if not open_.any():
+        for b in range(n_blocks):
+            sl = slice(b * block, (b + 1) * block)
+            canvas[done, sl] = special.eos  # finished sequences only pad out the batch
+            row_len[~done] = sl.stop
+            for step in range(max_steps):  # every step commits >= 1 token per open sequence
+                open_ = canvas[:, sl] == special.mask  # [B, block]
+                stepping = ~done & (open_.any(1) | self_correct)  # [B] rows that need this forward
+                if not stepping.any():
                     break
-            if last_step:
-                chosen = open_
-            elif soft:
-                chosen = _soft_commit_mask(dist.amax(-1).exp(), open_, cfg, generators, stepping)
-            else:
-                chosen = _commit_mask(conf, open_, max(1, steps_per_block - step), cfg.threshold)
-            canvas[:, sl] = torch.where(chosen, token, canvas[:, sl])
-            commit_forward[:, sl] = torch.where(chosen, row_fwd[:, None], commit_forward[:, sl])
-            commit_logprob[:, sl] = torch.where(chosen, logp, commit_logprob[:, sl])
-            if behaviour_logprob is not None:
-                behaviour_logprob[:, sl] = torch.where(chosen, b_logp, behaviour_logprob[:, sl])
-        if cfg.stop_at_eos:
-            done |= (canvas[:, : sl.stop] == special.eos).any(1)
-        if bool(done.all()) or b == n_blocks - 1:
-            break
-        if cached and mode == "causal":  # the committed token joins the cache; this forward predicts the next
-            out = forward(~done, input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
-                          past_key_values=cache, use_cache=True, **keep)
-            cache, next_logits = out.past_key_values, out.logits[:, -1:]
-        elif cached:
-            pending = (canvas[:, sl], full_valid[:, p_len + sl.start : p_len + sl.stop], gen_pos[:, sl], gen_blocks[:, sl])
+                if mode == "causal":
+                    if cached:
+                        logits = next_logits
+                    else:
+                        end = p_len + sl.start
+                        logits = forward(stepping, input_ids=torch.cat([prompt, canvas], 1)[:, :end], attention_mask=full_valid[:, :end],
+                                         position_ids=full_pos[:, :end], **keep).logits[:, -1:]
+                elif cached and pending is not None:  # cache write + this block's first step, one forward
+                    ids, valid, pos, blk = pending
+                    out = forward(stepping, input_ids=torch.cat([ids, canvas[:, sl]], 1), attention_mask=torch.cat([valid, full_valid[:, p_len + sl.start : p_len + sl.stop]], 1),
+                                  position_ids=torch.cat([pos, gen_pos[:, sl]], 1), block_ids=torch.cat([blk, gen_blocks[:, sl]], 1),
+                                  past_key_values=cache, use_cache=True, cache_len=ids.shape[1])
+                    cache, pending = out.past_key_values, None
+                    logits = out.logits[:, ids.shape[1] :]
+                elif cached:
+                    logits = forward(stepping, input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
+                                     past_key_values=cache).logits
+                else:
+                    logits = forward(stepping, input_ids=torch.cat([prompt, canvas], 1), attention_mask=full_valid, position_ids=full_pos,
+                                     block_ids=full_blocks).logits[:, p_len + sl.start : p_len + sl.stop]
+                if record_states:
+                    states.append((canvas.clone().cpu(), stepping.clone().cpu(), logits.float().cpu()))
+                dist = proposal_logits(logits, special).log_softmax(-1)  # [B, block, V], once per step
+                token, conf, logp, b_logp = _propose(dist, cfg, generators, stepping)  # [B, block] x 4
+                open_ = open_ & stepping[:, None]
+                last_step = step == max_steps - 1
+                if self_correct and not last_step:
+                    current = canvas[:, sl]
+                    p_current = dist.gather(-1, current[..., None])[..., 0].exp()
+                    reopen = ~open_ & stepping[:, None] & (p_current < cfg.remask_threshold) & (token != current)
+                    if reopen.any():
+                        stats["remasked"] += int(reopen.sum())
+                        open_ = open_ | reopen
+                    if not open_.any():
+                        break
+                if last_step:
+                    chosen = open_
+                elif soft:
+                    chosen = _soft_commit_mask(dist.amax(-1).exp(), open_, cfg, generators, stepping)
+                else:
+                    chosen = _commit_mask(conf, open_, max(1, steps_per_block - step), cfg.threshold)
+                canvas[:, sl] = torch.where(chosen, token, canvas[:, sl])
+                commit_forward[:, sl] = torch.where(chosen, row_fwd[:, None], commit_forward[:, sl])
+                commit_logprob[:, sl] = torch.where(chosen, logp, commit_logprob[:, sl])
+                if behaviour_logprob is not None:
+                    behaviour_logprob[:, sl] = torch.where(chosen, b_logp, behaviour_logprob[:, sl])
+            if cfg.stop_at_eos:
+                done |= (canvas[:, : sl.stop] == special.eos).any(1)
+            if bool(done.all()) or b == n_blocks - 1:
+                break
+            if cached and mode == "causal":  # the committed token joins the cache; this forward predicts the next
+                out = forward(~done, input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
+                              past_key_values=cache, use_cache=True, **keep)
+                cache, next_logits = out.past_key_values, out.logits[:, -1:]
+            elif cached:
+                pending = (canvas[:, sl], full_valid[:, p_len + sl.start : p_len + sl.stop], gen_pos[:, sl], gen_blocks[:, sl])
 
     tokens, finished = [], []
     for i in range(batch):
@@ -426,6 +437,154 @@ def generate(
                       row_len.tolist(), seeds, tokens, finished, block, stats["forwards"], time.perf_counter() - t_start,
                       stats["model_s"], stats["remasked"], self_correct, states,
                       None if behaviour_logprob is None else behaviour_logprob.cpu())
+
+
+class _RowDecoder:
+    """Per-row decoding with the exact KV cache (block_causal and causal models, no self-correction).
+
+    Each row advances through its own blocks: a row that has committed its block moves on (the
+    finished block enters its cache in the forward of its next block's first step) while others still
+    work on theirs; a row that is done leaves the batch, and a waiting prompt takes its place (at most
+    `slots` rows decode at once). Every forward, every active row steps, so nobody rides along. Row i
+    sees exactly what it would see decoded alone: its own prompt, its own finished blocks, its own
+    block (other rows' slots are masked), and it draws from its own generator: the same tokens as the
+    lock-step loop, as decoding it alone (tested).
+
+    The query of one forward is [pending | block] per row, left-padded: `pending` is what joins the
+    row's cache (its prompt when it enters, its just-finished block, or, causal, its last token); the
+    block (block_causal only) is the row's current block, whose logits the step reads.
+    """
+
+    def __init__(self, model, prompts, special, cfg, generators, block, steps_per_block, gen_len, slots, canvas_state):
+        self.model, self.special, self.cfg, self.generators = model, special, cfg, generators
+        self.block, self.steps_per_block, self.gen_len = block, steps_per_block, gen_len
+        self.causal = model.config.attention == "causal"
+        self.s = canvas_state  # the call's tensors over all rows (canvas, commit_forward, ...), written in place
+        device = self.s["canvas"].device
+        self.prompt, self.prompt_valid = left_pad(prompts, special.pad, device)
+        self.prompt_pos, self.prompt_blocks, self.gen_pos, _ = layout(self.prompt_valid, gen_len, block)
+        self.lengths = self.prompt_valid.sum(1)
+        n = len(prompts)
+        self.cur = torch.zeros(n, dtype=torch.long, device=device)  # each row's block (causal: next position)
+        self.step = torch.zeros(n, dtype=torch.long, device=device)  # steps done in its current block
+        self.pending = torch.full((n,), -1, dtype=torch.long, device=device)  # -1: prompt; >= 0: that block; -2: none
+        self.waiting = list(range(n))
+        self.active = torch.zeros(0, dtype=torch.long, device=device)  # rows in the batch, in cache order
+        self.slots = slots or n
+        self.cache = model.allocate_cache(self.prompt.shape[1] + gen_len + 2 * block)
+        self.written = False
+
+    def admit(self) -> None:
+        """Waiting prompts join the batch while it has free slots."""
+        free = self.slots - len(self.active)
+        if free <= 0 or not self.waiting:
+            return
+        join, self.waiting = self.waiting[:free], self.waiting[free:]
+        if self.written:
+            self.cache.add_rows(len(join))
+        self.active = torch.cat([self.active, torch.tensor(join, dtype=torch.long, device=self.active.device)])
+
+    def query(self):
+        """[pending | block] ids, validity, positions and block ids [A, W] for the active rows, the
+        pending width, and how many of each row's tokens join its cache ([A])."""
+        rows, block, dev = self.active, self.block, self.active.device
+        pend = self.pending[rows]
+        is_prompt, is_block = pend == -1, pend >= 0
+        width = 0
+        if bool(is_prompt.any()):
+            width = int(self.lengths[rows][is_prompt].max())
+        if bool(is_block.any()):
+            width = max(width, block)
+        a = len(rows)
+        ids = torch.full((a, width), self.special.pad, dtype=torch.long, device=dev)
+        valid = torch.zeros((a, width), dtype=torch.bool, device=dev)
+        pos = torch.zeros((a, width), dtype=torch.long, device=dev)
+        blk = torch.zeros((a, width), dtype=torch.long, device=dev)
+        if width and bool(is_prompt.any()):
+            p_width = min(width, self.prompt.shape[1])
+            src = rows[is_prompt]
+            for t, s in ((ids, self.prompt), (valid, self.prompt_valid), (pos, self.prompt_pos), (blk, self.prompt_blocks)):
+                t[is_prompt, width - p_width :] = s[src, -p_width:] if p_width else s[src, :0]
+        if bool(is_block.any()):
+            src, b = rows[is_block], pend[is_block]
+            cols = b[:, None] * block + torch.arange(block, device=dev)
+            ids[is_block, width - block :] = self.s["canvas"][src].gather(1, cols)
+            valid[is_block, width - block :] = True
+            pos[is_block, width - block :] = self.gen_pos[src].gather(1, cols)
+            blk[is_block, width - block :] = b[:, None]
+        kept = torch.where(pend == -2, 0, width)
+        if not self.causal:  # the row's current block, whose logits this step reads
+            cols = self.cur[rows][:, None] * block + torch.arange(block, device=dev)
+            ids = torch.cat([ids, self.s["canvas"][rows].gather(1, cols)], 1)
+            valid = torch.cat([valid, torch.ones((a, block), dtype=torch.bool, device=dev)], 1)
+            pos = torch.cat([pos, self.gen_pos[rows].gather(1, cols)], 1)
+            blk = torch.cat([blk, self.cur[rows][:, None].expand(-1, block)], 1)
+        return ids, valid, pos, blk, width, kept
+
+    def leave(self, done_active: torch.Tensor) -> None:
+        """Rows that are done leave the batch (and its cache)."""
+        if bool(done_active.any()):
+            keep = ~done_active
+            self.active = self.active[keep]
+            self.cache.keep_rows(keep)
+
+    def run(self, forward, states: list | None) -> None:
+        """Decode every row to its end (EOS block, or the canvas's end)."""
+        s, cfg, block, special = self.s, self.cfg, self.block, self.special
+        n_blocks, dev = self.gen_len // block, self.s["canvas"].device
+        keep = {"logits_to_keep": 1} if self.causal else {}
+        self.admit()
+        while len(self.active):
+            rows = self.active
+            s["row_len"][rows] = (self.cur[rows] + 1) * block
+            ids, valid, pos, blk, width, kept = self.query()
+            stepping = torch.zeros(len(s["canvas"]), dtype=torch.bool, device=dev)
+            stepping[rows] = True
+            out = forward(stepping, input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blk,
+                          past_key_values=self.cache, use_cache=True, cache_len=kept, **keep)
+            self.written = True
+            logits = out.logits[:, -1:] if self.causal else out.logits[:, width:]
+            cols = self.cur[rows][:, None] * block + torch.arange(block, device=dev)  # [A, block]
+            current = s["canvas"][rows].gather(1, cols)
+            if states is not None:
+                full = torch.zeros((len(s["canvas"]), *logits.shape[1:]), dtype=torch.float)
+                full[rows.cpu()] = logits.float().cpu()
+                states.append((s["canvas"].clone().cpu(), stepping.cpu(), full))
+            dist = proposal_logits(logits, special).log_softmax(-1)  # [A, block, V]
+            gens = [self.generators[i] for i in rows.tolist()]
+            everyone = torch.ones(len(rows), dtype=torch.bool, device=dev)
+            token, conf, logp, b_logp = _propose(dist, cfg, gens, everyone)
+            open_ = current == special.mask
+            last = self.step[rows] == block - 1  # a block's last possible step commits what is left (no draw)
+            if cfg.commit_temperature is not None:
+                chosen = _soft_commit_mask(dist.amax(-1).exp(), open_, cfg, gens, ~last)
+            else:
+                chosen = _commit_mask(conf, open_, (self.steps_per_block - self.step[rows]).clamp(min=1), cfg.threshold)
+            chosen = torch.where(last[:, None], open_, chosen)
+            at = (rows[:, None], cols)
+            s["canvas"][at] = new = torch.where(chosen, token, current)
+            s["commit_forward"][at] = torch.where(chosen, s["row_fwd"][rows][:, None], s["commit_forward"][at])
+            s["commit_logprob"][at] = torch.where(chosen, logp, s["commit_logprob"][at])
+            if s["behaviour_logprob"] is not None:
+                s["behaviour_logprob"][at] = torch.where(chosen, b_logp, s["behaviour_logprob"][at])
+            self.finish_step(rows, ~(new == special.mask).any(1), n_blocks)
+
+    def finish_step(self, rows: torch.Tensor, block_done: torch.Tensor, n_blocks: int) -> None:
+        """After a step: rows whose block is complete move to their next block (it joins their cache with
+        the next forward) or, at EOS or the canvas's end, are done and leave; waiting prompts join."""
+        s, block = self.s, self.block
+        cur = self.cur[rows]
+        done = block_done & (cur == n_blocks - 1)
+        if self.cfg.stop_at_eos:
+            decoded = torch.arange(self.gen_len, device=rows.device)[None] < ((cur + 1) * block)[:, None]
+            done |= block_done & ((s["canvas"][rows] == self.special.eos) & decoded).any(1)
+        moving = block_done & ~done
+        self.pending[rows] = torch.where(moving, cur, -2)
+        self.cur[rows] = cur + moving.long()
+        self.step[rows] = torch.where(moving, 0, self.step[rows] + 1)
+        s["done"][rows] |= done
+        self.leave(done)
+        self.admit()
 
 
 def replay_states(row: TrajectoryRow, mask_id: int) -> list[torch.Tensor]:
