@@ -342,11 +342,17 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_out_bias)
 
-    def forward(self, x, cos, sin, allowed, cache: KVCache | None = None, layer: int = 0, is_causal=False):
+    def forward(self, x, cos, sin, allowed, cache: KVCache | None = None, layer: int = 0, is_causal=False, only=None):
+        """`only` ([B, K] long, no cache, a dense mask): queries at those tokens alone (keys and values
+        from all); the output is theirs, [B, K, hidden]."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = (p(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2) for p in (self.k_proj, self.v_proj))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, L, D]
+        k = apply_rope(k, cos, sin)  # [B, H, L, D]
+        if only is not None:
+            x, (q_cos, q_sin) = pick_tokens(x, only), (pick_tokens(t.expand(b, -1, -1, -1), only, dim=2) for t in (cos, sin))
+            allowed = None if allowed is None else pick_tokens(allowed.expand(b, -1, -1, -1), only, dim=2)
+            cos, sin, n = q_cos, q_sin, only.shape[1]
+        q = apply_rope(self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
         if cache is not None:  # write the new keys after each row's cached ones, attend to both (no copy)
             k, v = (t.to(q.dtype) for t in cache.write(layer, k, v))
         gqa = self.n_kv != self.n_heads  # each key/value head serves n_heads / n_kv query heads
@@ -376,9 +382,18 @@ class Layer(nn.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, allowed, cache=None, layer=0, is_causal=False):
-        x = x + self.self_attn(self.input_norm(x), cos, sin, allowed, cache, layer, is_causal)
+    def forward(self, x, cos, sin, allowed, cache=None, layer=0, is_causal=False, only=None):
+        """`only` ([B, K] long): the layer's output at those tokens alone (see Attention)."""
+        h = self.self_attn(self.input_norm(x), cos, sin, allowed, cache, layer, is_causal, only)
+        x = (x if only is None else pick_tokens(x, only)) + h
         return x + self.mlp(self.post_attention_norm(x))
+
+
+def pick_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """x's tokens at index [B, K] along `dim` (1 for [B, L, ...], 2 for [B, H, L, ...])."""
+    shape = [*index.shape[:1], *([1] * (dim - 1)), index.shape[1], *([1] * (x.dim() - dim - 1))]
+    idx = index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1 :])
+    return x.gather(dim, idx)
 
 
 class DiffusionTransformer(PreTrainedModel):
@@ -438,7 +453,8 @@ class DiffusionTransformer(PreTrainedModel):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
-        cache_len: int | None = None,
+        cache_len: int | torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
         **unused,
     ) -> DiffusionOutput:
         """Logits for `input_ids` [B, L].
@@ -457,6 +473,10 @@ class DiffusionTransformer(PreTrainedModel):
                         finished one, never the reverse.
         logits_to_keep: > 0 computes the head only for the last that many tokens (what a causal
                         decoder needs), as in transformers; not with BD3 training or shift_logits.
+        logits_at:      [B, L] bool, without a cache: the head runs only where a loss reads it (e.g. the
+                        masked positions) and logits come back packed, [M, V] in row-major order of the
+                        True positions (the same values as the full logits there). The training path:
+                        no [B, 2L, V] tensor is ever made.
         """
         cfg = self.config
         b, n = input_ids.shape
@@ -481,6 +501,8 @@ class DiffusionTransformer(PreTrainedModel):
             noisy = torch.arange(2 * n, device=device)[None].expand(b, -1) < n
         if logits_to_keep and (noisy is not None or cfg.shift_logits):
             raise ValueError("logits_to_keep is for plain forwards (not BD3 training, not shift_logits)")
+        if logits_at is not None and cache is not None:
+            raise ValueError("logits_at is for forwards without a cache (training)")
 
         x = self.embed_tokens(input_ids)
         head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -505,12 +527,26 @@ class DiffusionTransformer(PreTrainedModel):
 
         cos, sin = rope_cos_sin(position_ids, head_dim, cfg.rope_theta, x.dtype)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        read = None  # with logits_at: the tokens the head reads, and the last layer computes only those
+        if logits_at is not None:
+            rows, cols = logits_at.nonzero(as_tuple=True)
+            if cfg.shift_logits:
+                cols = shift_sources(n, block_ids[:, :n], noisy is not None)[rows, cols]
+            read = (rows, cols, wanted_tokens(rows, cols, b, x.shape[1]) if isinstance(allowed, torch.Tensor | None) else None)
         for i, layer in enumerate(self.layers):
+            only = read[2] if read is not None and i == len(self.layers) - 1 else None
             if recompute:
                 checkpoint = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint
-                x = checkpoint(layer.__call__, x, cos, sin, allowed, cache, i, fast_causal)
+                x = checkpoint(layer.__call__, x, cos, sin, allowed, cache, i, fast_causal, only)
             else:
-                x = layer(x, cos, sin, allowed, cache, i, is_causal=fast_causal)
+                x = layer(x, cos, sin, allowed, cache, i, is_causal=fast_causal, only=only)
+        if read is not None:  # the head on the tokens read, each logit from its source token (shift)
+            rows, cols, only = read
+            if only is not None:  # where each source token sits among the last layer's outputs
+                slot = torch.zeros(b, noisy.shape[1] if noisy is not None else n, dtype=torch.long, device=device)
+                slot.scatter_(1, only, torch.arange(only.shape[1], device=device)[None].expand(b, -1))
+                cols = slot[rows, cols]
+            return DiffusionOutput(logits=self.lm_head(self.norm(x[rows, cols])), past_key_values=None)
         raw = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
         logits = raw[:, :n]
         if cfg.shift_logits:
@@ -620,6 +656,28 @@ def _checkpoint(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False)
 
 
+def wanted_tokens(rows: torch.Tensor, cols: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """The tokens (rows[i], cols[i]) as [B, K] indices per row, ascending, K = the most any row has;
+    shorter rows are filled up with tokens nobody reads (computed, never used)."""
+    wanted = torch.zeros(batch, length, dtype=torch.bool, device=rows.device)
+    wanted[rows, cols] = True
+    k = int(wanted.sum(1).max())
+    return wanted.long().argsort(dim=1, descending=True, stable=True)[:, :k]
+
+
+def shift_sources(n: int, block_ids: torch.Tensor, two_halves: bool) -> torch.Tensor:
+    """THE shift rule as indices: for each of the n query tokens, the input token whose head output is
+    its logits ([B, n] long, into the forward's tokens). The previous token; in BD3 training
+    (`two_halves`: the noisy half, then the clean half) a block start reads the clean copy of the token
+    before it; the first token reads itself."""
+    prev = (torch.arange(n, device=block_ids.device) - 1).clamp(min=0)[None].expand(block_ids.shape[0], -1)
+    if not two_halves:
+        return prev
+    starts = torch.zeros_like(block_ids, dtype=torch.bool)
+    starts[:, 1:] = block_ids[:, 1:] != block_ids[:, :-1]
+    return torch.where(starts, prev + n, prev)
+
+
 def shift_to_previous(raw: torch.Tensor, n: int, block_ids: torch.Tensor, past: KVCache | None,
                       valid: torch.Tensor | None = None) -> torch.Tensor:
     """Logits for the n query tokens, each read from the token before it (shift_logits).
@@ -631,13 +689,9 @@ def shift_to_previous(raw: torch.Tensor, n: int, block_ids: torch.Tensor, past: 
     (`last_logits`): with a cache, each row's first real query token (after its padding, `valid`
     [B, n]) reads it. The very first token of a sequence has no predecessor and keeps its own logits.
     """
-    out = torch.cat([raw[:, :1], raw[:, : n - 1]], dim=1)  # [B, n, V]: previous input token
-    if raw.shape[1] == 2 * n:  # BD3 training: block starts read the clean half
-        starts = torch.zeros_like(block_ids, dtype=torch.bool)
-        starts[:, 1:] = block_ids[:, 1:] != block_ids[:, :-1]
-        clean_prev = torch.cat([raw[:, n : n + 1], raw[:, n : 2 * n - 1]], dim=1)
-        out = torch.where(starts[..., None], clean_prev, out)
-    elif past is not None and past.length and past.last_logits is not None:
+    src = shift_sources(n, block_ids, raw.shape[1] == 2 * n)
+    out = raw.gather(1, src[..., None].expand(-1, -1, raw.shape[-1]))  # [B, n, V]
+    if raw.shape[1] != 2 * n and past is not None and past.length and past.last_logits is not None:
         if valid is None or bool(valid[:, 0].all()):
             out = torch.cat([past.last_logits.to(out.dtype), out[:, 1:]], dim=1)
         else:

@@ -221,3 +221,39 @@ def test_one_token_cpu_decode_path_matches_linear_and_follows_the_weight():
     out.sum().backward()
     assert lin.weight.grad is not None and out.grad_fn is not None
     assert set(lin.state_dict()) == {"weight", "bias"}  # a plain nn.Linear to checkpoints and PEFT
+
+
+@pytest.mark.parametrize("attention,shift", [("block_causal", True), ("block_causal", False), ("bidirectional", True)])
+def test_packed_logits_give_the_full_loss_and_gradient(make_model, special, attention, shift):
+    """Stage 1 with the head only at the masked positions (`logits_at`, packed [M, V]) gives the same
+    loss, stats and gradients (1e-5) as the full [B, L, V] logits it replaces."""
+    from onpolicy.config import DiffusionConfig
+    from onpolicy.diffusion.losses import masked_diffusion_loss
+    from onpolicy.trainers.pretrain import stage1_loss
+
+    model = make_model(attention, block_size=4, shift_logits=shift).train()
+    x0 = torch.randint(5, special.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    packed, stats = stage1_loss(model, x0, DiffusionConfig(), special.mask, torch.Generator().manual_seed(1))
+    packed.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    # the same noise, the full logits
+    from onpolicy.diffusion.corruption import mask_tokens
+    from onpolicy.diffusion.schedules import elbo_weight, mask_rate, sample_times
+
+    gen, diff = torch.Generator().manual_seed(1), DiffusionConfig()
+    t = sample_times(3, diff.t_sampling, diff.t_eps, gen)
+    x_t, masked = mask_tokens(x0, mask_rate(t, diff.schedule), special.mask, generator=gen)
+    assert masked.any() and not masked.all()
+    clean = {"clean_input_ids": x0} if attention == "block_causal" else {}
+    full = model(input_ids=x_t, **clean).logits
+    assert full.shape == (3, 16, special.vocab_size)
+    loss, full_stats = masked_diffusion_loss(full, x0, masked, elbo_weight(t, diff.schedule))
+    loss.backward()
+    torch.testing.assert_close(packed, loss, rtol=0, atol=1e-5)
+    for k in stats:
+        torch.testing.assert_close(stats[k], full_stats[k], rtol=0, atol=1e-5)
+    for a, b in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model(input_ids=x_t, logits_at=masked, **clean).logits, full[masked], rtol=0, atol=1e-5)

@@ -253,7 +253,7 @@ def test_per_row_decoding_equals_lock_step_alone_and_uncached(peaked, special, a
         uncached = generate(model, prompts, special, SamplerConfig(max_new_tokens=24, use_cache=False, **setting), seeds=seeds)
         refilled = generate(model, prompts, special, cfg, seeds=seeds, slots=5)
         assert 0 < sum(per_row.finished) < len(prompts), setting  # some rows finish (and leave) before others
-        for name, other in (("lock-step", lock), ("uncached", uncached), ("slots", refilled)):
+        for other in (lock, uncached, refilled):
             _same_rows(per_row, other)
         for i in (0, 7, 15):
             _same_rows(generate(model, [prompts[i]], special, cfg, seeds=[seeds[i]]), per_row, [i])

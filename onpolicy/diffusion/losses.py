@@ -21,7 +21,9 @@ def masked_diffusion_loss(
 
         L = sum_b w(t_b) * sum_{i: x_t[b,i] = MASK} -log p(x0[b,i] | x_t[b]) / N
 
-    logits: [B, L, V] the model's prediction from x_t; x0: [B, L] clean tokens;
+    logits: [B, L, V] the model's prediction from x_t, or [M, V] packed: the logits at the counted
+    positions only (`masked & loss_mask`, row-major; the model's `logits_at`), the same loss without
+    the rest of the head; x0: [B, L] clean tokens;
     masked: [B, L] bool, which positions x_t masks; weight: [B] gamma'_t / gamma_t;
     loss_mask: [B, L] bool, tokens that count (N = its sum); None = all.
     Padding is excluded by loss_mask; EOS tokens are real tokens and count (the model must learn
@@ -29,16 +31,19 @@ def masked_diffusion_loss(
     """
     if loss_mask is None:
         loss_mask = torch.ones_like(masked)
-    nll = token_nll(logits, x0)  # [B, L]
     counted = masked & loss_mask  # [B, L]
+    if logits.dim() == 3:
+        logits = logits[counted]
+    target = x0[counted]  # [M]
+    nll = F.cross_entropy(logits.float(), target, reduction="none")  # [M]
     n_tokens = loss_mask.sum().clamp(min=1)
-    loss = (nll * counted * weight[:, None]).sum() / n_tokens
+    loss = (nll * weight[:, None].expand_as(counted)[counted]).sum() / n_tokens
     with torch.no_grad():
         n_masked = counted.sum().clamp(min=1)
         stats = {  # tensors (no device sync per micro-batch); read when logged
-            "masked_nll": (nll * counted).sum() / n_masked,  # plain CE on masked tokens
+            "masked_nll": nll.sum() / n_masked,  # plain CE on masked tokens
             "masked_frac": counted.sum() / n_tokens,
-            "masked_acc": ((logits.argmax(-1) == x0) & counted).sum() / n_masked,
+            "masked_acc": (logits.argmax(-1) == target).sum() / n_masked,
         }
     return loss, stats
 

@@ -74,13 +74,12 @@ def stage1_loss(
         x_t, masked = mask_tokens(x_noisy, mask_rate(t, diff.schedule), mask_id, maskable=maskable, generator=generator)
     else:
         x_t, masked = mask_tokens(x0, mask_rate(t, diff.schedule), mask_id, generator=generator)  # [B, L]
-    if attention == "block_causal":
-        logits = model(input_ids=x_t, clean_input_ids=x0).logits  # BD3-LM: noisy blocks read clean ones
-    else:
-        logits = model(input_ids=x_t).logits
-    weight = elbo_weight(t, diff.schedule).to(logits.device)
+    clean = {"clean_input_ids": x0} if attention == "block_causal" else {}  # BD3-LM: noisy blocks read clean ones
+    weight = elbo_weight(t, diff.schedule).to(x0.device)
     if edit:
+        logits = model(input_ids=x_t, **clean).logits
         return edit_diffusion_loss(logits, x0, masked, weight, edited.to(logits.device))
+    logits = model(input_ids=x_t, logits_at=masked, **clean).logits  # [M, V]: the head where the loss reads
     return masked_diffusion_loss(logits, x0, masked, weight)
 
 
