@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -86,6 +86,7 @@ def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None
             interval = wilson_interval(sum(v.passed for v in verdicts), len(verdicts))
         results[s.name] = {
             "model": s.model,
+            "lock_step": not s.sampler.per_row,
             "block_size": 1 if s.model == "ar" else s.sampler.block_size,
             "threshold": s.sampler.threshold,
             "steps_per_block": s.sampler.steps_per_block,
@@ -100,9 +101,10 @@ def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None
             "pass_at_1": passed,
             "pass_at_1_ci95": interval,
         }
-    if "ar" in results:
-        for r in results.values():
-            r["speed_vs_ar"] = r["tokens_per_s"] / results["ar"]["tokens_per_s"]
+    for r in results.values():  # against AR decoded the same way (lock-step settings against AR in lock-step)
+        ar = results.get("ar lock-step" if r["lock_step"] else "ar")
+        if ar is not None:
+            r["speed_vs_ar"] = r["tokens_per_s"] / ar["tokens_per_s"]
     return results
 
 
@@ -121,11 +123,11 @@ def plot(results: dict, path: Path, title: str, names: dict[str, str] | None = N
     for ax, (size, other) in zip(axes[2:], extra):
         _frontier(ax, other, names, int(size))
     _frontier(axes[0], results, names, 1)
-    for i, model in enumerate(dict.fromkeys(r["model"] for r in results.values())):
-        mine = [r for r in results.values() if r["model"] == model]
-        style = {"color": "black", "marker": "s"} if model == "ar" else {"color": plt.cm.tab10(i), "marker": "o"}
+    for i, model in enumerate(dict.fromkeys(_curve(r) for r in results.values())):
+        mine = [r for r in results.values() if _curve(r) == model]
+        style = _style(model, i)
         axes[1].plot([r["tokens_per_forward"] for r in mine], [r["tokens_per_s"] for r in mine], ls="",
-                     label=names.get(model, model), **style)
+                     label=_label(model, names), **style)
     axes[1].set(xlabel="tokens per forward", ylabel="tokens / s (batch 1)", title="parallelism vs speed")
     for ax in axes:
         ax.legend(fontsize=8)
@@ -138,16 +140,30 @@ def plot(results: dict, path: Path, title: str, names: dict[str, str] | None = N
 
 def _frontier(ax, results: dict, names: dict[str, str], batch_size: int) -> None:
     """tokens/s against pass@1, one colour and legend entry per model, its settings joined by speed."""
-    import matplotlib.pyplot as plt
-
-    for i, model in enumerate(dict.fromkeys(r["model"] for r in results.values())):
-        mine = sorted((r for r in results.values() if r["model"] == model), key=lambda r: r["tokens_per_s"])
-        style = {"color": "black", "marker": "s"} if model == "ar" else {"color": plt.cm.tab10(i), "marker": "o"}
-        ax.plot([r["tokens_per_s"] for r in mine], [r["pass_at_1"] or 0.0 for r in mine], ls="-" if model != "ar" else "",
-                label=names.get(model, model), **style)
+    for i, model in enumerate(dict.fromkeys(_curve(r) for r in results.values())):
+        mine = sorted((r for r in results.values() if _curve(r) == model), key=lambda r: r["tokens_per_s"])
+        ax.plot([r["tokens_per_s"] for r in mine], [r["pass_at_1"] or 0.0 for r in mine], ls="" if model.startswith("ar") else "-",
+                label=_label(model, names), **_style(model, i))
     top = max((r["pass_at_1"] or 0.0) for r in results.values())
     ax.set(xlabel=f"tokens / s (batch {batch_size})", ylabel="pass@1", title=f"speed-quality frontier, batch {batch_size}",
            ylim=(0, min(1.0, top + 0.1)))
+
+
+def _curve(r: dict) -> str:
+    """The curve a result belongs to: its model, and whether its batch was decoded in lock-step."""
+    return r["model"] + (" lock-step" if r.get("lock_step") else "")
+
+
+def _style(curve: str, i: int) -> dict:
+    import matplotlib.pyplot as plt
+
+    style = {"color": "black", "marker": "s"} if curve.startswith("ar") else {"color": plt.cm.tab10(i), "marker": "o"}
+    return {**style, "alpha": 0.45, "markerfacecolor": "none"} if curve.endswith("lock-step") else style
+
+
+def _label(curve: str, names: dict[str, str]) -> str:
+    model, _, lock = curve.partition(" ")
+    return (names.get(model) or model) + (f" ({lock})" if lock else "")
 
 
 def run_name(path: str) -> str:
@@ -182,6 +198,8 @@ def main(args) -> int:
     grid = settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=bool(args.ar), steps=args.steps)
     if args.before:
         grid += settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=False, steps=args.steps, model="before")
+    if getattr(args, "lock_step", False):  # each setting again with the batch decoded in lock-step (the engine before per-row)
+        grid += [Setting(f"{s.name} lock-step", s.model, replace(s.sampler, per_row=False)) for s in grid]
     sizes = sorted(set(getattr(args, "batch_sizes", None) or [1]) | {1})  # batch 1 is the headline; larger ones beside it
     by_batch = {}
     spec, extra = getattr(args, "verifier", None), parse_args(getattr(args, "verifier_arg", None))

@@ -296,6 +296,8 @@ def _decoding_commands(sub) -> None:
     add_verifier_arguments(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
                    help="decode at these batch sizes too (e.g. 1 16); batch 1 is always measured")
+    p.add_argument("--lock-step", action="store_true",
+                   help="also decode every setting with the batch in lock-step (per_row=false), side by side")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None)

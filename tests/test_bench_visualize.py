@@ -1,11 +1,12 @@
 import io
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
-from onpolicy.bench import plot, run_bench, settings
+from onpolicy.bench import Setting, plot, run_bench, settings
 from onpolicy.sampling import SamplerConfig, generate
 from onpolicy.tokenizer import SpecialTokens, train_tokenizer
 from onpolicy.visualize import MASK_GLYPH, frames, show, trajectory_html
@@ -56,10 +57,14 @@ def test_bench_reports_every_setting(tokenizer, tmp_path):
     assert [s.name for s in grid] == ["ar", "diffusion B=4 1 tok/step", "diffusion B=4 p>=0.5",
                                       "diffusion B=8 1 tok/step", "diffusion B=8 p>=0.5"]
     grid += settings([4], [], max_new_tokens=8, with_ar=False, model="before")  # `bench --before`
+    grid += [Setting(f"{s.name} lock-step", s.model, replace(s.sampler, per_row=False)) for s in grid[:3]]  # `bench --lock-step`
     models["before"] = models["diffusion"]
     with PythonTestVerifier(workers=1) as v:
         results = run_bench(models, tokenizer, tasks, grid, v)
     assert results["ar"]["speed_vs_ar"] == 1.0 and results["ar"]["block_size"] == 1
+    assert results["ar lock-step"]["speed_vs_ar"] == 1.0 and results["ar lock-step"]["lock_step"]
+    for name in ("ar", "diffusion B=4 1 tok/step", "diffusion B=4 p>=0.5"):  # the same tokens either way
+        assert results[f"{name} lock-step"]["tokens"] == results[name]["tokens"] and not results[name]["lock_step"]
     assert results["before B=4 1 tok/step"]["block_size"] == 4 and results["diffusion B=8 p>=0.5"]["block_size"] == 8
     for r in results.values():
         assert r["tokens_per_s"] > 0 and 0 <= r["sampler_overhead"] < 1 and r["pass_at_1"] == 0.0
