@@ -26,6 +26,13 @@ The controls (what stage 4 is: on-policy learning or self-distillation), from th
     control sampled, 2 updates  sampled rollouts (T 0.8) and two optimizer steps per batch, so the ratio leaves
                                 1 and the clip binds (twice the optimizer work: its seconds are reported)
 
+With `--ar AR_FOLDER` each arm's final model is then judged as the main job judges its own: on the
+300 validation tasks (generated:heldout:seed=0:skip=300) at one token per step and at each threshold of
+`--choose-from`, the fastest setting within `--tolerance` of the AR twin's validation pass@1 is chosen;
+then the 300 test tasks (generated:heldout, the main job's clean test slice) are decoded at one token
+per step, at 0.9, 0.7, 0.5 and at the chosen setting: the frontier, with 95% intervals, in the JSON
+(`frontier` per arm) and in the PNG's third panel. pass@1 and tokens per forward are counts.
+
 Each arm validates on the same validation tasks at one token per step and at the fast threshold
 every `--every` steps (the trainer's own validation, logged in its metrics.jsonl). The JSON holds
 every arm's curve, its last validation, its seconds of training; the PNG draws tokens per forward
@@ -88,7 +95,48 @@ def read_arm(arm: str, out: Path) -> dict:
             "rollout_tokens_per_forward": [m["rollout/tokens_per_forward"] for m in steps]}
 
 
-def plot(arms: list[dict], path: Path, n_tasks: int) -> None:
+def frontier(folder: Path, ar: dict, args) -> dict:
+    """The main job's judgement of one final model: its setting chosen on validation, its frontier on test."""
+    from onpolicy.evaluation import evaluate_checkpoint, within_tolerance
+    from onpolicy.loading import load_model
+    from onpolicy.sampling import SamplerConfig
+    from verifiers import PythonTestVerifier
+
+    model, tokenizer = load_model(str(folder))
+    block = model.config.block_size
+
+    def run(tasks, threshold) -> dict:
+        cfg = SamplerConfig(max_new_tokens=96, block_size=block, threshold=threshold)
+        r = evaluate_checkpoint(model, tokenizer, tasks, cfg, 1, verifier, 16, 0)
+        return {"threshold": threshold, "pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"], "tokens_per_forward": r["tokens_per_forward"]}
+
+    with PythonTestVerifier() as verifier:
+        val = [run(ar["validation_tasks"], t) for t in [None, *args.choose_from]]
+        ok = [r for r in val if within_tolerance(r["pass@1"], ar["validation"]["pass@1"], args.tolerance)]
+        chosen = max(ok, key=lambda r: r["tokens_per_forward"])["threshold"] if ok else None
+        test = [run(ar["test_tasks"], t) for t in dict.fromkeys([None, 0.9, 0.7, 0.5, chosen])]
+    return {"validation": val, "chosen": chosen, "chosen_on_validation": bool(ok), "test": test,
+            "test_at_chosen": next(r for r in test if r["threshold"] == chosen)}
+
+
+def ar_reference(args) -> dict:
+    """The AR twin's pass@1 on the validation and test tasks (one token per forward, greedy)."""
+    from onpolicy.data.tasks import load_task_set
+    from onpolicy.evaluation import evaluate_checkpoint
+    from onpolicy.loading import load_model
+    from onpolicy.sampling import SamplerConfig
+    from verifiers import PythonTestVerifier
+
+    val_tasks, test_tasks = load_task_set(args.validation, args.judge_tasks, 0), load_task_set(args.test, args.judge_tasks, 0)
+    model, tokenizer = load_model(str(args.ar))
+    with PythonTestVerifier() as verifier:
+        out = {name: evaluate_checkpoint(model, tokenizer, tasks, SamplerConfig(max_new_tokens=96), 1, verifier, 16, 0)
+               for name, tasks in (("validation", val_tasks), ("test", test_tasks))}
+    return {"folder": str(args.ar), "n": len(test_tasks), **{k: {"pass@1": v["pass@1"], "pass@1_ci95": v["pass@1_ci95"]} for k, v in out.items()},
+            "validation_tasks": val_tasks, "test_tasks": test_tasks}
+
+
+def plot(arms: list[dict], path: Path, n_tasks: int, ar: dict | None = None) -> None:
     """Tokens per forward and pass@1 over the steps, each arm a colour; pass@1 at one token per step with
     its 95% Wilson interval over the `n_tasks` validation tasks (the arms differ by less than it)."""
     import matplotlib
@@ -98,7 +146,9 @@ def plot(arms: list[dict], path: Path, n_tasks: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 6))
+    with_test = ar is not None and all("frontier" in a for a in arms)
+    fig, axes = plt.subplots(1, 3 if with_test else 2, figsize=(19.5 if with_test else 13, 6))
+    a1, a2 = axes[:2]
     for i, a in enumerate(arms):
         colour = f"C{i}"
         steps = [v["step"] for v in a["validation"]]
@@ -113,6 +163,20 @@ def plot(arms: list[dict], path: Path, n_tasks: int) -> None:
     a2.set(xlabel="stage-4 step", ylabel="validation pass@1", title="quality over stage-4 steps (solid: 1 token/step; dashed: fast)")
     a1.legend(fontsize=8)
     a2.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    if with_test:  # the frontier on the test tasks: pass@1 against tokens per forward, the chosen setting ringed
+        a3 = axes[2]
+        for i, a in enumerate(arms):
+            pts = sorted(a["frontier"]["test"], key=lambda r: r["tokens_per_forward"])
+            lo = [r["pass@1"] - r["pass@1_ci95"][0] for r in pts]
+            hi = [r["pass@1_ci95"][1] - r["pass@1"] for r in pts]
+            a3.errorbar([r["tokens_per_forward"] for r in pts], [r["pass@1"] for r in pts], yerr=[lo, hi], fmt="o-", color=f"C{i}",
+                        capsize=2, label=a["arm"])
+            c = a["frontier"]["test_at_chosen"]
+            a3.plot([c["tokens_per_forward"]], [c["pass@1"]], "o", ms=14, mfc="none", color=f"C{i}")
+        a3.axhline(ar["test"]["pass@1"], color="black", ls="--", label=f"AR twin ({ar['test']['pass@1']:.3f})")
+        a3.set(xlabel="tokens per forward (test)", ylabel=f"test pass@1 ({ar['n']} tasks, 95% CI)",
+               title="frontier on the test slice (ringed: chosen on validation)")
+        a3.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -131,17 +195,30 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stage4_ablation.json")
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--replot", type=Path, default=None, help="only redraw --png from this report JSON (no training)")
+    p.add_argument("--ar", type=Path, default=None, help="the AR twin: judge every arm's final model as the main job does")
+    p.add_argument("--validation", default="generated:heldout:seed=0:skip=300")
+    p.add_argument("--test", default="generated:heldout")
+    p.add_argument("--choose-from", type=float, nargs="+", default=[0.95, 0.9, 0.8, 0.7, 0.6, 0.5])
+    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--judge-tasks", type=int, default=300, help="validation and test tasks of the judgement (--ar)")
     args = p.parse_args()
     if args.replot:
         report = json.loads(args.replot.read_text())
-        plot(report["arms"], args.png, report["validation_tasks"])
+        plot(report["arms"], args.png, report["validation_tasks"], report.get("ar"))
         return 0
     if not args.init:
         p.error("--init FOLDER is required (the starting model every arm trains from)")
     arms = [read_arm(arm, run_arm(arm, args)) for arm in args.arms]
     start = arms[0]["validation"][0]
+    ar = None
+    if args.ar:
+        ar = ar_reference(args)
+        for a in arms:
+            a["frontier"] = frontier(Path(a["folder"]) / "final", ar, args)
+            print(f"[ablation] {a['arm']}: chosen {a['frontier']['chosen']}, test {a['frontier']['test_at_chosen']}", flush=True)
+        ar = {k: v for k, v in ar.items() if not k.endswith("_tasks")}
     report = {"init": args.init, "recipe": args.recipe, "steps": args.steps, "validation_tasks": args.val_tasks, "extra": args.set,
-              "start": start, "arms": arms}
+              "start": start, "ar": ar, "arms": arms}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"{'arm':15s} {'slow pass@1':>11s} {'fast pass@1':>11s} {'fast tok/fwd':>12s} {'train s':>8s}")
@@ -151,7 +228,7 @@ def main() -> int:
         print(f"{a['arm']:15s} {last['slow/pass@1']:11.3f} {last['fast/pass@1']:11.3f} {last['fast/tokens_per_forward']:12.2f} "
               f"{a['train_seconds']:8.0f}")
     if args.png:
-        plot(arms, args.png, args.val_tasks)
+        plot(arms, args.png, args.val_tasks, ar)
     return 0
 
 
