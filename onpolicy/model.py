@@ -98,7 +98,7 @@ class KVCache:
     join the row's cache; the others were scratch and are overwritten by the next forward. That is
     what lets the sampler write a finished block into the cache in the same forward as the next
     block's first step. Buffers are [batch, heads, capacity, head_dim]; they grow (a copy) only when a
-    write would not fit. `keep_rows` and `add_rows` let rows leave and join a batch between forwards.
+    write would not fit. `drop_rows` and `add_rows` let rows leave and join a batch between forwards.
     """
 
     keys: list[torch.Tensor] = field(default_factory=list)
@@ -190,12 +190,28 @@ class KVCache:
             for new, prev in zip((self.positions, self.block_ids, self.valid), old[2:]):
                 new[:, :have] = prev
 
-    def keep_rows(self, keep: torch.Tensor) -> None:
-        """Keep only these rows (bool [B] or indices), in this order: rows leave the batch."""
-        pick = lambda t: None if t is None else t[keep]  # noqa: E731
-        self.keys, self.values = [k[keep] for k in self.keys], [v[keep] for v in self.values]
-        self.positions, self.block_ids, self.valid = pick(self.positions), pick(self.block_ids), pick(self.valid)
-        self.lengths, self.last_logits, self.mask_memo = pick(self.lengths), pick(self.last_logits), None
+    def drop_rows(self, gone: torch.Tensor) -> torch.Tensor:
+        """Rows leave the batch (bool [B], True = leaves). Each leaving row among the first kept-count slots
+        takes a staying row from the end (one row's copy), then every buffer is cut to the kept count (a
+        view): no copy of the whole cache. Returns the new row order (old row indices, [kept])."""
+        b = len(gone)
+        kept = b - int(gone.sum())
+        order = torch.arange(b, device=gone.device)
+        holes = gone[:kept].nonzero().flatten()  # leaving rows inside the kept range ...
+        movers = (~gone[kept:]).nonzero().flatten() + kept  # ... filled by staying rows past it
+        order[holes] = movers
+        order = order[:kept]
+        for buffers in (self.keys, self.values):
+            for i, t in enumerate(buffers):
+                t[holes] = t[movers]
+                buffers[i] = t[:kept]
+        for name in ("positions", "block_ids", "valid", "lengths", "last_logits"):
+            t = getattr(self, name)
+            if t is not None:
+                t[holes] = t[movers]
+                setattr(self, name, t[:kept])
+        self.mask_memo = None
+        return order
 
     def add_rows(self, n: int) -> None:
         """Append `n` empty rows (length 0) after the others: rows join the batch."""

@@ -522,11 +522,9 @@ class _RowDecoder:
         return ids, valid, pos, blk, width, kept
 
     def leave(self, done_active: torch.Tensor) -> None:
-        """Rows that are done leave the batch (and its cache)."""
+        """Rows that are done leave the batch (and its cache; the rows' order in it may change)."""
         if bool(done_active.any()):
-            keep = ~done_active
-            self.active = self.active[keep]
-            self.cache.keep_rows(keep)
+            self.active = self.active[self.cache.drop_rows(done_active)]
 
     def run(self, forward, states: list | None) -> None:
         """Decode every row to its end (EOS block, or the canvas's end)."""
