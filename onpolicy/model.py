@@ -158,15 +158,16 @@ class KVCache:
         own_end = self.lengths + n
         return self.valid[:, :end] & (torch.arange(end, device=valid.device)[None] < own_end[:, None])
 
-    def advance(self, kept: int | torch.Tensor | None, n: int, raw: torch.Tensor, last_only: bool) -> None:
+    def advance(self, kept: int | torch.Tensor | None, n: int, raw: torch.Tensor, offset: int = 0, shift: bool = True) -> None:
         """After a forward with `use_cache`: the first `kept` new tokens (per row, or all `n`) join each
-        row's cache, and a row that kept any remembers the raw logits of its last kept token."""
+        row's cache, and a row that kept any remembers the raw logits of its last kept token (raw: the
+        head's output from the forward's token `offset` on: logits_to_keep ran it on the last ones only;
+        only a `shift`ed model reads them)."""
         kept = torch.full_like(self.lengths, n if kept is None else kept) if not torch.is_tensor(kept) else kept.to(self.lengths)
-        if last_only:  # the head ran on the last token only (logits_to_keep)
-            new = raw[:, -1:]
-        else:
-            new = raw[torch.arange(raw.shape[0], device=raw.device), (kept - 1).clamp(min=0)][:, None]
         joined = kept > 0
+        if shift and bool((joined & (kept - 1 < offset)).any()):
+            raise ValueError("logits_to_keep cut off the head's output of a token that joins the cache")
+        new = raw[torch.arange(raw.shape[0], device=raw.device), (kept - 1 - offset).clamp(min=0)][:, None]
         if self.last_logits is None or self.last_logits.shape != new.shape:
             self.last_logits = new.detach().clone()
         else:
@@ -488,7 +489,9 @@ class DiffusionTransformer(PreTrainedModel):
                         and the next (noisy) block can share one forward: the noisy block sees the
                         finished one, never the reverse.
         logits_to_keep: > 0 computes the head only for the last that many tokens (what a causal
-                        decoder needs), as in transformers; not with BD3 training or shift_logits.
+                        decoder needs, or a block's step), as in transformers (with shift_logits, also on
+                        the token before them); not with BD3 training. With a cache, each row's last
+                        token that joins it must be among them or the one before (its logits are kept).
         logits_at:      [B, L] bool, without a cache: the head runs only where a loss reads it (e.g. the
                         masked positions) and logits come back packed, [M, V] in row-major order of the
                         True positions (the same values as the full logits there). The training path:
@@ -515,8 +518,8 @@ class DiffusionTransformer(PreTrainedModel):
             input_ids = torch.cat([input_ids, clean_input_ids], dim=1)
             position_ids, block_ids, valid = (torch.cat([t, t], dim=1) for t in (position_ids, block_ids, valid))
             noisy = torch.arange(2 * n, device=device)[None].expand(b, -1) < n
-        if logits_to_keep and (noisy is not None or cfg.shift_logits):
-            raise ValueError("logits_to_keep is for plain forwards (not BD3 training, not shift_logits)")
+        if logits_to_keep and noisy is not None:
+            raise ValueError("logits_to_keep is for plain forwards (not BD3 training)")
         if logits_at is not None and cache is not None:
             raise ValueError("logits_at is for forwards without a cache (training)")
 
@@ -563,12 +566,17 @@ class DiffusionTransformer(PreTrainedModel):
                 slot.scatter_(1, only, torch.arange(only.shape[1], device=device)[None].expand(b, -1))
                 cols = slot[rows, cols]
             return DiffusionOutput(logits=self.lm_head(self.norm(x[rows, cols])), past_key_values=None)
-        raw = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
+        # the head on the last `logits_to_keep` tokens (and, with shift_logits, the one before them), or all
+        tail = min(n, logits_to_keep + cfg.shift_logits) if logits_to_keep else 0
+        raw = self.lm_head(self.norm(x[:, -tail:] if tail else x))
+        offset = n - tail if tail else 0  # the query index of raw's first token
         logits = raw[:, :n]
         if cfg.shift_logits:
-            logits = shift_to_previous(raw, n, block_ids[:, :n], cache if past_len else None, valid[:, :n])
+            at = slice(offset, n)
+            logits = shift_to_previous(raw, raw.shape[1] if tail else n, block_ids[:, at], cache if past_len else None, valid[:, at])
+            logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
         if cache is not None and use_cache:
-            cache.advance(cache_len, n, raw, last_only=bool(logits_to_keep))
+            cache.advance(cache_len, n, raw, offset, cfg.shift_logits)
         return DiffusionOutput(logits=logits, past_key_values=cache)
 
     @torch.no_grad()

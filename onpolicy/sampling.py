@@ -530,7 +530,7 @@ class _RowDecoder:
         """Decode every row to its end (EOS block, or the canvas's end)."""
         s, cfg, block, special = self.s, self.cfg, self.block, self.special
         n_blocks, dev = self.gen_len // block, self.s["canvas"].device
-        keep = {"logits_to_keep": 1} if self.causal else {}
+        keep = {"logits_to_keep": 1 if self.causal else block}  # the head on the block (a row's last joining token is just before it)
         self.admit()
         while len(self.active):
             rows = self.active
@@ -541,7 +541,7 @@ class _RowDecoder:
             out = forward(stepping, input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blk,
                           past_key_values=self.cache, use_cache=True, cache_len=kept, **keep)
             self.written = True
-            logits = out.logits[:, -1:] if self.causal else out.logits[:, width:]
+            logits = out.logits
             cols = self.cur[rows][:, None] * block + torch.arange(block, device=dev)  # [A, block]
             current = s["canvas"][rows].gather(1, cols)
             if states is not None:

@@ -232,15 +232,16 @@ def _same_rows(a, b, rows=None):
             torch.testing.assert_close(ra.behaviour_logprob, rb.behaviour_logprob, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention,block", [("block_causal", 4), ("causal", 1)])
-def test_per_row_decoding_equals_lock_step_alone_and_uncached(peaked, special, attention, block):
+@pytest.mark.parametrize("attention,block,shift", [("block_causal", 4, False), ("block_causal", 4, True), ("causal", 1, False)])
+def test_per_row_decoding_equals_lock_step_alone_and_uncached(make_model, special, attention, block, shift):
     """Per-row decoding (each row at its own block, done rows leave, waiting rows take their slots)
     gives every row of a batch of 16 the same tokens, forwards and commits as the lock-step loop, as the
     uncached loop and as decoding the row alone (greedy, thresholded, sampled, soft commits), while
-    running fewer forwards than lock-step; the trajectories replay exactly."""
+    running fewer forwards than lock-step; the trajectories replay exactly. With and without shift_logits
+    (a block's first token reads the row's cached last logits, the head runs on the block only)."""
     from onpolicy.rollout import replay_logprobs
 
-    model = peaked(attention, block_size=block)
+    model = make_model(attention, block_size=block, initializer_range=0.3, shift_logits=shift)  # shift: as the main job's models
     model.lm_head.weight.data[special.eos] *= 2.5  # EOS comes at different points, so rows finish apart
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, special.vocab_size, (int(n),), generator=g).tolist() for n in torch.randint(1, 10, (16,), generator=g)]
