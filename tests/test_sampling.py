@@ -250,14 +250,17 @@ def test_per_row_decoding_equals_lock_step_alone_and_uncached(make_model, specia
     for setting in ROW_SETTINGS:
         cfg = SamplerConfig(max_new_tokens=24, **setting)
         per_row = generate(model, prompts, special, cfg, seeds=seeds)
-        lock = generate(model, prompts, special, SamplerConfig(max_new_tokens=24, per_row=False, **setting), seeds=seeds)
+        lock = generate(model, prompts, special, SamplerConfig(max_new_tokens=24, per_row=False, **setting), seeds=seeds)  # batch 16
         uncached = generate(model, prompts, special, SamplerConfig(max_new_tokens=24, use_cache=False, **setting), seeds=seeds)
         refilled = generate(model, prompts, special, cfg, seeds=seeds, slots=5)
         assert 0 < sum(per_row.finished) < len(prompts), setting  # some rows finish (and leave) before others
         for other in (lock, uncached, refilled):
             _same_rows(per_row, other)
-        for i in (0, 7, 15):
-            _same_rows(generate(model, [prompts[i]], special, cfg, seeds=[seeds[i]]), per_row, [i])
+        lock_cfg = SamplerConfig(max_new_tokens=24, per_row=False, **setting)
+        for i in (0, 7, 15):  # batch 1: per-row alone = lock-step alone = the row in its batch of 16
+            alone = generate(model, [prompts[i]], special, cfg, seeds=[seeds[i]])
+            _same_rows(alone, generate(model, [prompts[i]], special, lock_cfg, seeds=[seeds[i]]))
+            _same_rows(alone, per_row, [i])
         assert per_row.forwards <= lock.forwards and refilled.forwards >= per_row.forwards
         fewer += per_row.forwards < lock.forwards
         if attention == "block_causal":
