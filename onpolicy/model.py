@@ -214,6 +214,21 @@ class KVCache:
         self.mask_memo = None
         return order
 
+    def rows(self, group: slice) -> KVCache:
+        """The rows in `group` as a cache of their own that writes into this one's buffers (views): a
+        forward on some rows of a batch. `merge_rows` takes back their lengths and last logits."""
+        view = lambda t: None if t is None else t[group]  # noqa: E731
+        return KVCache([k[group] for k in self.keys], [v[group] for v in self.values], view(self.positions),
+                       view(self.block_ids), view(self.valid), view(self.lengths).clone(), self.capacity, view(self.last_logits))
+
+    def merge_rows(self, group: slice, part: KVCache) -> None:
+        self.lengths[group] = part.lengths
+        if part.last_logits is not None:
+            if self.last_logits is None:
+                self.last_logits = part.last_logits.new_zeros((len(self.lengths), *part.last_logits.shape[1:]))
+            self.last_logits[group] = part.last_logits
+        self.mask_memo = None
+
     def add_rows(self, n: int) -> None:
         """Append `n` empty rows (length 0) after the others: rows join the batch."""
         if self.lengths is None or not self.keys:

@@ -343,7 +343,8 @@ def generate(
     keep = {"logits_to_keep": 1} if mode == "causal" else {}  # a causal decoder reads only the last logits
     full_valid = torch.cat([prompt_valid, torch.ones_like(canvas, dtype=torch.bool)], 1)
     full_pos, full_blocks = torch.cat([prompt_pos, gen_pos], 1), torch.cat([prompt_blocks, gen_blocks], 1)
-    per_row = cached and cfg.per_row and not self_correct and hasattr(model, "allocate_cache")
+    # one row alone gains nothing from per-row bookkeeping: the lock-step loop decodes it the same, faster
+    per_row = cached and cfg.per_row and not self_correct and hasattr(model, "allocate_cache") and len(prompts) > 1
     if per_row:
         tensors = {"canvas": canvas, "commit_forward": commit_forward, "commit_logprob": commit_logprob,
                    "behaviour_logprob": behaviour_logprob, "row_fwd": row_fwd, "row_len": row_len, "done": done}
@@ -439,6 +440,28 @@ def generate(
                       None if behaviour_logprob is None else behaviour_logprob.cpu())
 
 
+PREFILL_FORWARD_TOKENS = 64  # a forward's fixed cost, in tokens of compute (CPU, the tiny model): what a group must save
+
+
+def prefill_groups(lengths: list[int], block: int) -> list[slice]:
+    """Split rows sorted by prompt length into contiguous groups, each prefilled by its own forward
+    (its rows padded to its own longest prompt): the split with the fewest tokens computed, counting
+    PREFILL_FORWARD_TOKENS per forward (dynamic programming over the sorted lengths)."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: the cost of rows [0, j)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # the last group is rows [i, j), padded to lengths[j - 1]
+            cost = best[i] + (j - i) * (lengths[j - 1] + block) + PREFILL_FORWARD_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(slice(cut[j], j))
+        j = cut[j]
+    return groups[::-1]
+
+
 class _RowDecoder:
     """Per-row decoding with the exact KV cache (block_causal and causal models, no self-correction).
 
@@ -466,12 +489,16 @@ class _RowDecoder:
         self.lengths = self.prompt_valid.sum(1)
         n = len(prompts)
         self.cur = torch.zeros(n, dtype=torch.long, device=device)  # each row's block (causal: next position)
-        self.step = torch.zeros(n, dtype=torch.long, device=device)  # steps done in its current block
+        self.step_in_block = torch.zeros(n, dtype=torch.long, device=device)  # steps done in its current block
         self.pending = torch.full((n,), -1, dtype=torch.long, device=device)  # -1: prompt; >= 0: that block; -2: none
         self.waiting = list(range(n))
         self.active = torch.zeros(0, dtype=torch.long, device=device)  # rows in the batch, in cache order
         self.slots = slots or n
         self.cache = model.allocate_cache(self.prompt.shape[1] + gen_len + 2 * block)
+        c = model.config
+        self.cache.reserve(min(n, self.slots or n), self.cache.capacity, c.num_hidden_layers, c.num_key_value_heads,
+                           c.hidden_size // c.num_attention_heads, next(model.parameters()).dtype, device)
+        self.cache.lengths = torch.zeros(min(n, self.slots), dtype=torch.long, device=device)
         self.written = False
 
     def admit(self) -> None:
@@ -480,14 +507,15 @@ class _RowDecoder:
         if free <= 0 or not self.waiting:
             return
         join, self.waiting = self.waiting[:free], self.waiting[free:]
+        join = sorted(join, key=lambda i: int(self.lengths[i]))  # by prompt length: the prefill groups are slices
         if self.written:
             self.cache.add_rows(len(join))
         self.active = torch.cat([self.active, torch.tensor(join, dtype=torch.long, device=self.active.device)])
 
-    def query(self):
-        """[pending | block] ids, validity, positions and block ids [A, W] for the active rows, the
-        pending width, and how many of each row's tokens join its cache ([A])."""
-        rows, block, dev = self.active, self.block, self.active.device
+    def query(self, rows: torch.Tensor):
+        """[pending | block] ids, validity, positions and block ids [A, W] for these rows, the pending
+        width, and how many of each row's tokens join its cache ([A])."""
+        block, dev = self.block, rows.device
         pend = self.pending[rows]
         is_prompt, is_block = pend == -1, pend >= 0
         width = 0
@@ -522,54 +550,70 @@ class _RowDecoder:
         return ids, valid, pos, blk, width, kept
 
     def leave(self, done_active: torch.Tensor) -> None:
-        """Rows that are done leave the batch (and its cache; the rows' order in it may change)."""
+        """Rows that are done leave the batch (and its cache; the rows' order in it may change); waiting
+        prompts join."""
         if bool(done_active.any()):
             self.active = self.active[self.cache.drop_rows(done_active)]
+            self.admit()
 
     def run(self, forward, states: list | None) -> None:
-        """Decode every row to its end (EOS block, or the canvas's end)."""
+        """Decode every row to its end (EOS block, or the canvas's end). The first forward of the batch
+        (every prompt, and each row's first step) runs in groups of rows with prompts of similar length
+        (`prefill_groups`): left padding to the longest prompt is compute for nothing."""
+        self.admit()
+        done = torch.zeros(len(self.active), dtype=torch.bool, device=self.active.device)
+        for group in prefill_groups(self.lengths[self.active].tolist(), self.block):
+            done[group] = self.step(forward, states, group)
+        self.written = True
+        self.leave(done)
+        while len(self.active):
+            self.leave(self.step(forward, states, slice(None)))
+
+    def step(self, forward, states: list | None, group: slice) -> torch.Tensor:
+        """One forward and one step for the active rows in `group` (a slice of the batch: the cache's rows
+        there); returns which of them are done."""
         s, cfg, block, special = self.s, self.cfg, self.block, self.special
         n_blocks, dev = self.gen_len // block, self.s["canvas"].device
-        keep = {"logits_to_keep": 1 if self.causal else block}  # the head on the block (a row's last joining token is just before it)
-        self.admit()
-        while len(self.active):
-            rows = self.active
-            s["row_len"][rows] = (self.cur[rows] + 1) * block
-            ids, valid, pos, blk, width, kept = self.query()
-            stepping = torch.zeros(len(s["canvas"]), dtype=torch.bool, device=dev)
-            stepping[rows] = True
-            out = forward(stepping, input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blk,
-                          past_key_values=self.cache, use_cache=True, cache_len=kept, **keep)
-            self.written = True
-            logits = out.logits
-            cols = self.cur[rows][:, None] * block + torch.arange(block, device=dev)  # [A, block]
-            current = s["canvas"][rows].gather(1, cols)
-            if states is not None:
-                full = torch.zeros((len(s["canvas"]), *logits.shape[1:]), dtype=torch.float)
-                full[rows.cpu()] = logits.float().cpu()
-                states.append((s["canvas"].clone().cpu(), stepping.cpu(), full))
-            dist = proposal_logits(logits, special).log_softmax(-1)  # [A, block, V]
-            gens = [self.generators[i] for i in rows.tolist()]
-            everyone = torch.ones(len(rows), dtype=torch.bool, device=dev)
-            token, conf, logp, b_logp = _propose(dist, cfg, gens, everyone)
-            open_ = current == special.mask
-            last = self.step[rows] == block - 1  # a block's last possible step commits what is left (no draw)
-            if cfg.commit_temperature is not None:
-                chosen = _soft_commit_mask(dist.amax(-1).exp(), open_, cfg, gens, ~last)
-            else:
-                chosen = _commit_mask(conf, open_, (self.steps_per_block - self.step[rows]).clamp(min=1), cfg.threshold)
-            chosen = torch.where(last[:, None], open_, chosen)
-            at = (rows[:, None], cols)
-            s["canvas"][at] = new = torch.where(chosen, token, current)
-            s["commit_forward"][at] = torch.where(chosen, s["row_fwd"][rows][:, None], s["commit_forward"][at])
-            s["commit_logprob"][at] = torch.where(chosen, logp, s["commit_logprob"][at])
-            if s["behaviour_logprob"] is not None:
-                s["behaviour_logprob"][at] = torch.where(chosen, b_logp, s["behaviour_logprob"][at])
-            self.finish_step(rows, ~(new == special.mask).any(1), n_blocks)
+        rows = self.active[group]
+        whole = group == slice(None) or len(rows) == len(self.active)
+        cache = self.cache if whole else self.cache.rows(group)
+        s["row_len"][rows] = (self.cur[rows] + 1) * block
+        ids, valid, pos, blk, width, kept = self.query(rows)
+        stepping = torch.zeros(len(s["canvas"]), dtype=torch.bool, device=dev)
+        stepping[rows] = True
+        out = forward(stepping, input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blk, past_key_values=cache,
+                      use_cache=True, cache_len=kept, logits_to_keep=1 if self.causal else block)  # the head on the block
+        if not whole:
+            self.cache.merge_rows(group, cache)
+        logits = out.logits
+        cols = self.cur[rows][:, None] * block + torch.arange(block, device=dev)  # [A, block]
+        current = s["canvas"][rows].gather(1, cols)
+        if states is not None:
+            full = torch.zeros((len(s["canvas"]), *logits.shape[1:]), dtype=torch.float)
+            full[rows.cpu()] = logits.float().cpu()
+            states.append((s["canvas"].clone().cpu(), stepping.cpu(), full))
+        dist = proposal_logits(logits, special).log_softmax(-1)  # [A, block, V]
+        gens = [self.generators[i] for i in rows.tolist()]
+        everyone = torch.ones(len(rows), dtype=torch.bool, device=dev)
+        token, conf, logp, b_logp = _propose(dist, cfg, gens, everyone)
+        open_ = current == special.mask
+        last = self.step_in_block[rows] == block - 1  # a block's last possible step commits what is left (no draw)
+        if cfg.commit_temperature is not None:
+            chosen = _soft_commit_mask(dist.amax(-1).exp(), open_, cfg, gens, ~last)
+        else:
+            chosen = _commit_mask(conf, open_, (self.steps_per_block - self.step_in_block[rows]).clamp(min=1), cfg.threshold)
+        chosen = torch.where(last[:, None], open_, chosen)
+        at = (rows[:, None], cols)
+        s["canvas"][at] = new = torch.where(chosen, token, current)
+        s["commit_forward"][at] = torch.where(chosen, s["row_fwd"][rows][:, None], s["commit_forward"][at])
+        s["commit_logprob"][at] = torch.where(chosen, logp, s["commit_logprob"][at])
+        if s["behaviour_logprob"] is not None:
+            s["behaviour_logprob"][at] = torch.where(chosen, b_logp, s["behaviour_logprob"][at])
+        return self.finish_step(rows, ~(new == special.mask).any(1), n_blocks)
 
-    def finish_step(self, rows: torch.Tensor, block_done: torch.Tensor, n_blocks: int) -> None:
+    def finish_step(self, rows: torch.Tensor, block_done: torch.Tensor, n_blocks: int) -> torch.Tensor:
         """After a step: rows whose block is complete move to their next block (it joins their cache with
-        the next forward) or, at EOS or the canvas's end, are done and leave; waiting prompts join."""
+        the next forward) or, at EOS or the canvas's end, are done (returned: they leave)."""
         s, block = self.s, self.block
         cur = self.cur[rows]
         done = block_done & (cur == n_blocks - 1)
@@ -579,10 +623,9 @@ class _RowDecoder:
         moving = block_done & ~done
         self.pending[rows] = torch.where(moving, cur, -2)
         self.cur[rows] = cur + moving.long()
-        self.step[rows] = torch.where(moving, 0, self.step[rows] + 1)
+        self.step_in_block[rows] = torch.where(moving, 0, self.step_in_block[rows] + 1)
         s["done"][rows] |= done
-        self.leave(done)
-        self.admit()
+        return done
 
 
 def replay_states(row: TrajectoryRow, mask_id: int) -> list[torch.Tensor]:
