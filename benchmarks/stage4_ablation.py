@@ -136,7 +136,7 @@ def ar_reference(args) -> dict:
             "validation_tasks": val_tasks, "test_tasks": test_tasks}
 
 
-def plot(arms: list[dict], path: Path, n_tasks: int, ar: dict | None = None) -> None:
+def plot(arms: list[dict], path: Path, n_tasks: int, ar: dict | None = None, start: dict | None = None) -> None:
     """Tokens per forward and pass@1 over the steps, each arm a colour; pass@1 at one token per step with
     its 95% Wilson interval over the `n_tasks` validation tasks (the arms differ by less than it)."""
     import matplotlib
@@ -173,6 +173,9 @@ def plot(arms: list[dict], path: Path, n_tasks: int, ar: dict | None = None) -> 
                         capsize=2, label=a["arm"])
             c = a["frontier"]["test_at_chosen"]
             a3.plot([c["tokens_per_forward"]], [c["pass@1"]], "o", ms=14, mfc="none", color=f"C{i}")
+        if start is not None:
+            pts = sorted(start["test"], key=lambda r: r["tokens_per_forward"])
+            a3.plot([r["tokens_per_forward"] for r in pts], [r["pass@1"] for r in pts], "x:", color="gray", label="start (stage 3)")
         a3.axhline(ar["test"]["pass@1"], color="black", ls="--", label=f"AR twin ({ar['test']['pass@1']:.3f})")
         a3.set(xlabel="tokens per forward (test)", ylabel=f"test pass@1 ({ar['n']} tasks, 95% CI)",
                title="frontier on the test slice (ringed: chosen on validation)")
@@ -204,7 +207,7 @@ def main() -> int:
     args = p.parse_args()
     if args.replot:
         report = json.loads(args.replot.read_text())
-        plot(report["arms"], args.png, report["validation_tasks"], report.get("ar"))
+        plot(report["arms"], args.png, report["validation_tasks"], report.get("ar"), report.get("start_frontier"))
         return 0
     if not args.init:
         p.error("--init FOLDER is required (the starting model every arm trains from)")
@@ -216,9 +219,12 @@ def main() -> int:
         for a in arms:
             a["frontier"] = frontier(Path(a["folder"]) / "final", ar, args)
             print(f"[ablation] {a['arm']}: chosen {a['frontier']['chosen']}, test {a['frontier']['test_at_chosen']}", flush=True)
+        start_frontier = frontier(Path(args.init), ar, args)  # the model every arm starts from, judged alike
         ar = {k: v for k, v in ar.items() if not k.endswith("_tasks")}
     report = {"init": args.init, "recipe": args.recipe, "steps": args.steps, "validation_tasks": args.val_tasks, "extra": args.set,
               "start": start, "ar": ar, "arms": arms}
+    if args.ar:
+        report["start_frontier"] = start_frontier
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"{'arm':15s} {'slow pass@1':>11s} {'fast pass@1':>11s} {'fast tok/fwd':>12s} {'train s':>8s}")
@@ -228,7 +234,7 @@ def main() -> int:
         print(f"{a['arm']:15s} {last['slow/pass@1']:11.3f} {last['fast/pass@1']:11.3f} {last['fast/tokens_per_forward']:12.2f} "
               f"{a['train_seconds']:8.0f}")
     if args.png:
-        plot(arms, args.png, args.val_tasks, ar)
+        plot(arms, args.png, args.val_tasks, ar, report.get("start_frontier"))
     return 0
 
 
