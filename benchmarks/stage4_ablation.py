@@ -97,7 +97,7 @@ def read_arm(arm: str, out: Path) -> dict:
 
 def frontier(folder: Path, ar: dict, args) -> dict:
     """The main job's judgement of one final model: its setting chosen on validation, its frontier on test."""
-    from onpolicy.evaluation import evaluate_checkpoint, within_tolerance
+    from onpolicy.evaluation import evaluate_checkpoint, fastest_within
     from onpolicy.loading import load_model
     from onpolicy.sampling import SamplerConfig
     from verifiers import PythonTestVerifier
@@ -112,10 +112,10 @@ def frontier(folder: Path, ar: dict, args) -> dict:
 
     with PythonTestVerifier() as verifier:
         val = [run(ar["validation_tasks"], t) for t in [None, *args.choose_from]]
-        ok = [r for r in val if within_tolerance(r["pass@1"], ar["validation"]["pass@1"], args.tolerance)]
-        chosen = max(ok, key=lambda r: r["tokens_per_forward"])["threshold"] if ok else None
+        best = fastest_within(val, ar["validation"]["pass@1"], args.tolerance)
+        chosen = best["threshold"] if best else None
         test = [run(ar["test_tasks"], t) for t in dict.fromkeys([None, 0.9, 0.7, 0.5, chosen])]
-    return {"validation": val, "chosen": chosen, "chosen_on_validation": bool(ok), "test": test,
+    return {"validation": val, "chosen": chosen, "chosen_on_validation": best is not None, "test": test,
             "test_at_chosen": next(r for r in test if r["threshold"] == chosen)}
 
 

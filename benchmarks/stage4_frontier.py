@@ -35,10 +35,9 @@ def settings(block: int, thresholds: list[float], steps: list[int]):
 
 def fastest_within(rows: list[dict], name: str, bar: float, tolerance: float) -> dict | None:
     """Model `name`'s fastest setting (most tokens per forward) whose pass@1 is within `tolerance` of the bar."""
-    from onpolicy.evaluation import within_tolerance
+    from onpolicy import evaluation
 
-    ok = [r for r in rows if r["model"] == name and within_tolerance(r["pass@1"], bar, tolerance)]
-    return max(ok, key=lambda r: r["tokens_per_forward"]) if ok else None
+    return evaluation.fastest_within([r for r in rows if r["model"] == name], bar, tolerance)
 
 
 def pass_at(rows: list[dict], speed: float) -> float | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -54,7 +55,7 @@ def main() -> int:
     arms = {name: run_arm(name, args) for name in ARMS}
     before, now = arms["lock-step (before)"], arms["per-row (now)"]
     report = {"benchmark": "stage4_rollout_share", "init": args.init, "recipe": args.recipe, "steps": args.steps,
-              "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()}, "arms": arms,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "arms": arms,
               "rollout_speedup": before["rollout_s"] / now["rollout_s"], "step_speedup": before["step_s"] / now["step_s"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

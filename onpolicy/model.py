@@ -110,24 +110,24 @@ class KVCache:
     capacity: int = 0  # slots to allocate at the first write (grown as needed)
     last_logits: torch.Tensor | None = None  # [B, 1, V] raw logits of each row's last cached token (shift_logits)
     mask_memo: tuple | None = None  # (lengths, q_pos, q_block, q_valid, mask): the same query at the same lengths reuses its mask
-    window: tuple | None = None  # (start, end, slots) of the forward in flight: see `starts`
+    window: tuple | None = None  # (start, end, slots) of the forward in flight: see `open_window`
 
     @property
     def length(self) -> int:
         """The longest row's cached slots (every row's, when the batch moves in lock-step)."""
         return 0 if self.lengths is None or not len(self.lengths) else int(self.lengths.max())
 
-    def starts(self, batch: int, n: int, device) -> torch.Tensor:
-        """Where this forward's `n` new tokens go in each row ([B] long, the rows' lengths), and the
-        write window the attention layers read: (start, end, slots) with slots None when every row
-        starts at the same slot (a plain slice), else [B, n] per-row slot indices."""
+    def open_window(self, batch: int, n: int, device) -> tuple[int, int, torch.Tensor | None]:
+        """Where this forward's `n` new tokens go: each row's slots after its own length. Sets and returns
+        the window the attention layers read, (start, end, slots): start the longest row's length, end
+        start + n, slots None when every row starts there (a plain slice), else [B, n] per-row slots."""
         if self.lengths is None:
             self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         start = self.length
         uniform = bool((self.lengths == start).all())
         slots = None if uniform else self.lengths[:, None] + torch.arange(n, device=device)
-        self.window = (start, int(self.lengths.max()) + n, slots)
-        return self.lengths
+        self.window = (start, start + n, slots)
+        return self.window
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new keys and values [B, H, n, D] in the window; return the keys and values
@@ -543,9 +543,7 @@ class DiffusionTransformer(PreTrainedModel):
         past_len = 0
         k_pos, k_block, k_valid, k_noisy = position_ids, block_ids, valid, noisy
         if cache is not None:
-            past_len = cache.length
-            cache.starts(b, n, device)
-            end = cache.window[1]
+            past_len, end, _ = cache.open_window(b, n, device)
             cache.reserve(b, end, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, x.dtype, device)
             k_valid = cache.write_meta(position_ids, block_ids, valid)
             k_pos, k_block = cache.positions[:, :end], cache.block_ids[:, :end]

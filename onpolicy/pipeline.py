@@ -311,7 +311,7 @@ def choose_setting(p: Pipeline, log) -> dict | None:
     one token per step, greedy; the fewest forwards per token whose pass@1 is at most `tolerance`
     below AR's (none: the verdict says so). Cached in choice.json."""
     from onpolicy.data.tasks import load_task_set
-    from onpolicy.evaluation import evaluate_checkpoint, within_tolerance
+    from onpolicy.evaluation import evaluate_checkpoint, fastest_within
     from onpolicy.loading import load_model
     from onpolicy.sampling import SamplerConfig
     from verifiers import PythonTestVerifier
@@ -337,8 +337,7 @@ def choose_setting(p: Pipeline, log) -> dict | None:
                          "tokens_per_forward": r["tokens_per_forward"]})
             log(f"[pipeline] choice: {after} threshold {threshold or 'one token per step'}: validation pass@1 "
                 f"{r['pass@1']:.3f} at {r['tokens_per_forward']:.2f} tokens per forward")
-    ok = [r for r in rows if within_tolerance(r["pass@1"], ar["pass@1"], b.tolerance)]
-    chosen = max(ok, key=lambda r: r["tokens_per_forward"]) if ok else None
+    chosen = fastest_within(rows, ar["pass@1"], b.tolerance)
     result = {"validation": b.validation, "n": len(tasks), "tolerance": b.tolerance, "block_size": block, "ar": ar,
               "settings": rows, "chosen": chosen}
     out.write_text(json.dumps(result, indent=1))

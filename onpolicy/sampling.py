@@ -479,7 +479,7 @@ class _RowDecoder:
     """
 
     def __init__(self, model, prompts, special, cfg, generators, block, steps_per_block, gen_len, slots, canvas_state):
-        self.model, self.special, self.cfg, self.generators = model, special, cfg, generators
+        self.special, self.cfg, self.generators = special, cfg, generators
         self.block, self.steps_per_block, self.gen_len = block, steps_per_block, gen_len
         self.causal = model.config.attention == "causal"
         self.s = canvas_state  # the call's tensors over all rows (canvas, commit_forward, ...), written in place
@@ -496,10 +496,9 @@ class _RowDecoder:
         self.slots = slots or n
         self.cache = model.allocate_cache(self.prompt.shape[1] + gen_len + 2 * block)
         c = model.config
-        self.cache.reserve(min(n, self.slots or n), self.cache.capacity, c.num_hidden_layers, c.num_key_value_heads,
+        self.cache.reserve(min(n, self.slots), self.cache.capacity, c.num_hidden_layers, c.num_key_value_heads,
                            c.hidden_size // c.num_attention_heads, next(model.parameters()).dtype, device)
         self.cache.lengths = torch.zeros(min(n, self.slots), dtype=torch.long, device=device)
-        self.written = False
 
     def admit(self) -> None:
         """Waiting prompts join the batch while it has free slots."""
@@ -508,8 +507,8 @@ class _RowDecoder:
             return
         join, self.waiting = self.waiting[:free], self.waiting[free:]
         join = sorted(join, key=lambda i: int(self.lengths[i]))  # by prompt length: the prefill groups are slices
-        if self.written:
-            self.cache.add_rows(len(join))
+        if (missing := len(self.active) + len(join) - len(self.cache.lengths)) > 0:  # the cache has a row per slot at first
+            self.cache.add_rows(missing)
         self.active = torch.cat([self.active, torch.tensor(join, dtype=torch.long, device=self.active.device)])
 
     def query(self, rows: torch.Tensor):
@@ -564,7 +563,6 @@ class _RowDecoder:
         done = torch.zeros(len(self.active), dtype=torch.bool, device=self.active.device)
         for group in prefill_groups(self.lengths[self.active].tolist(), self.block):
             done[group] = self.step(forward, states, group)
-        self.written = True
         self.leave(done)
         while len(self.active):
             self.leave(self.step(forward, states, slice(None)))
