@@ -27,8 +27,9 @@ torch.set_num_threads(2)
 from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
 recompute, batch, seq = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
-model = DiffusionTransformer(DiffusionTransformerConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=6,
-                                                        num_attention_heads=4, block_size=32, mask_token_id=3)).train()
+config = DiffusionTransformerConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=6,
+                                    num_attention_heads=4, block_size=32, mask_token_id=3)
+model = DiffusionTransformer(config).train()
 model.gradient_checkpointing = recompute
 ids = torch.randint(5, 2048, (batch, seq))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -56,12 +57,14 @@ checksum = 0
 for step in range(200):
     checksum += int(data[batch_rows(step, 0, 0, 1, 16, 1, rows, 0)].sum())
 now = status()
-print(json.dumps({"anon_mb": now["RssAnon"] - base["RssAnon"], "file_mb": now["RssFile"] - base["RssFile"], "checksum": checksum}))
+print(json.dumps({"anon_mb": now["RssAnon"] - base["RssAnon"], "file_mb": now["RssFile"] - base["RssFile"],
+                  "checksum": checksum}))
 """
 
 
 def run(code: str, *args) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -77,10 +80,12 @@ def main() -> None:
 
     results = {"gradient_checkpointing": {}, "corpus": []}
     for recompute in (False, True):
-        results["gradient_checkpointing"]["on" if recompute else "off"] = run(CHECKPOINTING, int(recompute), args.batch, args.seq)
+        results["gradient_checkpointing"]["on" if recompute else "off"] = run(CHECKPOINTING, int(recompute),
+                                                                              args.batch, args.seq)
     gc = results["gradient_checkpointing"]
     gc["step_memory_ratio_on_over_off"] = round(gc["on"]["step_mb"] / gc["off"]["step_mb"], 3)
-    gc["shape"] = {"batch": args.batch, "seq": args.seq, "model": "d256 x 6 layers, vocab 2048 (tiny recipe), BD3 (2L)"}
+    gc["shape"] = {"batch": args.batch, "seq": args.seq,
+                   "model": "d256 x 6 layers, vocab 2048 (tiny recipe), BD3 (2L)"}
     print("gradient checkpointing:", json.dumps(gc))
 
     seq = 256
@@ -95,8 +100,9 @@ def main() -> None:
             del tokens
             tensor, mapped = run(CORPUS, "tensor", pt, rows, seq), run(CORPUS, "shards", shard, rows, seq)
             assert tensor["checksum"] == mapped["checksum"], "the two corpora gave different batches"
-            row = {"rows": rows, "tokens": rows * seq, "int64_mb": rows * seq * 8 / 2**20, "shard_mb": rows * seq * 2 / 2**20,
-                   "tensor_anon_mb": round(tensor["anon_mb"], 1), "shards_anon_mb": round(mapped["anon_mb"], 1),
+            row = {"rows": rows, "tokens": rows * seq, "int64_mb": rows * seq * 8 / 2**20,
+                   "shard_mb": rows * seq * 2 / 2**20, "tensor_anon_mb": round(tensor["anon_mb"], 1),
+                   "shards_anon_mb": round(mapped["anon_mb"], 1),
                    "shards_file_mb": round(mapped["file_mb"], 1)}
             results["corpus"].append(row)
             print("corpus:", json.dumps(row))

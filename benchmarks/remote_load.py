@@ -1,7 +1,8 @@
 """Load test of sharded remote verification: a fleet of `verifiers serve` processes on loopback, one
 of them killed mid-run, thousands of programs through one `RemoteVerifier`.
 
-    python benchmarks/remote_load.py --programs 5000 --servers 2 --out benchmarks/results/fleet/remote_load_cpu.json
+    python benchmarks/remote_load.py --programs 5000 --servers 2 --out
+    benchmarks/results/fleet/remote_load_cpu.json
 
 Each program is a tiny task with a known answer (even-numbered ones correct, odd ones wrong), so
 every verdict can be checked, not only counted. Reported: verdicts by status, wrong verdicts,
@@ -30,7 +31,8 @@ ADD_TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert c
 
 def start_server(workers: int) -> tuple[subprocess.Popen, str]:
     """`verifiers serve` on a free loopback port; returns (process, URL) once it listens."""
-    proc = subprocess.Popen([sys.executable, "-m", "verifiers.cli", "serve", "--port", "0", "--workers", str(workers)],
+    proc = subprocess.Popen([sys.executable, "-m", "verifiers.cli", "serve", "--port", "0", "--workers",
+                             str(workers)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
     match = re.search(r"http://127\.0\.0\.1:(\d+)/run_code", line)
@@ -40,7 +42,8 @@ def start_server(workers: int) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{match.group(1)}"
 
 
-def run_load(programs: int, servers: int, workers: int, concurrency: int, kill_after: float) -> tuple[dict, list[dict]]:
+def run_load(programs: int, servers: int, workers: int, concurrency: int,
+             kill_after: float) -> tuple[dict, list[dict]]:
     tasks = [Task(f"load/{i}", "def add(a, b):\n", "add", ADD_TEST) for i in range(programs)]
     completions = ["    return a + b\n" if i % 2 == 0 else "    return a - b\n" for i in range(programs)]
     fleet = [start_server(workers) for _ in range(servers)]
@@ -54,7 +57,8 @@ def run_load(programs: int, servers: int, workers: int, concurrency: int, kill_a
         proc, url = fleet[-1]
         proc.kill()
         proc.wait()
-        killed.update(url=url, after_verdicts=sum(client.answered.values()), at_s=round(time.monotonic() - start, 2))
+        killed.update(url=url, after_verdicts=sum(client.answered.values()),
+                      at_s=round(time.monotonic() - start, 2))
 
     start = time.monotonic()
     killer = threading.Thread(target=kill_one_midway, daemon=True) if servers > 1 and kill_after < 1 else None
@@ -97,7 +101,8 @@ def main() -> None:
     p.add_argument("--servers", type=int, default=2)
     p.add_argument("--workers", type=int, default=1, help="sandbox workers per server")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight per server")
-    p.add_argument("--kill-after", type=float, default=0.3, help="kill the last server after this share of verdicts (1 = never)")
+    p.add_argument("--kill-after", type=float, default=0.3,
+                   help="kill the last server after this share of verdicts (1 = never)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--verdicts", type=Path, default=None, help="also write every verdict here (JSONL)")
     args = p.parse_args()
@@ -106,7 +111,8 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     if args.verdicts:
         args.verdicts.write_text("".join(json.dumps(v) + "\n" for v in verdicts))
-    summary = {k: report[k] for k in ("programs", "seconds", "programs_per_s", "statuses", "wrong_verdicts", "lost", "duplicated")}
+    summary = {k: report[k] for k in ("programs", "seconds", "programs_per_s", "statuses", "wrong_verdicts",
+                                      "lost", "duplicated")}
     print(json.dumps(summary), json.dumps(report["per_server"]), f"killed: {report['killed']}", sep="\n")
 
 

@@ -1,6 +1,7 @@
 """The sampler's fixed cost per forward, before and after a change, in one run on one machine.
 
-    python benchmarks/sampler_overhead.py --before /tmp/before --out benchmarks/results/sampler/sampler_overhead_cpu.json
+    python benchmarks/sampler_overhead.py --before /tmp/before --out
+    benchmarks/results/sampler/sampler_overhead_cpu.json
 
 `--before` is a checkout of the earlier code (e.g. `git worktree add /tmp/before 8c068c1`). Each
 implementation runs in its own subprocess (a Python process imports one `onpolicy`), and the two take
@@ -28,10 +29,13 @@ from onpolicy.sampling import SamplerConfig, generate
 from onpolicy.tokenizer import SpecialTokens
 special = SpecialTokens(pad=0, bos=1, eos=2, mask=3, sep=4, vocab_size=2048)
 out = {}
-for name, attention, block in (("ar", "causal", 1), ("block 4", "block_causal", 4), ("block 32", "block_causal", 32)):
+for name, attention, block in (("ar", "causal", 1), ("block 4", "block_causal", 4),
+                               ("block 32", "block_causal", 32)):
     torch.manual_seed(0)
-    model = DiffusionTransformer(DiffusionTransformerConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=6,
-                                 num_attention_heads=4, attention=attention, block_size=block, mask_token_id=3)).eval()
+    config = DiffusionTransformerConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=6,
+                                        num_attention_heads=4, attention=attention, block_size=block,
+                                        mask_token_id=3)
+    model = DiffusionTransformer(config).eval()
     cfg = SamplerConfig(max_new_tokens=96, block_size=block, stop_at_eos=False)
     prompt = [list(range(10, 90))]
     generate(model, prompt, special, cfg)  # warm-up
@@ -47,7 +51,8 @@ print(json.dumps(out))
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True, help="checkout of the earlier code")
-    p.add_argument("--after", default=str(Path(__file__).resolve().parent.parent), help="checkout of the new code (default: this one)")
+    p.add_argument("--after", default=str(Path(__file__).resolve().parent.parent),
+                   help="checkout of the new code (default: this one)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/sampler/sampler_overhead_cpu.json")
@@ -56,25 +61,32 @@ def main() -> int:
     for r in range(args.rounds):
         for which in ("before", "after"):
             path = getattr(args, which)
-            res = subprocess.run([sys.executable, "-c", MEASURE, path, str(args.threads)], capture_output=True, text=True, check=True)
+            res = subprocess.run([sys.executable, "-c", MEASURE, path, str(args.threads)],
+                                 capture_output=True, text=True, check=True)
             samples[which].append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(f"round {r + 1} {which}: " + ", ".join(f"{k} {v['ms_per_forward']:.2f} ms/fwd" for k, v in samples[which][-1].items()),
+            print(f"round {r + 1} {which}: "
+                  + ", ".join(f"{k} {v['ms_per_forward']:.2f} ms/fwd" for k, v in samples[which][-1].items()),
                   flush=True)
     summary = {}
     for which, runs in samples.items():
-        summary[which] = {name: {key: statistics.median(run[name][key] for run in runs) for key in runs[0][name]} for name in runs[0]}
+        summary[which] = {name: {key: statistics.median(run[name][key] for run in runs)
+                                 for key in runs[0][name]} for name in runs[0]}
     # paired by round (both ran back to back), then the median: robust to a slow round
-    summary["after/before"] = {name: {key: statistics.median(a[name][key] / b[name][key] for a, b in zip(samples["after"], samples["before"]))
+    summary["after/before"] = {name: {key: statistics.median(a[name][key] / b[name][key] for a,
+                                                             b in zip(samples["after"], samples["before"]))
                                       for key in samples["after"][0][name]} for name in samples["after"][0]}
     report = {"benchmark": "sampler fixed cost per forward", "threads": args.threads, "rounds": args.rounds,
-              "model": "d256 x 6 layers, vocab 2048, random weights; 80-token prompt, 96 new tokens, batch 1, one token per step",
+              "model": "d256 x 6 layers, vocab 2048, random weights; 80-token prompt, 96 new tokens, batch "
+                       "1, one token per step",
               "median": summary, "runs": samples}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     for name in summary["after"]:
         b, a, r = summary["before"][name], summary["after"][name], summary["after/before"][name]
-        print(f"{name:9s} ms/forward {b['ms_per_forward']:.2f} -> {a['ms_per_forward']:.2f} (x{r['ms_per_forward']:.2f})   forwards "
-              f"{b['forwards']:.0f} -> {a['forwards']:.0f}   tokens/s {b['tokens_per_s']:.0f} -> {a['tokens_per_s']:.0f} (x{r['tokens_per_s']:.2f})")
+        print(f"{name:9s} ms/forward {b['ms_per_forward']:.2f} -> {a['ms_per_forward']:.2f} "
+              f"(x{r['ms_per_forward']:.2f})   forwards "
+              f"{b['forwards']:.0f} -> {a['forwards']:.0f}   tokens/s {b['tokens_per_s']:.0f} -> "
+              f"{a['tokens_per_s']:.0f} (x{r['tokens_per_s']:.2f})")
     print(f"wrote {args.out}")
     return 0
 

@@ -39,7 +39,8 @@ def count_twins(generate, n_heldout: int, n_train: int, inputs: list[list[int]],
     train = {outputs(t, inputs) for t in generate("train", n_train, seed=seed)}
     heldout = generate("heldout", n_heldout, seed=seed)
     twins = [t.task_id for t in heldout if outputs(t, inputs) in train]
-    return {"heldout": n_heldout, "train": n_train, "inputs": len(inputs), "twins": len(twins), "twin_ids": twins[:20]}
+    return {"heldout": n_heldout, "train": n_train, "inputs": len(inputs), "twins": len(twins),
+            "twin_ids": twins[:20]}
 
 
 def main() -> None:

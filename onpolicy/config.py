@@ -26,7 +26,8 @@ from onpolicy.diffusion.policy import LOSS_TYPES, REWARD_FORMS, SCALE_REWARDS
 from onpolicy.errors import ConfigError, yaml_problem
 from onpolicy.sampling import SamplerConfig
 
-ATTENTION_MODES = ("bidirectional", "block_causal", "causal")  # = onpolicy.model's (tests/test_config.py checks)
+ATTENTION_MODES = ("bidirectional", "block_causal", "causal")  # = onpolicy.model's (tests/test_config.py
+# checks)
 INHERIT = "inherit"  # model.attention: keep model.init_from's attention, block size and shift_logits
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")  # = onpolicy.model's
 SCHEDULES = ("linear", "cosine")
@@ -48,10 +49,11 @@ class ModelConfig:
     intermediate_size: int | None = None  # SwiGLU width; None = 8/3 * hidden, rounded up to 64
     max_position_embeddings: int = 4096  # longest sequence RoPE is prepared for
     rope_theta: float = 10000.0  # RoPE base
-    attention: str = "block_causal"  # bidirectional | block_causal | causal (the AR baseline: next-token objective)
-    #                                  | inherit: model.init_from's own (with its block_size and shift_logits)
+    attention: str = "block_causal"  # bidirectional | block_causal | causal (the AR baseline: next-token
+    # objective) | inherit: model.init_from's own (with its block_size and shift_logits)
     block_size: int = 32  # tokens per diffusion block (block_causal only)
-    init_from: str | None = None  # start from: our folder or adapter, a Llama/Qwen2 folder or Hub id, a .gguf, smollm2
+    init_from: str | None = None  # start from: our folder or adapter, a Llama/Qwen2 folder or Hub id, a
+    # .gguf, smollm2
     shift_logits: bool = False  # diffusion predicts position i from the hidden state at i - 1 (Dream's
     #                             AR-to-diffusion adaptation: keeps what an AR init learned); not for causal
     attention_kernel: str = "auto"  # auto | sdpa | flex: flex_attention block masks (no dense mask) on GPU
@@ -75,7 +77,8 @@ class DataConfig:
     extensions: list[str] = field(default_factory=lambda: [".py"])  # file types taken from a folder
     exclude: list[str] = field(default_factory=lambda: ["site-packages", "__pycache__"])  # path parts skipped
     max_files: int | None = None  # take at most this many files (after sorting and dedup)
-    task_fraction: float = 0.0  # share of the text that is generated train tasks (prompt + solution), 0 = none
+    task_fraction: float = 0.0  # share of the text that is generated train tasks (prompt + solution), 0 =
+    # none
     max_tasks: int = 20000  # cap on generated tasks added by task_fraction
     task_seed: int = 0  # seed of the task generator
     seq_len: int = 256  # packed sequence length in tokens
@@ -97,7 +100,8 @@ class DiffusionConfig:
     # 1 = every step (continuing a stage-1 model). Causal models ignore it.
     edit_fraction: float = 0.2
     edit_alpha_max: float = 0.1  # alpha_t in [0, edit_alpha_max]
-    edit_mode: str = "stack"  # stack: edits then masks on every row | mix: edit_share of the rows edit-only, the rest mask-only
+    edit_mode: str = "stack"  # stack: edits then masks on every row | mix: edit_share of the rows edit-only,
+    # the rest mask-only
     edit_share: float = 0.5  # mix: share of rows edit-corrupted
 
 
@@ -115,7 +119,8 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     precision: str = "bf16"  # bf16 (DeepSpeed bf16: bf16 weights, fp32 master weights; autocast) | fp32
-    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more
+    # compute
     deepspeed: str = "recipes/deepspeed/zero0.json"  # ZeRO config file
     seed: int = 0  # seeds init, data order and noise
     threads: int | None = None  # torch CPU threads per rank; None = cores / ranks
@@ -123,7 +128,8 @@ class TrainConfig:
     eval_batches: int = 8  # validation micro-batches per pass
     save_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
-    resume: bool | str = True  # true: the latest checkpoint in output_dir, if any; false: start over; or a checkpoint folder
+    resume: bool | str = True  # true: the latest checkpoint in output_dir, if any; false: start over; or a
+    # checkpoint folder
     stop_at_step: int | None = None  # end this invocation here (with a checkpoint); rerun to continue
 
 
@@ -174,9 +180,11 @@ class PretrainConfig:
             if not 0.0 <= getattr(diff, key) <= 1.0:
                 raise ConfigError(f"diffusion.{key}={getattr(diff, key)} must be in [0, 1]")
         if m.attention == "block_causal" and d.seq_len % m.block_size:
-            raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of model.block_size={m.block_size}")
+            raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of "
+                              f"model.block_size={m.block_size}")
         if d.seq_len > m.max_position_embeddings:
-            raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+            raise ConfigError(f"data.seq_len={d.seq_len} exceeds "
+                              f"model.max_position_embeddings={m.max_position_embeddings}")
         if not 0.0 <= d.task_fraction < 1.0:
             raise ConfigError(f"data.task_fraction={d.task_fraction} must be in [0, 1)")
         if not 0.0 < d.val_fraction < 1.0:
@@ -198,26 +206,32 @@ class RolloutConfig:
     prompts_per_step: int = 8  # prompts per optimizer step (over all ranks)
     group_size: int = 8  # G samples per prompt (the group of group-relative advantages)
     batch_size: int = 32  # rows the sampler decodes together
-    sampler: SamplerConfig = field(default_factory=_rollout_sampler)  # rollout decoding; temperature 1 = the policy itself
-    verifier: str = "python-tests"  # a name, package.module:Class, entry point, or package.module:reward_function (TRL)
+    sampler: SamplerConfig = field(default_factory=_rollout_sampler)  # rollout decoding; temperature 1 = the
+    # policy itself
+    verifier: str = "python-tests"  # a name, package.module:Class, entry point, or
+    # package.module:reward_function (TRL)
     verifier_timeout: float = 120.0  # seconds one verify call may take; past it its samples are excluded
     verifier_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the verifier plugin
-    pass_threshold: float | None = None  # a score >= this counts as a pass (graded rewards); None: the plugin's own
-    log_completions: int = 4  # completions per step written to completions.jsonl with their verdicts (and a wandb table)
+    pass_threshold: float | None = None  # a score >= this counts as a pass (graded rewards); None: the
+    # plugin's own
+    log_completions: int = 4  # completions per step written to completions.jsonl with their verdicts (and a
+    # wandb table)
     strict: bool | None = None  # return-value check (verifiers.base): None = each task's own (generated: on)
-    dynamic_sampling: int = 0  # DAPO: up to N extra rounds of fresh prompts in place of groups whose rewards do not vary
+    dynamic_sampling: int = 0  # DAPO: up to N extra rounds of fresh prompts in place of groups whose rewards
+    # do not vary
 
 
 @dataclass
 class RewardConfig:
-    """docs/method.md, equation (4): correctness V and trajectory length K (forwards) over L (decoded tokens)."""
+    """docs/method.md, equation (4): correctness V and trajectory length K (forwards) over L (decoded
+    tokens)."""
 
     form: str = "multiplicative"  # multiplicative: V * ((L - K + 1) / L)^alpha | additive: V - lam * K / L
     alpha: float = 0.5  # exponent of the multiplicative form (0 = accuracy only)
     lam: float = 0.5  # weight of K / L in the additive form (0 = accuracy only)
     scale_rewards: str = "group"  # group | batch | none: what the centred rewards are divided by
-    min_speed_spread: int = 2  # a group where every sample passed and step counts differ by fewer forwards than
-    # this gets no advantage (its reward differences are commit-sampling noise); 0 = keep every group
+    min_speed_spread: int = 2  # a group where every sample passed and step counts differ by fewer forwards
+    # than this gets no advantage (its reward differences are commit-sampling noise); 0 = keep every group
 
 
 @dataclass
@@ -228,29 +242,36 @@ class LossConfig:
     epsilon: float = 0.2  # PPO clip below 1
     epsilon_high: float = 0.28  # PPO clip above 1 (DAPO's clip-higher)
     pg_weight: float = 1.0  # weight of the policy-gradient term (0 = surrogates only)
-    updates_per_batch: int = 1  # optimizer steps on each step's rollouts (PPO epochs): past the first, the ratio
-    # leaves 1 and the clip binds (the token term's old log-probs are the rollout's, the decisions' the first update's)
+    updates_per_batch: int = 1  # optimizer steps on each step's rollouts (PPO epochs): past the first, the
+    # ratio leaves 1 and the clip binds (the token term's old log-probs are the rollout's, the decisions' the
+    # first update's)
     commit_actions: bool = True  # soft commits: the commit decisions' log-probability joins the policy term
-    surrogate: str = "jump"  # none | progress | jump | both: the edit-distance surrogate(s) of equation (5) of docs/method.md
+    surrogate: str = "jump"  # none | progress | jump | both: the edit-distance surrogate(s) of equation (5)
+    # of docs/method.md
     progress_lambda: float = 0.5  # progress cost: step k costs lambda / max(p_k, 1) on passing trajectories
     jump_weight: float = 1.0  # verified jump distillation weight
     jump_gap_start: int = 2  # steps jumped at the start (from s_j straight to s_j+gap) ...
     jump_gap_end: int = 8  # ... growing linearly to this at the last step
     certainty: float = 0.3  # entropy of correct predictions (dParallel's certainty forcing)
-    distill_passed: float = 1.0  # jump-distillation weight of verified rollouts (0 with pg_weight=0 and anchor > 0:
-    # supervised fine-tuning on the references alone, a control)
+    distill_passed: float = 1.0  # jump-distillation weight of verified rollouts (0 with pg_weight=0 and
+    # anchor > 0: supervised fine-tuning on the references alone, a control)
     distill_failed: float = 0.0  # jump-distillation weight of failed rollouts that carry no policy gradient
-    # (advantage 0: all-fail groups), a self-distillation of the model's own paths (dParallel); a failed row with a
-    # negative advantage is never distilled, which would push toward the very tokens its advantage pushes away from
-    distill_rows: int = 16  # at most this many failed rollouts per step join for it (seeded pick: each costs a replay)
-    jump_states: str = "every"  # rows that feed only the jump term (failed rows picked above, buffer rows, groups
-    # without reward variance): "every" replays each of their steps; "sampled" one seeded state per block, one forward
+    # (advantage 0: all-fail groups), a self-distillation of the model's own paths (dParallel); a failed row
+    # with a negative advantage is never distilled, which would push toward the very tokens its advantage
+    # pushes away from
+    distill_rows: int = 16  # at most this many failed rollouts per step join for it (seeded pick: each costs
+    # a replay)
+    jump_states: str = "every"  # rows that feed only the jump term (failed rows picked above, buffer rows,
+    # groups without reward variance): "every" replays each of their steps; "sampled" one seeded state per
+    # block, one forward
     beta: float = 0.0  # KL to the frozen start (with LoRA: the base, adapters off); 0 = none
-    buffer_size: int = 0  # verified trajectories kept for the surrogates (mode filtering); 0 = current step only
+    buffer_size: int = 0  # verified trajectories kept for the surrogates (mode filtering); 0 = current step
+    # only
     buffer_rows: int = 16  # of them replayed per step (surrogate terms only: they are off-policy)
-    anchor: float = 0.0  # weight of the reference solutions of the step's prompts in the jump term, each in a random
-    # order within its blocks (a supervised denoising loss on ground truth against drift, as InstructGPT's PPO-ptx
-    # mixes in pre-training); tasks without a `canonical_solution` add nothing. 0 = none (block-causal models)
+    anchor: float = 0.0  # weight of the reference solutions of the step's prompts in the jump term, each in a
+    # random order within its blocks (a supervised denoising loss on ground truth against drift, as
+    # InstructGPT's PPO-ptx mixes in pre-training); tasks without a `canonical_solution` add nothing. 0 = none
+    # (block-causal models)
     anchor_rows: int = 16  # at most this many reference solutions per step
 
 
@@ -262,7 +283,8 @@ class ValidationConfig:
     n_tasks: int = 100  # tasks per validation
     every: int = 10  # steps between validations (0 = start and end only)
     fast_threshold: float = 0.5  # the fast decoding validated beside one token per step (greedy threshold)
-    quality_tolerance: float = 0.02  # best = most tokens per forward (fast) with both pass@1 within this of the start
+    quality_tolerance: float = 0.02  # best = most tokens per forward (fast) with both pass@1 within this of
+    # the start
     patience: int = 0  # stop after this many validations without a new best (0 = never stop early)
 
 
@@ -271,23 +293,26 @@ class OnPolicyConfig:
     """Stage 4: the model samples, the sandbox judges, the loss makes correct paths short."""
 
     stage: str = "onpolicy"
-    model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the stage's starting model (required)
+    # model.init_from: the stage's starting model (required)
+    model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.0))  # fine-tuning, not pre-training
+    # fine-tuning, not pre-training
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.0))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     # keys this stage takes from elsewhere: set in a recipe or override, they are refused with the reason
     UNUSED: typing.ClassVar[dict[str, str]] = {
         **{f"model.{k}": "the model and its shape come from model.init_from" for k in (
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
-            "rope_theta", "attention", "block_size", "shift_logits")},
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "rope_theta", "attention", "block_size", "shift_logits")},
         "train.eval_every": "stage 4 validates on validation.every",
         "train.eval_batches": "stage 4 validates on validation.n_tasks tasks",
-        "train.grad_accum": "stage 4 accumulates over its step's rows (rollout.prompts_per_step x group_size / micro_batch_size)",
+        "train.grad_accum": "stage 4 accumulates over its step's rows (rollout.prompts_per_step x group_size "
+                            "/ micro_batch_size)",
         "logging.log_every": "stage 4 logs every step",
     }
 
@@ -306,25 +331,32 @@ class OnPolicyConfig:
         if r.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2 (advantages are relative to the group)")
         if r.dynamic_sampling < 0:
-            raise ConfigError(f"rollout.dynamic_sampling must be >= 0 (extra rounds of fresh prompts), got {r.dynamic_sampling}")
+            raise ConfigError("rollout.dynamic_sampling must be >= 0 (extra rounds of fresh prompts), got "
+                              f"{r.dynamic_sampling}")
         if r.sampler.remask_threshold is not None:
-            raise ConfigError("rollout.sampler.remask_threshold: self-correction makes trajectories unreplayable; leave it unset")
+            raise ConfigError("rollout.sampler.remask_threshold: self-correction makes trajectories "
+                              "unreplayable; leave it unset")
         if loss.commit_actions and r.sampler.commit_temperature is None:
-            raise ConfigError("loss.commit_actions needs soft commits: set rollout.sampler.commit_temperature (and threshold)")
+            raise ConfigError("loss.commit_actions needs soft commits: set "
+                              "rollout.sampler.commit_temperature (and threshold)")
         if r.sampler.commit_temperature is not None and r.sampler.threshold is None:
             raise ConfigError("rollout.sampler.commit_temperature needs rollout.sampler.threshold")
         if rw.min_speed_spread < 0:
             raise ConfigError(f"reward.min_speed_spread must be >= 0 (forwards), got {rw.min_speed_spread}")
         if loss.updates_per_batch < 1 or loss.distill_passed < 0:
-            raise ConfigError(f"loss.updates_per_batch must be >= 1 and loss.distill_passed >= 0, got {loss.updates_per_batch}, "
+            raise ConfigError("loss.updates_per_batch must be >= 1 and loss.distill_passed >= 0, got "
+                              f"{loss.updates_per_batch}, "
                               f"{loss.distill_passed}")
         if loss.distill_failed < 0 or loss.distill_rows < 0:
-            raise ConfigError(f"loss.distill_failed and loss.distill_rows must be >= 0, got {loss.distill_failed}, {loss.distill_rows}")
+            raise ConfigError("loss.distill_failed and loss.distill_rows must be >= 0, got "
+                              f"{loss.distill_failed}, {loss.distill_rows}")
         if loss.anchor < 0 or loss.anchor_rows < 0:
-            raise ConfigError(f"loss.anchor and loss.anchor_rows must be >= 0, got {loss.anchor}, {loss.anchor_rows}")
+            raise ConfigError(f"loss.anchor and loss.anchor_rows must be >= 0, got {loss.anchor}, "
+                              f"{loss.anchor_rows}")
         if loss.anchor > 0 and loss.surrogate not in ("jump", "both"):
-            raise ConfigError(f"loss.anchor feeds the jump term: set loss.surrogate to jump or both (it is {loss.surrogate})")
-        if self.train.micro_batch_size < 1 or loss.jump_gap_start < 1 or loss.jump_gap_end < loss.jump_gap_start:
+            raise ConfigError("loss.anchor feeds the jump term: set loss.surrogate to jump or both (it is "
+                              f"{loss.surrogate})")
+        if self.train.micro_batch_size < 1 or not 1 <= loss.jump_gap_start <= loss.jump_gap_end:
             raise ConfigError("loss.jump_gap_start must be >= 1 and <= loss.jump_gap_end")
 
 
@@ -340,10 +372,13 @@ class PoolConfig:
     n_tasks: int = 500  # prompts sampled
     samples: int = 4  # N trajectories per prompt
     keep: int = 1  # trajectories kept per prompt: verified ones first, then by `prefer`
-    prefer: str = "likely"  # among verified: "fast" (fewest forwards) or "likely" (highest path log-likelihood)
-    require_pass: bool = True  # keep verified trajectories only (False: failing ones may fill a prompt's slots)
+    prefer: str = "likely"  # among verified: "fast" (fewest forwards) or "likely" (highest path
+    # log-likelihood)
+    require_pass: bool = True  # keep verified trajectories only (False: failing ones may fill a prompt's
+    # slots)
     batch_size: int = 32  # rows the sampler decodes together
-    sampler: SamplerConfig = field(default_factory=_pool_sampler)  # one token per step (the order is what is learnt)
+    sampler: SamplerConfig = field(default_factory=_pool_sampler)  # one token per step (the order is what is
+    # learnt)
     verifier: str = "python-tests"  # as rollout.verifier
     verifier_timeout: float = 120.0
     verifier_args: dict[str, Any] = field(default_factory=dict)  # as rollout.verifier_args
@@ -364,7 +399,8 @@ class OrderValidationConfig:
 
 @dataclass
 class OrderConfig:
-    """Stage 3: constrained-order distillation on the model's own best trajectories (docs/method.md, stage 3)."""
+    """Stage 3: constrained-order distillation on the model's own best trajectories (docs/method.md, stage
+    3)."""
 
     stage: str = "order"
     model: ModelConfig = field(default_factory=ModelConfig)  # model.init_from: the starting model (required)
@@ -376,8 +412,8 @@ class OrderConfig:
 
     UNUSED: typing.ClassVar[dict[str, str]] = {
         **{f"model.{k}": "the model and its shape come from model.init_from" for k in (
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
-            "rope_theta", "attention", "block_size", "shift_logits")},
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "rope_theta", "attention", "block_size", "shift_logits")},
         "train.eval_every": "stage 3 validates on validation.every",
         "train.eval_batches": "stage 3 validates on validation.n_tasks tasks",
     }
@@ -394,7 +430,8 @@ class OrderConfig:
         if pl.prefer not in ("fast", "likely"):
             raise ConfigError(f"pool.prefer='{pl.prefer}' is not one of: fast, likely")
         if pl.sampler.remask_threshold is not None:
-            raise ConfigError("pool.sampler.remask_threshold: self-correction makes trajectories unreplayable; leave it unset")
+            raise ConfigError("pool.sampler.remask_threshold: self-correction makes trajectories "
+                              "unreplayable; leave it unset")
 
 
 # stage name -> (schema, "module:function" of its trainer; imported only when the stage runs)
@@ -405,7 +442,8 @@ STAGES: dict[str, tuple[type, str]] = {
 }
 # keys that existed once, and what replaced them
 REMOVED_KEYS = {
-    "diffusion.objective": "the objective follows model.attention (causal: next-token; bidirectional or block_causal: mask diffusion)",
+    "diffusion.objective": "the objective follows model.attention (causal: next-token; bidirectional or "
+                           "block_causal: mask diffusion)",
 }
 
 
@@ -472,12 +510,14 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[Path, d
     if base is None:
         return path, raw
     if path.resolve() in _seen:
-        raise ConfigError(f"{path}: its `base:` chain comes back to it ({' -> '.join(str(p) for p in _seen)} -> {path})")
+        raise ConfigError(f"{path}: its `base:` chain comes back to it ({' -> '.join(str(p) for p in _seen)} "
+                          f"-> {path})")
     beside = path.parent / str(base)
     try:
         _, under = read_recipe(beside if beside.is_file() else base, (*_seen, path.resolve()))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: base: {base}: no such recipe (looked beside it, here and among onpolicy's recipes)") from None
+        raise ConfigError(f"{path}: base: {base}: no such recipe (looked beside it, here and among "
+                          "onpolicy's recipes)") from None
     return path, OmegaConf.to_container(OmegaConf.merge(under, raw), resolve=False)
 
 
@@ -489,7 +529,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, sta
     over = _dotlist_to_dict(overrides or [])
     stage = stage or over.get("stage") or raw.get("stage")
     if stage is None:
-        raise ConfigError(f"{path or 'config'}: no stage; did you forget `stage: ...` at the top? (one of: {', '.join(STAGES)})")
+        raise ConfigError(f"{path or 'config'}: no stage; did you forget `stage: ...` at the top? (one of: "
+                          f"{', '.join(STAGES)})")
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}'; valid stages: {', '.join(STAGES)}")
     schema = STAGES[stage][0]
@@ -498,16 +539,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, sta
     unused = getattr(schema, "UNUSED", {})
     for key in [*_leaves(raw), *_leaves(over)]:
         if key in unused:
-            raise ConfigError(f"{key}: stage {stage} does not use it ({unused[key]}); remove it from {path or 'the overrides'}")
+            raise ConfigError(f"{key}: stage {stage} does not use it ({unused[key]}); remove it from "
+                              f"{path or 'the overrides'}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw, over)
     except Exception as e:  # type errors: "train.max_steps=ten"; OmegaConf's message runs over several lines
         key = getattr(e, "full_key", None)
-        raise ConfigError(f"{path or 'config'}: " + (f"{key}: " if key else "") + str(e).splitlines()[0]) from None
+        raise ConfigError(f"{path or 'config'}: "
+                          + (f"{key}: " if key else "") + str(e).splitlines()[0]) from None
     given = _leaves(over)
     missing = [k for k, v in _leaves(raw).items() if v == "???" and given.get(k, "???") == "???"]
     if missing:  # `???` in a recipe: a value the user must give (and did not, by override)
-        raise ConfigError(f"{path or 'config'}: set {', '.join(missing)} (e.g. {missing[0]}=...); the recipe leaves it to you")
+        raise ConfigError(f"{path or 'config'}: set {', '.join(missing)} (e.g. {missing[0]}=...); the recipe "
+                          "leaves it to you")
     cfg = OmegaConf.to_object(merged)
     cfg.validate()
     return cfg
@@ -545,7 +589,8 @@ def check_common(cfg) -> None:
     _one_of(t.precision, PRECISIONS, "train.precision")
     _one_of(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
     if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
+                          f"model.num_attention_heads={m.num_attention_heads}")
     if (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("RoPE needs an even head size (model.hidden_size / model.num_attention_heads)")
     if m.shift_logits and m.attention == "causal":
@@ -559,7 +604,8 @@ def check_common(cfg) -> None:
         raise ConfigError("lora.r must be >= 0 (0 = off) and lora.dropout in [0, 1)")
     for name in cfg.lora.target_modules or []:
         if name not in LORA_TARGETS:
-            raise ConfigError(f"lora.target_modules: '{name}' names no linear layer of the model; valid: {', '.join(LORA_TARGETS)}")
+            raise ConfigError(f"lora.target_modules: '{name}' names no linear layer of the model; valid: "
+                              f"{', '.join(LORA_TARGETS)}")
 
 
 # The linear layers of onpolicy.model.DiffusionTransformer (every model, outside ones included, is mapped
@@ -573,14 +619,16 @@ def check_init_from(cfg) -> None:
     spec = cfg.model.init_from
     if spec and not _could_be_model(str(spec)):
         raise ConfigError(f"model.init_from: no such model folder or file: {spec} "
-                          "(a folder written by onpolicy, a run folder, an adapter folder, a .gguf file, smollm2 or a Hub id org/name)")
+                          "(a folder written by onpolicy, a run folder, an adapter folder, a .gguf file, "
+                          "smollm2 or a Hub id org/name)")
 
 
 def _could_be_model(spec: str) -> bool:
     """An existing path, a name onpolicy knows (smollm2) or something shaped like a Hub id (org/name)."""
     import re
 
-    return Path(spec).exists() or spec == "smollm2" or re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", spec) is not None
+    return (Path(spec).exists() or spec == "smollm2"
+            or re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", spec) is not None)
 
 
 def check_verifier(key: str, spec: str) -> None:
@@ -594,7 +642,8 @@ def check_verifier(key: str, spec: str) -> None:
 
 
 def check_task_sets(**sets: str) -> None:
-    """Each `key=name` a loadable task set, or a one-line ConfigError naming the key (before anything runs)."""
+    """Each `key=name` a loadable task set, or a one-line ConfigError naming the key (before anything
+    runs)."""
     from onpolicy.data.tasks import check_task_set
 
     for key, name in sets.items():

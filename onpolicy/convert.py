@@ -32,8 +32,10 @@ PARAM_NAMES = {
     "lm_head.weight": "lm_head.weight",
     "layers.{i}.input_norm.weight": "model.layers.{i}.input_layernorm.weight",
     "layers.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    **{f"layers.{{i}}.self_attn.{p}_proj.{w}": f"model.layers.{{i}}.self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")},
-    **{f"layers.{{i}}.mlp.{p}_proj.weight": f"model.layers.{{i}}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+    **{f"layers.{{i}}.self_attn.{p}_proj.{w}": f"model.layers.{{i}}.self_attn.{p}_proj.{w}" for p in "qkvo"
+       for w in ("weight", "bias")},
+    **{f"layers.{{i}}.mlp.{p}_proj.weight": f"model.layers.{{i}}.mlp.{p}_proj.weight"
+       for p in ("gate", "up", "down")},
 }
 
 
@@ -51,7 +53,8 @@ def _rope_theta(cfg) -> float:
     scaling = getattr(cfg, "rope_scaling", None) or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise ValueError(f"rope type '{kind}' (scaled RoPE) is not supported; DiffusionTransformer uses plain RoPE")
+        raise ValueError(f"rope type '{kind}' (scaled RoPE) is not supported; DiffusionTransformer uses "
+                         "plain RoPE")
     return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
@@ -62,10 +65,12 @@ def diffusion_config_from(cfg, vocab_size: int, special) -> DiffusionTransformer
         raise ValueError(f"model_type '{kind}' cannot be converted; supported: {', '.join(SUPPORTED)}")
     heads = cfg.num_attention_heads
     if getattr(cfg, "head_dim", None) not in (None, cfg.hidden_size // heads):
-        raise ValueError(f"head_dim={cfg.head_dim} differs from hidden_size / num_attention_heads; not supported")
+        raise ValueError(f"head_dim={cfg.head_dim} differs from hidden_size / num_attention_heads; not "
+                         "supported")
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         raise ValueError("only SwiGLU MLPs with silu and no bias are supported")
-    if getattr(cfg, "use_sliding_window", False) or (kind == "mistral" and getattr(cfg, "sliding_window", None)):
+    if (getattr(cfg, "use_sliding_window", False)
+            or (kind == "mistral" and getattr(cfg, "sliding_window", None))):
         raise ValueError("sliding-window attention is not supported")
     llama_bias = bool(getattr(cfg, "attention_bias", False))
     return DiffusionTransformerConfig(
@@ -75,7 +80,8 @@ def diffusion_config_from(cfg, vocab_size: int, special) -> DiffusionTransformer
         rope_theta=_rope_theta(cfg), rms_norm_eps=cfg.rms_norm_eps, attention="causal", block_size=1,
         attention_bias=kind == "qwen2" or llama_bias, attention_out_bias=llama_bias,
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        mask_token_id=special.mask, pad_token_id=special.pad, bos_token_id=special.bos, eos_token_id=special.eos,
+        mask_token_id=special.mask, pad_token_id=special.pad, bos_token_id=special.bos,
+        eos_token_id=special.eos,
     )
 
 
@@ -118,18 +124,21 @@ def to_llama(model: DiffusionTransformer):
     if c.attention != "causal" or c.shift_logits:
         raise ValueError(f"only a causal (AR) model exports as Llama; this one is {c.attention}")
     if c.attention_bias != c.attention_out_bias:
-        raise ValueError("Llama has one attention_bias for q, k, v and o; this model's differ (a Qwen2 conversion)")
+        raise ValueError("Llama has one attention_bias for q, k, v and o; this model's differ (a Qwen2 "
+                         "conversion)")
     llama = LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, attention_bias=c.attention_bias, hidden_act="silu",
-        tie_word_embeddings=c.tie_word_embeddings, **{k: getattr(c, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")},
+        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, attention_bias=c.attention_bias,
+        hidden_act="silu", tie_word_embeddings=c.tie_word_embeddings,
+        **{k: getattr(c, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")},
     )
     lm = LlamaForCausalLM(llama)
     state = {_rename(k, PARAM_NAMES): v.detach().cpu().clone() for k, v in model.state_dict().items()}
     missing, unexpected = lm.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "rotary_emb" not in k and not (k == "lm_head.weight" and c.tie_word_embeddings)]
+    missing = [k for k in missing if "rotary_emb" not in k
+               and not (k == "lm_head.weight" and c.tie_word_embeddings)]
     if missing or unexpected:
         raise KeyError(f"Llama conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return lm.to(next(model.parameters()).dtype).eval()

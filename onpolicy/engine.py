@@ -37,8 +37,10 @@ def setup_distributed(cache_dir: str | Path = ".cache/onpolicy", threads: int | 
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ext_dir = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_dir, "torch_extensions").resolve())))
-    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    ext_dir = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                                         str(Path(cache_dir, "torch_extensions").resolve())))
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
@@ -78,8 +80,10 @@ def _prebuild_cpu_ops(ext_dir: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not any(ext_dir.glob(f"{builder.name}*")) and os.environ.get("RANK", "0") == "0":
-                print(f"[onpolicy] building DeepSpeed's CPU communication op into {ext_dir} (once, ~25 s)", flush=True)
-            with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints "... built successfully" every time
+                print(f"[onpolicy] building DeepSpeed's CPU communication op into {ext_dir} (once, ~25 s)",
+                      flush=True)
+            # DeepSpeed prints "... built successfully" every time
+            with contextlib.redirect_stdout(io.StringIO()):
                 builder.load(verbose=False)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -129,7 +133,8 @@ def deepspeed_config(path: str, micro_batch_size: int, grad_accum: int, world_si
     except FileNotFoundError as e:
         raise FileNotFoundError(f"train.deepspeed: {e}") from None
     cfg = json.loads(p.read_text())
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
         if cfg.get(key, "auto") != "auto":
             raise ValueError(f"{p}: '{key}' is set from the recipe (train.*); write \"auto\" or leave it out")
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -148,20 +153,25 @@ def deepspeed_config(path: str, micro_batch_size: int, grad_accum: int, world_si
         params = (cfg.get(block) or {}).get("params", {})
         concrete = sorted(k for k, v in params.items() if v != "auto")
         if concrete:
-            raise ValueError(f"{p}: {block}.params {concrete} are set from the recipe (train.lr, train.betas, "
-                             f"train.weight_decay, train.warmup_steps); write \"auto\" or remove the {block} block")
+            raise ValueError(f"{p}: {block}.params {concrete} are set from the recipe (train.lr, "
+                             "train.betas, "
+                             f"train.weight_decay, train.warmup_steps); write \"auto\" or remove the {block} "
+                             "block")
         cfg.pop(block, None)
     zero = cfg.get("zero_optimization") or {}
-    buckets = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    buckets = {"reduce_bucket_size": lambda h: h * h,
+               "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
                "stage3_param_persistence_threshold": lambda h: 10 * h}
     for key, fill in buckets.items():
         if zero.get(key) == "auto":
             if hidden_size is None:
-                raise ValueError(f"{p}: zero_optimization.{key} is \"auto\" but the model's hidden size is unknown here")
+                raise ValueError(f"{p}: zero_optimization.{key} is \"auto\" but the model's hidden size is "
+                                 "unknown here")
             zero[key] = fill(hidden_size)
     left = _auto_keys(cfg)
     if left:
-        raise ValueError(f"{p}: {', '.join(left)} are \"auto\", which onpolicy does not know how to fill; give values")
+        raise ValueError(f"{p}: {', '.join(left)} are \"auto\", which onpolicy does not know how to fill; "
+                         "give values")
     cfg.setdefault("steps_per_print", 1 << 30)  # we log ourselves
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
@@ -176,7 +186,8 @@ def _auto_keys(node, where: str = "") -> list[str]:
 def step(engine) -> None:
     """engine.step(), noting the global gradient norm (before clipping) at an optimizer step where
     DeepSpeed keeps none (ZeRO-0 in fp32: plain torch gradients, read here before they are cleared)."""
-    if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+    if (engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0
+            and not engine.bfloat16_enabled()):
         grads = [p.grad.detach().norm() for p in engine.module.parameters() if p.grad is not None]
         engine.onpolicy_grad_norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else None
     engine.step()
@@ -201,7 +212,8 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   betas: tuple[float, float]) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
     # a parameter ZeRO-3 has partitioned keeps its real shape in ds_shape
@@ -217,7 +229,8 @@ def initialize(model, optimizer, scheduler, ds_config: dict):
     """deepspeed.initialize with a torch optimizer (no JIT-compiled fused Adam needed)."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
     return engine
 
 

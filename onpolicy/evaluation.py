@@ -1,4 +1,5 @@
-"""`onpolicy eval`: pass@k (unbiased estimator) with intervals, speed and verdicts, on `rollout.decode_tasks`."""
+"""`onpolicy eval`: pass@k (unbiased estimator) with intervals, speed and verdicts, on
+`rollout.decode_tasks`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def evaluate_checkpoint(model, tokenizer, tasks, sampler_cfg, samples: int, veri
 
     from onpolicy.rollout import decode_tasks
 
-    decoded = decode_tasks(model, tokenizer, tasks, sampler_cfg, samples, seed, batch_size, chat, progress=progress)
+    decoded = decode_tasks(model, tokenizer, tasks, sampler_cfg, samples, seed, batch_size, chat,
+                           progress=progress)
     rollouts = decoded.rollouts
     verdicts = verifier.verify([r.task for r in rollouts], [r.completion for r in rollouts])
     passed = defaultdict(int)
@@ -41,8 +43,9 @@ def evaluate_checkpoint(model, tokenizer, tasks, sampler_cfg, samples: int, veri
             levels[t.task_id.split("/")[2]].append(per_task[1][i])
     if levels:
         out["pass@1_by_level"] = {lvl: sum(v) / len(v) for lvl, v in sorted(levels.items())}
-    out["samples_detail"] = [{"task_id": r.task.task_id, "sample": r.sample, "completion": r.completion, "passed": v.passed,
-                              "status": v.status, "tokens": r.n_tokens, "forwards": r.forwards} for r, v in zip(rollouts, verdicts)]
+    out["samples_detail"] = [{"task_id": r.task.task_id, "sample": r.sample, "completion": r.completion,
+                              "passed": v.passed, "status": v.status, "tokens": r.n_tokens,
+                              "forwards": r.forwards} for r, v in zip(rollouts, verdicts)]
     return out
 
 
@@ -58,8 +61,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
 
 def within_tolerance(pass_at_1: float, bar: float, tolerance: float) -> bool:
     """Whether a pass@1 is at most `tolerance` below `bar` (the quality rule of stage 4's best checkpoint, of
-    its frontier report and of the pipeline report's comparison with AR). Exact at the edge: 36/300 is within 0.02 of 42/300, which `0.12 >= 0.14 - 0.02`
-    rejects in floating point (0.14 - 0.02 = 0.12000000000000001)."""
+    its frontier report and of the pipeline report's comparison with AR). Exact at the edge: 36/300 is within
+    0.02 of 42/300, which `0.12 >= 0.14 - 0.02` rejects in floating point (0.14 - 0.02 =
+    0.12000000000000001)."""
     return pass_at_1 >= bar - tolerance - 1e-9
 
 
@@ -74,8 +78,10 @@ def markdown_table(name: str, result: dict) -> str:
     rows = [("tasks", result["tasks"]), ("samples per task", result["samples"])]
     rows += [(k, f"{v:.3f}") for k, v in result.items() if k.startswith("pass@") and isinstance(v, float)]
     lo, hi = result["pass@1_ci95"]
-    rows += [("pass@1 95% interval", f"[{lo:.3f}, {hi:.3f}]"), ("tokens per forward", f"{result['tokens_per_forward']:.2f}"),
-             ("forwards per token", f"{result['forwards_per_token']:.2f}"), ("tokens/s", f"{result['tokens_per_s']:.1f}")]
+    rows += [("pass@1 95% interval", f"[{lo:.3f}, {hi:.3f}]"),
+             ("tokens per forward", f"{result['tokens_per_forward']:.2f}"),
+             ("forwards per token", f"{result['forwards_per_token']:.2f}"),
+             ("tokens/s", f"{result['tokens_per_s']:.1f}")]
     rows += [(f"verdict: {k}", n) for k, n in sorted(result["status_counts"].items())]
     rows += [(f"pass@1 {lvl}", f"{v:.3f}") for lvl, v in result.get("pass@1_by_level", {}).items()]
     return f"| {name} | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)

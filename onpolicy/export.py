@@ -27,8 +27,8 @@ import torch
 
 PACKAGE = Path(__file__).resolve().parent
 # file in the exported folder -> its source in this package (model.py imports the others relatively)
-CODE_FILES = {"modeling_onpolicy.py": "model.py", "sampling.py": "sampling.py", "special_tokens.py": "special_tokens.py",
-              "errors.py": "errors.py"}
+CODE_FILES = {"modeling_onpolicy.py": "model.py", "sampling.py": "sampling.py",
+              "special_tokens.py": "special_tokens.py", "errors.py": "errors.py"}
 AUTO_MAP = {
     "AutoConfig": "modeling_onpolicy.DiffusionTransformerConfig",
     "AutoModel": "modeling_onpolicy.DiffusionTransformer",
@@ -37,16 +37,19 @@ AUTO_MAP = {
 SKELETON = "model"  # <run>/model/: the run's model config and tokenizer, written at its start (export --step)
 
 
-def save_model_folder(model, tokenizer, out_dir: Path, decoding: dict | None = None, card: dict | None = None) -> Path:
+def save_model_folder(model, tokenizer, out_dir: Path, decoding: dict | None = None,
+                      card: dict | None = None) -> Path:
     """Write `model` (a DiffusionTransformer, on any device) as a self-contained folder."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # a decoding block inherited from the parent model's config is not this model's: the block it was trained
     # (or moved) to is; only an explicit `decoding` may recommend another
-    inherited = {k: v for k, v in (getattr(model.config, "decoding", None) or {}).items() if k != "block_size"}
-    model.config.decoding = {"max_new_tokens": 128, "temperature": 0.0, **inherited, "block_size": model.config.block_size,
-                             **(decoding or {})}
-    if getattr(model.config, "mask_token_id", None) is not None:  # our diffusion model: the sampler needs these ids
+    inherited = {k: v for k, v in (getattr(model.config, "decoding", None) or {}).items()
+                 if k != "block_size"}
+    model.config.decoding = {"max_new_tokens": 128, "temperature": 0.0, **inherited,
+                             "block_size": model.config.block_size, **(decoding or {})}
+    # our diffusion model: the sampler needs these ids
+    if getattr(model.config, "mask_token_id", None) is not None:
         from onpolicy.special_tokens import SpecialTokens
 
         special = SpecialTokens.from_tokenizer(tokenizer)
@@ -97,7 +100,8 @@ def public_recipe(recipe_yaml: str, model) -> str:
 
     def scrub(node):
         if isinstance(node, dict):
-            return {k: (_name(v) if k in PATH_KEYS and isinstance(v, str) else scrub(v)) for k, v in node.items()}
+            return {k: (_name(v) if k in PATH_KEYS and isinstance(v, str) else scrub(v)) for k,
+                    v in node.items()}
         if isinstance(node, list):
             return [scrub(v) for v in node]
         return node
@@ -105,14 +109,16 @@ def public_recipe(recipe_yaml: str, model) -> str:
     data = scrub(data)
     c = model.config
     model_section = data.setdefault("model", {})
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "attention", "block_size", "shift_logits"):
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "attention", "block_size",
+                "shift_logits"):
         if hasattr(c, key):
             model_section[key] = getattr(c, key)
     return yaml.safe_dump(data, sort_keys=False)
 
 
 def _name(value: str) -> str:
-    return Path(value).name if ("/" in value or "\\" in value) and not value.startswith(("generated:", "repair:")) else value
+    return (Path(value).name if ("/" in value or "\\" in value)
+            and not value.startswith(("generated:", "repair:")) else value)
 
 
 def write_model_card(folder: Path, model, card: dict) -> None:
@@ -123,15 +129,19 @@ def write_model_card(folder: Path, model, card: dict) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     hub_base, base_name = public_base(card.get("base_model"))
     tags = ["onpolicy", "code"] + (["causal-lm"] if causal else ["diffusion", "block-diffusion", "dllm"])
-    # no pipeline_tag: transformers' pipeline() cannot drive a diffusion sampler; the snippet below is the way in
+    # no pipeline_tag: transformers' pipeline() cannot drive a diffusion sampler; the
+    # snippet below is the way in
     meta = ["---", "library_name: transformers", "license: apache-2.0", "tags:", *[f"- {t}" for t in tags]]
     if hub_base:
         meta.append(f"base_model: {hub_base}")
     meta.append("---")
-    kind = "causal (autoregressive) transformer" if causal else f"{c.attention} diffusion transformer, block size {c.block_size}"
+    kind = "causal (autoregressive) transformer" if causal else (f"{c.attention} diffusion transformer, "
+                                                                 "block "
+                                                                 f"size {c.block_size}")
     adapters = card.get("adapter_params")
     repo = card.get("repo") or "path/to/this/folder"
-    shape = f"{c.num_hidden_layers} layers, hidden size {c.hidden_size}, {c.num_attention_heads} heads, vocabulary {c.vocab_size:,}"
+    shape = (f"{c.num_hidden_layers} layers, hidden size {c.hidden_size}, {c.num_attention_heads} heads, "
+             f"vocabulary {c.vocab_size:,}")
     lines = [*meta, "", f"# {card.get('name', folder.name)}", "",
              f"A {n_params / 1e6:.2f}M-parameter {kind} ({shape}), trained with onpolicy"
              + (f" (stage `{card['stage']}`)" if card.get("stage") else "")
@@ -141,12 +151,14 @@ def write_model_card(folder: Path, model, card: dict) -> None:
              f'model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)',
              f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
              'ids = tokenizer("def add(a, b):\\n", return_tensors="pt").input_ids',
-             "out = model.generate(ids, max_new_tokens=32)  # the block-diffusion sampler; defaults: config.json's `decoding`",
+             "out = model.generate(ids, max_new_tokens=32)  # the block-diffusion sampler; defaults: "
+             "config.json's `decoding`",
              "print(tokenizer.decode(out[0]))", "```", "",
              f"Recommended decoding (saved in config.json): `{json.dumps(c.decoding)}`.", ""]
     if card.get("eval"):
         lines += ["## Evaluation", "", "| metric | value |", "|---|---|",
-                  *[f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in card["eval"].items()], ""]
+                  *[f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k,
+                    v in card["eval"].items()], ""]
     if card.get("recipe"):
         lines += ["## Recipe", "", "```yaml", public_recipe(card["recipe"], model).rstrip(), "```", ""]
     (folder / "README.md").write_text("\n".join(lines))
@@ -156,27 +168,31 @@ def machine_paths(folder: Path) -> list[str]:
     """Files of `folder` that name a path of this machine (an absolute path of it, or the home folder)."""
     import tempfile
 
-    marks = {str(Path.home()) + "/", str(Path.cwd()) + "/", tempfile.gettempdir() + "/", str(folder.resolve().parent) + "/"}
+    marks = {str(Path.home()) + "/", str(Path.cwd()) + "/", tempfile.gettempdir() + "/",
+             str(folder.resolve().parent) + "/"}
     found = []
     for f in sorted(folder.rglob("*")):  # the tokenizer's vocabulary may hold any text: not a path it names
-        if f.is_file() and f.suffix in (".json", ".md", ".yaml", ".txt", ".py") and f.name not in ("tokenizer.json", "vocab.json"):
+        if (f.is_file() and f.suffix in (".json", ".md", ".yaml", ".txt", ".py")
+                and f.name not in ("tokenizer.json", "vocab.json")):
             text = f.read_text(errors="ignore")
             if any(m in text for m in marks if len(m) > 2):
                 found.append(str(f.relative_to(folder)))
     return found
 
 
-def push_folder(folder: Path, repo_id: str, private: bool = False, message: str = "Upload model from onpolicy",
-                api=None) -> str:
+def push_folder(folder: Path, repo_id: str, private: bool = False,
+                message: str = "Upload model from onpolicy", api=None) -> str:
     """Upload an exported folder to the Hub repository `repo_id` (created if missing); its URL. Refuses a
     folder that is not a model folder or that names paths of this machine. `api`: a stand-in for tests."""
     from onpolicy.errors import ConfigError
 
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
-        raise ConfigError(f"{folder}: not a model folder (no config.json); export one with `onpolicy export RUN`")
+        raise ConfigError(f"{folder}: not a model folder (no config.json); export one with `onpolicy export "
+                          "RUN`")
     leaks = machine_paths(folder)
     if leaks:
-        raise ConfigError(f"{folder}: {leaks[0]} names a path of this machine; re-export with this version of onpolicy")
+        raise ConfigError(f"{folder}: {leaks[0]} names a path of this machine; re-export with this version "
+                          "of onpolicy")
     if api is None:
         from huggingface_hub import HfApi
 
@@ -212,9 +228,11 @@ def checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def refuse_existing(target: Path, command: str) -> None:
-    """`export` and `merge` never write over a folder that holds something (a model would be half replaced)."""
+    """`export` and `merge` never write over a folder that holds something (a model would be half
+    replaced)."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"{target} exists and is not empty; {command} will not overwrite it (give another --out)")
+        raise FileExistsError(f"{target} exists and is not empty; {command} will not overwrite it (give "
+                              "another --out)")
 
 
 def model_at_step(run: Path, step: int):
@@ -232,25 +250,29 @@ def model_at_step(run: Path, step: int):
         raise FileNotFoundError(f"{folder}: no such checkpoint; the run has: {', '.join(done) or 'none'}")
     model = DiffusionTransformer(DiffusionTransformerConfig.from_json_file(str(skeleton / "config.json")))
     state = checkpoint_state(folder)
-    if any(k.startswith("base_model.model.") for k in state):  # trained with LoRA: rebuild the adapters, merge
+    # trained with LoRA: rebuild the adapters, merge
+    if any(k.startswith("base_model.model.") for k in state):
         from onpolicy.lora import apply_lora
 
         model = apply_lora(model, load_config(run / "config.yaml").lora)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not fit the run's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(f"{folder}: weights do not fit the run's model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model.eval(), load_model_tokenizer(skeleton)
 
 
-def export_run(run: str, out: str | None, step: int | None, llama: bool, base_model: str | None = None) -> Path:
+def export_run(run: str, out: str | None, step: int | None, llama: bool,
+               base_model: str | None = None) -> Path:
     """`onpolicy export`: a run (or model folder) as a self-contained folder; its path."""
     from onpolicy.loading import load_pretrained
 
     run_dir = Path(run)
-    target = Path(out) if out else run_dir / ("export-llama" if llama else "export") / (f"step_{step:08d}" if step is not None else "final")
+    name = f"step_{step:08d}" if step is not None else "final"
+    target = Path(out) if out else run_dir / ("export-llama" if llama else "export") / name
     refuse_existing(target, "export")
     if step is not None:
         model, tokenizer = model_at_step(run_dir, step)

@@ -42,7 +42,8 @@ class CausalLMAdapter(nn.Module):
         self.lm = lm
         self.lm_vocab = lm.get_output_embeddings().weight.shape[0]
         if vocab_size < self.lm_vocab:
-            raise ValueError(f"tokenizer has {vocab_size} tokens, fewer than the model's {self.lm_vocab} output rows")
+            raise ValueError(f"tokenizer has {vocab_size} tokens, fewer than the model's {self.lm_vocab} "
+                             "output rows")
         self.vocab_size, self.eos = vocab_size, eos_token_id
         self.config = SimpleNamespace(attention="causal", block_size=1, vocab_size=vocab_size)
 
@@ -53,8 +54,8 @@ class CausalLMAdapter(nn.Module):
         new_mask = attention_mask if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
         mask = new_mask if past_key_values is None else torch.cat([past_key_values.mask, new_mask], 1)
         out = self.lm(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids,
-                      past_key_values=None if past_key_values is None else past_key_values.past, use_cache=use_cache,
-                      logits_to_keep=logits_to_keep)
+                      past_key_values=None if past_key_values is None else past_key_values.past,
+                      use_cache=use_cache, logits_to_keep=logits_to_keep)
         logits = out.logits
         if self.vocab_size > self.lm_vocab:  # tokens the model never saw are never proposed
             logits = nn.functional.pad(logits, (0, self.vocab_size - self.lm_vocab), value=-float("inf"))

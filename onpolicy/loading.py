@@ -57,7 +57,8 @@ def _load_adapter(folder: Path, device: str, merge: bool):
     try:
         model = PeftModel.from_pretrained(base, str(folder))
     except Exception as e:
-        raise CheckpointError(f"{folder}: cannot load the adapter onto {adapter_base(folder)} ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{folder}: cannot load the adapter onto {adapter_base(folder)} "
+                              f"({type(e).__name__}: {e})") from e
     model = model.merge_and_unload() if merge else model
     return model.to(device).eval(), tokenizer
 

@@ -19,14 +19,18 @@ def apply_lora(model: torch.nn.Module, lora, verbose: bool = False) -> torch.nn.
 
     targets = lora.target_modules or "all-linear"
     if targets != "all-linear":
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
         unknown = [t for t in targets if t not in names]
         if unknown:
-            raise ConfigError(f"lora.target_modules: '{unknown[0]}' names no linear layer of this model; valid: {', '.join(names)}")
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets))
+            raise ConfigError(f"lora.target_modules: '{unknown[0]}' names no linear layer of this model; "
+                              f"valid: {', '.join(names)}")
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=targets))
     if verbose:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        print(f"[lora] trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
+        print(f"[lora] trainable params: {trainable:,} || all params: {total:,} || trainable%: "
+              f"{100 * trainable / total:.4f}",
               flush=True)
     return model

@@ -28,7 +28,9 @@ def wandb_credentials() -> bool:
 def step_seconds(row: dict) -> float:
     """Wall-clock seconds of one logged RL step: its `time/step`, or (runs logged before it existed) the
     sum of its rollout, verify and train times."""
-    return row["time/step"] if "time/step" in row else row["time/rollout"] + row["time/verify"] + row["time/train"]
+    if "time/step" in row:
+        return row["time/step"]
+    return row["time/rollout"] + row["time/verify"] + row["time/train"]
 
 
 class MetricsLogger:
@@ -54,18 +56,22 @@ class MetricsLogger:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         self.file = (output_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        wandb_mode = os.environ.get("WANDB_MODE") or wandb_mode  # wandb's own variables win, as in every wandb tool
+        # wandb's own variables win, as in every wandb tool
+        wandb_mode = os.environ.get("WANDB_MODE") or wandb_mode
         wandb_project = os.environ.get("WANDB_PROJECT") or wandb_project
         if wandb_mode not in ("disabled", "offline", "online", "dryrun", "run"):
-            raise RuntimeError(f"WANDB_MODE / logging.wandb = '{wandb_mode}' is not one of disabled, offline, online")
+            raise RuntimeError(f"WANDB_MODE / logging.wandb = '{wandb_mode}' is not one of disabled, "
+                               "offline, online")
         if wandb_mode != "disabled":
             if wandb_mode in ("online", "run") and not wandb_credentials():
-                raise RuntimeError("logging.wandb=online needs wandb credentials: run `wandb login` or set WANDB_API_KEY; "
+                raise RuntimeError("logging.wandb=online needs wandb credentials: run `wandb login` or set "
+                                   "WANDB_API_KEY; "
                                    "or use logging.wandb=offline (sync later) or disabled")
             import wandb
 
             self.wandb = wandb.init(
-                project=wandb_project, name=run_name or output_dir.name, dir=str(output_dir), mode=wandb_mode, config=config
+                project=wandb_project, name=run_name or output_dir.name, dir=str(output_dir), mode=wandb_mode,
+                config=config
             )
         if progress:
             from tqdm.auto import tqdm
@@ -76,7 +82,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        metrics = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items() if v is not None}  # tensors read here, once
+        # tensors read here, once
+        metrics = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items() if v is not None}
         row = {"step": step, "time": round(time.perf_counter() - self._t0, 3), **metrics}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -97,7 +104,8 @@ class MetricsLogger:
             import wandb
 
             keys = list(rows[0])
-            self.wandb.log({"completions": wandb.Table(columns=["step", *keys], data=[[step, *(r[k] for k in keys)] for r in rows])},
+            self.wandb.log({"completions": wandb.Table(columns=["step", *keys],
+                                                       data=[[step, *(r[k] for k in keys)] for r in rows])},
                            step=step)
 
     def progress(self, step: int, postfix: dict[str, Any]) -> None:

@@ -79,7 +79,8 @@ class DiffusionTransformerConfig(PretrainedConfig):
         # (onpolicy.convert); our own models use neither.
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         if num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={num_attention_heads} is not a multiple of num_key_value_heads={self.num_key_value_heads}")
+            raise ValueError(f"num_attention_heads={num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
         self.attention_bias = attention_bias  # biases on q, k, v (Qwen2)
         self.attention_out_bias = attention_out_bias  # bias on o (Llama's attention_bias sets both)
         kwargs.setdefault("tie_word_embeddings", False)
@@ -108,8 +109,10 @@ class KVCache:
     valid: torch.Tensor | None = None  # [B, capacity] False for padding
     lengths: torch.Tensor | None = None  # [B] long: slots that hold each row's cached tokens (None: all 0)
     capacity: int = 0  # slots to allocate at the first write (grown as needed)
-    last_logits: torch.Tensor | None = None  # [B, 1, V] raw logits of each row's last cached token (shift_logits)
-    mask_memo: tuple | None = None  # (lengths, q_pos, q_block, q_valid, mask): the same query at the same lengths reuses its mask
+    last_logits: torch.Tensor | None = None  # [B, 1, V] raw logits of each row's last cached token
+    # (shift_logits)
+    mask_memo: tuple | None = None  # (lengths, q_pos, q_block, q_valid, mask): the same query at the same
+    # lengths reuses its mask
     window: tuple | None = None  # (start, end, slots) of the forward in flight: see `open_window`
 
     @property
@@ -158,12 +161,16 @@ class KVCache:
         own_end = self.lengths + n
         return self.valid[:, :end] & (torch.arange(end, device=valid.device)[None] < own_end[:, None])
 
-    def advance(self, kept: int | torch.Tensor | None, n: int, raw: torch.Tensor, offset: int = 0, shift: bool = True) -> None:
+    def advance(self, kept: int | torch.Tensor | None, n: int, raw: torch.Tensor, offset: int = 0,
+                shift: bool = True) -> None:
         """After a forward with `use_cache`: the first `kept` new tokens (per row, or all `n`) join each
         row's cache, and a row that kept any remembers the raw logits of its last kept token (raw: the
         head's output from the forward's token `offset` on: logits_to_keep ran it on the last ones only;
         only a `shift`ed model reads them)."""
-        kept = torch.full_like(self.lengths, n if kept is None else kept) if not torch.is_tensor(kept) else kept.to(self.lengths)
+        if torch.is_tensor(kept):
+            kept = kept.to(self.lengths)
+        else:
+            kept = torch.full_like(self.lengths, n if kept is None else kept)
         joined = kept > 0
         if shift and bool((joined & (kept - 1 < offset)).any()):
             raise ValueError("logits_to_keep cut off the head's output of a token that joins the cache")
@@ -219,13 +226,15 @@ class KVCache:
         forward on some rows of a batch. `merge_rows` takes back their lengths and last logits."""
         view = lambda t: None if t is None else t[group]  # noqa: E731
         return KVCache([k[group] for k in self.keys], [v[group] for v in self.values], view(self.positions),
-                       view(self.block_ids), view(self.valid), view(self.lengths).clone(), self.capacity, view(self.last_logits))
+                       view(self.block_ids), view(self.valid), view(self.lengths).clone(), self.capacity,
+                       view(self.last_logits))
 
     def merge_rows(self, group: slice, part: KVCache) -> None:
         self.lengths[group] = part.lengths
         if part.last_logits is not None:
             if self.last_logits is None:
-                self.last_logits = part.last_logits.new_zeros((len(self.lengths), *part.last_logits.shape[1:]))
+                self.last_logits = part.last_logits.new_zeros((len(self.lengths),
+                                                               *part.last_logits.shape[1:]))
             self.last_logits[group] = part.last_logits
         self.mask_memo = None
 
@@ -235,7 +244,8 @@ class KVCache:
             raise ValueError("add_rows needs a cache that has been written once")
         grow = lambda t: torch.cat([t, t.new_zeros((n, *t.shape[1:]))]) if t is not None else None  # noqa: E731
         self.keys, self.values = [grow(k) for k in self.keys], [grow(v) for v in self.values]
-        self.positions, self.block_ids, self.valid = grow(self.positions), grow(self.block_ids), grow(self.valid)
+        self.positions, self.block_ids = grow(self.positions), grow(self.block_ids)
+        self.valid = grow(self.valid)
         self.lengths, self.last_logits, self.mask_memo = grow(self.lengths), grow(self.last_logits), None
 
 
@@ -277,7 +287,8 @@ def attention_allowed(
     return (allowed & k_valid[:, None, :])[:, None]
 
 
-def flex_block_mask(mode: str, pos: torch.Tensor, block: torch.Tensor, valid: torch.Tensor, noisy: torch.Tensor | None):
+def flex_block_mask(mode: str, pos: torch.Tensor, block: torch.Tensor, valid: torch.Tensor,
+                    noisy: torch.Tensor | None):
     """The same rule as `attention_allowed` (queries = keys, no cache) as a flex_attention BlockMask:
     evaluated per tile, so no dense [B, 1, L, L] mask exists on GPU (where mask building is compiled).
     A padding query sees itself, as in the dense path, so no row is empty."""
@@ -352,7 +363,8 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     """cos and signed sin of shape [B, 1, L, head_dim] for integer positions [B, L]: RoPE with
     rotate-half pairs (i, i + head_dim/2), as Llama. The sin's first half carries the minus sign of
     rotate_half, so `apply_rope` needs one roll instead of two slices, a negation and a cat."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                             dtype=torch.float32) / head_dim))
     angles = positions.float()[..., None] * inv_freq  # [B, L, head_dim/2]
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], dim=-1)[:, None].to(dtype), torch.cat([-sin, sin], dim=-1)[:, None].to(dtype)
@@ -374,14 +386,16 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_out_bias)
 
-    def forward(self, x, cos, sin, allowed, cache: KVCache | None = None, layer: int = 0, is_causal=False, only=None):
+    def forward(self, x, cos, sin, allowed, cache: KVCache | None = None, layer: int = 0, is_causal=False,
+                only=None):
         """`only` ([B, K] long, no cache, a dense mask): queries at those tokens alone (keys and values
         from all); the output is theirs, [B, K, hidden]."""
         b, n, _ = x.shape
         k, v = (p(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2) for p in (self.k_proj, self.v_proj))
         k = apply_rope(k, cos, sin)  # [B, H, L, D]
         if only is not None:
-            x, (q_cos, q_sin) = pick_tokens(x, only), (pick_tokens(t.expand(b, -1, -1, -1), only, dim=2) for t in (cos, sin))
+            x, (q_cos, q_sin) = pick_tokens(x, only), (pick_tokens(t.expand(b, -1, -1, -1), only, dim=2)
+                                                       for t in (cos, sin))
             allowed = None if allowed is None else pick_tokens(allowed.expand(b, -1, -1, -1), only, dim=2)
             cos, sin, n = q_cos, q_sin, only.shape[1]
         q = apply_rope(self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
@@ -391,7 +405,8 @@ class Attention(nn.Module):
         if allowed is not None and not isinstance(allowed, torch.Tensor):  # a flex BlockMask
             out = flex_attention(q, k, v, allowed, gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal,
+                                                 enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -434,8 +449,10 @@ class DiffusionTransformer(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Layer"]
     _supports_sdpa = True
-    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}  # tied only when config.tie_word_embeddings
-    broadcast_mask = True  # rows with one layout share one [1, 1, L, L] mask (False: one per row; benchmarks/train_layout.py)
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}  # tied only when
+    # config.tie_word_embeddings
+    broadcast_mask = True  # rows with one layout share one [1, 1, L, L] mask (False: one per row;
+    # benchmarks/train_layout.py)
 
     def __init__(self, config: DiffusionTransformerConfig):
         super().__init__(config)
@@ -515,14 +532,17 @@ class DiffusionTransformer(PreTrainedModel):
         cfg = self.config
         b, n = input_ids.shape
         device = input_ids.device
-        valid = torch.ones(b, n, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        valid = torch.ones(b, n, dtype=torch.bool,
+                           device=device) if attention_mask is None else attention_mask.bool()
         cache = past_key_values
         if cache is None and use_cache:
             cache = KVCache(capacity=n)
-        if position_ids is None:  # continue each row's cached positions (the cache's padding slots hold position 0)
+        # continue each row's cached positions (the cache's padding slots hold position 0)
+        if position_ids is None:
             start = 0
             if cache is not None and cache.length:
-                start = (cache.positions[:, : cache.length] * cache.valid[:, : cache.length]).max(dim=1).values[:, None] + 1
+                seen = cache.positions[:, : cache.length] * cache.valid[:, : cache.length]
+                start = seen.max(dim=1).values[:, None] + 1
             position_ids = (valid.long().cumsum(1) - 1).clamp(min=0) + start
         if block_ids is None:
             block_ids = position_ids // cfg.block_size
@@ -531,7 +551,8 @@ class DiffusionTransformer(PreTrainedModel):
             if cfg.attention != "block_causal" or cache is not None:
                 raise ValueError("clean_input_ids is for block_causal training, without a cache")
             input_ids = torch.cat([input_ids, clean_input_ids], dim=1)
-            position_ids, block_ids, valid = (torch.cat([t, t], dim=1) for t in (position_ids, block_ids, valid))
+            position_ids, block_ids, valid = (torch.cat([t, t], dim=1)
+                                              for t in (position_ids, block_ids, valid))
             noisy = torch.arange(2 * n, device=device)[None].expand(b, -1) < n
         if logits_to_keep and noisy is not None:
             raise ValueError("logits_to_keep is for plain forwards (not BD3 training)")
@@ -549,11 +570,13 @@ class DiffusionTransformer(PreTrainedModel):
             k_pos, k_block = cache.positions[:, :end], cache.block_ids[:, :end]
         kernel = cfg.attention_kernel
         if kernel == "auto":
-            kernel = "flex" if device.type == "cuda" and cfg.attention == "block_causal" and cache is None else "sdpa"
+            kernel = ("flex" if device.type == "cuda" and cfg.attention == "block_causal" and cache is None
+                      else "sdpa")
         if kernel == "flex" and cache is None:
             allowed = flex_block_mask(cfg.attention, position_ids, block_ids, valid, noisy)
         else:
-            allowed = self._attention_mask(position_ids, block_ids, noisy, valid, k_pos, k_block, k_valid, k_noisy, cache)
+            allowed = self._attention_mask(position_ids, block_ids, noisy, valid, k_pos, k_block, k_valid,
+                                           k_noisy, cache)
         # A pure causal pass with no padding and no cache takes SDPA's fused causal path.
         fast_causal = allowed is None and cfg.attention == "causal" and cache is None
 
@@ -564,7 +587,8 @@ class DiffusionTransformer(PreTrainedModel):
             rows, cols = logits_at.nonzero(as_tuple=True)
             if cfg.shift_logits:
                 cols = shift_sources(n, block_ids[:, :n], noisy is not None)[rows, cols]
-            read = (rows, cols, wanted_tokens(rows, cols, b, x.shape[1]) if isinstance(allowed, torch.Tensor | None) else None)
+            read = (rows, cols, wanted_tokens(rows, cols, b, x.shape[1])
+                    if isinstance(allowed, torch.Tensor | None) else None)
         for i, layer in enumerate(self.layers):
             only = read[2] if read is not None and i == len(self.layers) - 1 else None
             if recompute:
@@ -575,7 +599,8 @@ class DiffusionTransformer(PreTrainedModel):
         if read is not None:  # the head on the tokens read, each logit from its source token (shift)
             rows, cols, only = read
             if only is not None:  # where each source token sits among the last layer's outputs
-                slot = torch.zeros(b, noisy.shape[1] if noisy is not None else n, dtype=torch.long, device=device)
+                slot = torch.zeros(b, noisy.shape[1] if noisy is not None else n, dtype=torch.long,
+                                   device=device)
                 slot.scatter_(1, only, torch.arange(only.shape[1], device=device)[None].expand(b, -1))
                 cols = slot[rows, cols]
             return DiffusionOutput(logits=self.lm_head(self.norm(x[rows, cols])), past_key_values=None)
@@ -586,7 +611,8 @@ class DiffusionTransformer(PreTrainedModel):
         logits = raw[:, :n]
         if cfg.shift_logits:
             at = slice(offset, n)
-            logits = shift_to_previous(raw, raw.shape[1] if tail else n, block_ids[:, at], cache if past_len else None, valid[:, at])
+            logits = shift_to_previous(raw, raw.shape[1] if tail else n, block_ids[:, at],
+                                       cache if past_len else None, valid[:, at])
             logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
         if cache is not None and use_cache:
             cache.advance(cache_len, n, raw, offset, cfg.shift_logits)
@@ -624,14 +650,16 @@ class DiffusionTransformer(PreTrainedModel):
         options.update({k: v for k, v in decoding.items() if v is not None})
         cfg = SamplerConfig(**options)
         if isinstance(input_ids, torch.Tensor):
-            keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            no_mask = attention_mask is None
+            keep = torch.ones_like(input_ids, dtype=torch.bool) if no_mask else attention_mask.bool()
             prompts = [row[m].tolist() for row, m in zip(input_ids, keep)]
         else:
             prompts = [list(p) for p in input_ids]
         c = self.config
         ids = {k: getattr(c, f"{k}_token_id", None) for k in ("pad", "bos", "eos", "mask")}
         if None in (ids["pad"], ids["eos"], ids["mask"]):
-            raise ValueError(f"diffusion_generate needs pad, eos and mask token ids in the config; it has {ids}")
+            raise ValueError("diffusion_generate needs pad, eos and mask token ids in the config; it has "
+                             f"{ids}")
         special = SpecialTokens(**ids, sep=-1, vocab_size=c.vocab_size)
         traj = generate(self, prompts, special, cfg, seeds=[seed + i for i in range(len(prompts))])
         rows = [p + t for p, t in zip(prompts, traj.tokens)]
@@ -649,7 +677,8 @@ class DiffusionTransformer(PreTrainedModel):
             decoding["temperature"] = 1.0
         return self.diffusion_generate(input_ids, attention_mask=attention_mask, **decoding)
 
-    def _attention_mask(self, q_pos, q_block, q_noisy, q_valid, k_pos, k_block, k_valid, k_noisy, cache) -> torch.Tensor | None:
+    def _attention_mask(self, q_pos, q_block, q_noisy, q_valid, k_pos, k_block, k_valid, k_noisy,
+                        cache) -> torch.Tensor | None:
         """The boolean attention mask [B, 1, Lq, Lk], or None when SDPA needs none (no padding, no
         cache: full attention, or its own fused causal path). A query repeated at the same cache length
         (every step inside a block) reuses the mask built at its first step."""
@@ -657,21 +686,25 @@ class DiffusionTransformer(PreTrainedModel):
         if bool(k_valid.all()):  # no padding: the common unbatched cases need no mask at all
             if cache is None and mode in ("causal", "bidirectional"):
                 return None
-            if cache is not None and q_pos.shape[1] == 1 and mode == "causal":  # one new token sees everything
+            # one new token sees everything
+            if cache is not None and q_pos.shape[1] == 1 and mode == "causal":
                 return None
             if cache is not None and mode == "block_causal" and bool((q_block == k_block[:, -1:]).all()):
                 return None  # one block after its prefix sees everything (a step inside a block)
-        if self.broadcast_mask and cache is None and q_pos.shape[0] > 1 and bool(k_valid.all()) and bool((q_pos == q_pos[:1]).all()) \
-                and bool((q_block == q_block[:1]).all()) and (q_noisy is None or bool((q_noisy == q_noisy[:1]).all())):
-            # every row has the same layout (packed training rows, no padding): one mask [1, 1, L, L], broadcast
-            # over the batch, instead of B copies (measured: a fifth less attention time in BD3 training)
-            one = self._attention_mask(q_pos[:1], q_block[:1], None if q_noisy is None else q_noisy[:1], q_valid[:1], k_pos[:1],
-                                       k_block[:1], k_valid[:1], None if k_noisy is None else k_noisy[:1], None)
-            return one
+        same = lambda t: t is None or bool((t == t[:1]).all())  # noqa: E731
+        if (self.broadcast_mask and cache is None and q_pos.shape[0] > 1 and bool(k_valid.all())
+                and same(q_pos) and same(q_block) and same(q_noisy)):
+            # every row has the same layout (packed training rows, no padding): one mask [1, 1,
+            # L, L], broadcast over the batch, instead of B copies (measured: a fifth less
+            # attention time in BD3 training)
+            first = lambda t: None if t is None else t[:1]  # noqa: E731
+            return self._attention_mask(first(q_pos), first(q_block), first(q_noisy), first(q_valid),
+                                        first(k_pos), first(k_block), first(k_valid), first(k_noisy), None)
         if cache is not None and cache.mask_memo is not None:
             lengths, pos, block, valid, allowed = cache.mask_memo
-            if pos.shape == q_pos.shape and allowed.shape[-1] == k_pos.shape[1] and torch.equal(lengths, cache.lengths) \
-                    and torch.equal(pos, q_pos) and torch.equal(block, q_block) and torch.equal(valid, q_valid):
+            if (pos.shape == q_pos.shape and allowed.shape[-1] == k_pos.shape[1]
+                    and torch.equal(lengths, cache.lengths) and torch.equal(pos, q_pos)
+                    and torch.equal(block, q_block) and torch.equal(valid, q_valid)):
                 return allowed
         allowed = attention_allowed(mode, q_pos, k_pos, q_block, k_block, k_valid, q_noisy, k_noisy)
         # A padding query may see nothing at all; let it see itself (its own slot) so softmax stays finite.
@@ -683,7 +716,8 @@ class DiffusionTransformer(PreTrainedModel):
         else:  # rows at their own cache lengths
             allowed[torch.arange(q_pos.shape[0], device=q_pos.device)[:, None], 0, own[None], slots] = True
         if cache is not None:
-            cache.mask_memo = (cache.lengths.clone(), q_pos.clone(), q_block.clone(), q_valid.clone(), allowed)
+            cache.mask_memo = (cache.lengths.clone(), q_pos.clone(), q_block.clone(), q_valid.clone(),
+                               allowed)
         return allowed
 
 
@@ -735,7 +769,8 @@ def shift_to_previous(raw: torch.Tensor, n: int, block_ids: torch.Tensor, past: 
             first = valid.long().argmax(1)  # each row's first real query token
             rows = torch.arange(out.shape[0], device=out.device)
             out = out.clone()
-            out[rows, first] = torch.where((past.lengths > 0)[:, None], past.last_logits[:, 0].to(out.dtype), out[rows, first])
+            out[rows, first] = torch.where((past.lengths > 0)[:, None], past.last_logits[:, 0].to(out.dtype),
+                                           out[rows, first])
     return out
 
 

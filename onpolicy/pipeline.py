@@ -48,7 +48,8 @@ class Stage:
     init_from: str | None = None  # an earlier stage's name
     overrides: list[str] = field(default_factory=list)
     minutes: float = 0.0  # the estimate printed in the plan (measured on our 2-core CPU)
-    hand_on: str = "best"  # what later steps take: "best" (stage 4's validated best/, when it exists) or "final"
+    hand_on: str = "best"  # what later steps take: "best" (stage 4's validated best/, when it exists) or
+    # "final"
 
 
 @dataclass
@@ -129,7 +130,8 @@ def load_pipeline(path: str | Path, seed: int | None = None) -> Pipeline:
         if stage.name in seen:
             raise ConfigError(f"{path}: two stages are named '{stage.name}'")
         if stage.init_from is not None and stage.init_from not in seen:
-            raise ConfigError(f"{path}: stage '{stage.name}' starts from '{stage.init_from}', which is not an earlier stage")
+            raise ConfigError(f"{path}: stage '{stage.name}' starts from '{stage.init_from}', which is not "
+                              "an earlier stage")
         try:
             stage.recipe = str(find_recipe(stage.recipe))  # a file here, else a shipped recipe
         except FileNotFoundError:
@@ -145,14 +147,16 @@ def load_pipeline(path: str | Path, seed: int | None = None) -> Pipeline:
             raise ConfigError(f"{path}: bench.{key}='{getattr(bench, key)}' is not a stage")
     if bench.validation is not None and bench.validation.split(":")[:2] == bench.tasks.split(":")[:2] \
             and "skip=" not in bench.validation:
-        raise ConfigError(f"{path}: bench.validation='{bench.validation}' would overlap the test slice bench.tasks="
+        raise ConfigError(f"{path}: bench.validation='{bench.validation}' would overlap the test slice "
+                          "bench.tasks="
                           f"'{bench.tasks}'; use another task set or a skip= past the test slice")
     out = Path(data.get("output_dir") or f"runs/pipeline-{path.stem}")
     overrides = list(data.get("overrides") or [])
     if seed is not None:
         out = out.with_name(f"{out.name}-seed{seed}")
         overrides.append(f"train.seed={seed}")
-    return Pipeline(str(data.get("name") or path.stem), out, stages, overrides, EvalSpec(**ev), bench, str(path), seed)
+    return Pipeline(str(data.get("name") or path.stem), out, stages, overrides, EvalSpec(**ev), bench,
+                    str(path), seed)
 
 
 def model_folder(run: Path, hand_on: str = "best") -> Path:
@@ -171,16 +175,20 @@ def plan(p: Pipeline) -> str:
     total = 0.0
     for i, s in enumerate(p.stages, 1):
         run = p.output_dir / s.name
-        state = "done, skipped" if finished(run) else ("resumes" if (run / "checkpoints").is_dir() else "to run")
+        state = ("done, skipped" if finished(run)
+                 else "resumes" if (run / "checkpoints").is_dir() else "to run")
         start = f" from {s.init_from}" if s.init_from else ""
         lines.append(f"  {i}. {s.name:<8} {s.recipe}{start}  ~{s.minutes:g} min  [{state}]")
         total += 0 if finished(run) else s.minutes
-    lines.append(f"  {len(p.stages) + 1}. eval     every stage's model on generated:validation, generated:heldout, "
+    lines.append(f"  {len(p.stages) + 1}. eval     every stage's model on generated:validation, "
+                 "generated:heldout, "
                  f"repair:heldout ({p.eval.limit} each)  ~{p.eval.minutes:g} min")
     lines.append(f"  {len(p.stages) + 2}. bench    {p.bench.after or p.stages[-1].name} vs {p.bench.ar} (AR)"
-                 + (f" and {p.bench.before}" if p.bench.before else "") + f", batch 1  ~{p.bench.minutes:g} min")
+                 + (f" and {p.bench.before}" if p.bench.before else "")
+                 + f", batch 1  ~{p.bench.minutes:g} min")
     evaluated = all((p.output_dir / s.name / "pipeline_eval.json").is_file() for s in p.stages)
-    total += (0 if evaluated else p.eval.minutes) + (0 if (p.output_dir / "bench.json").is_file() else p.bench.minutes)
+    total += 0 if evaluated else p.eval.minutes
+    total += 0 if (p.output_dir / "bench.json").is_file() else p.bench.minutes
     lines.append(f"  estimate: ~{total:.0f} min left (the minutes the file gives each step)")
     return "\n".join(lines)
 
@@ -207,7 +215,8 @@ def run_stage(p: Pipeline, stage: Stage, log) -> float:
     seconds = time.perf_counter() - tic
     if code != 0:
         tail = "".join((run / "pipeline.log").read_text().splitlines(keepends=True)[-15:])
-        raise ConfigError(f"stage '{stage.name}' failed (exit {code}); its log: {run / 'pipeline.log'}\n{tail}")
+        raise ConfigError(f"stage '{stage.name}' failed (exit {code}); its log: "
+                          f"{run / 'pipeline.log'}\n{tail}")
     times = _read_json(run / "pipeline_time.json", {"attempts": []})
     times["attempts"].append(round(seconds, 1))
     (run / "pipeline_time.json").write_text(json.dumps(times))
@@ -228,10 +237,13 @@ def progress_line(name: str, run: Path, elapsed: float) -> str:
     step = int(last.get("step", 0))
     metric = next((f"{k} {last[k]:.4g}" for k in KEY_METRICS if isinstance(last.get(k), (int, float))), "")
     if not metric:
-        metric = next((f"{k} {r[k]:.4g}" for r in reversed(rows) for k in KEY_METRICS if isinstance(r.get(k), (int, float))), "")
-    rate = (last["time"] - first["time"]) / max(1, step - int(first.get("step", 0))) if len(rows) > 1 else None
+        metric = next((f"{k} {r[k]:.4g}" for r in reversed(rows) for k in KEY_METRICS
+                       if isinstance(r.get(k), (int, float))), "")
+    rate = (last["time"] - first["time"]) / max(1, step - int(first.get("step",
+                                                                        0))) if len(rows) > 1 else None
     left = f", ~{rate * (total - step) / 60:.0f} min left" if rate and total else ""
-    return f"[pipeline] {name}: step {step}/{total or '?'}" + (f", {metric}" if metric else "") + f", {elapsed / 60:.1f} min{left}"
+    metric = f", {metric}" if metric else ""
+    return f"[pipeline] {name}: step {step}/{total or '?'}{metric}, {elapsed / 60:.1f} min{left}"
 
 
 def _stage_rows(run: Path) -> list[dict]:
@@ -244,13 +256,15 @@ def _stage_rows(run: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a line being written
     rows = [r for r in rows if "time" in r]
-    starts = [i for i in range(1, len(rows)) if rows[i]["time"] < rows[i - 1]["time"]]  # a resumed attempt's clock restarts
+    # a resumed attempt's clock restarts
+    starts = [i for i in range(1, len(rows)) if rows[i]["time"] < rows[i - 1]["time"]]
     return rows[starts[-1]:] if starts else rows
 
 
 def _max_steps(run: Path) -> int | None:
     try:
-        return int((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train", {}).get("max_steps"))
+        return int((yaml.safe_load((run / "config.yaml").read_text())
+                    or {}).get("train", {}).get("max_steps"))
     except (OSError, TypeError, ValueError, yaml.YAMLError):
         return None
 
@@ -277,7 +291,8 @@ def evaluate_stages(p: Pipeline, log) -> dict:
     from verifiers import PythonTestVerifier
 
     out = {}
-    sets = {name: load_task_set(name, p.eval.limit, 0) for name in ("generated:validation", "generated:heldout", "repair:heldout")}
+    sets = {name: load_task_set(name, p.eval.limit, 0)
+            for name in ("generated:validation", "generated:heldout", "repair:heldout")}
     slow = SamplerConfig(max_new_tokens=p.eval.max_new_tokens)
     fast = SamplerConfig(max_new_tokens=p.eval.max_new_tokens, threshold=p.eval.fast_threshold)
     with PythonTestVerifier() as verifier:
@@ -293,14 +308,17 @@ def evaluate_stages(p: Pipeline, log) -> dict:
             for set_name, tasks in sets.items():
                 for setting, cfg in (("one_per_step", slow), ("fast", fast)):
                     if setting == "fast" and (causal or set_name != "generated:heldout"):
-                        continue  # an AR model has no faster setting; the fast one is measured where it is compared
+                        # an AR model has no faster setting; the fast one is measured where it is compared
+                        continue
                     r = evaluate_checkpoint(model, tokenizer, tasks, cfg, 1, verifier, 8, 0)
                     result[f"{set_name}/{setting}"] = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"],
-                                                       "tokens_per_forward": r["tokens_per_forward"], "n": len(tasks)}
+                                                       "tokens_per_forward": r["tokens_per_forward"],
+                                                       "n": len(tasks)}
             result["seconds"] = round(time.perf_counter() - tic, 1)
             cache.write_text(json.dumps(result, indent=1))
             out[stage.name] = result
-            log(f"[pipeline] eval {stage.name}: held-out pass@1 {result['generated:heldout/one_per_step']['pass@1']:.3f}, "
+            log(f"[pipeline] eval {stage.name}: held-out pass@1 "
+                f"{result['generated:heldout/one_per_step']['pass@1']:.3f}, "
                 f"validation {result['generated:validation/one_per_step']['pass@1']:.3f}")
     return out
 
@@ -326,20 +344,23 @@ def choose_setting(p: Pipeline, log) -> dict | None:
     rows = []
     with PythonTestVerifier() as verifier:
         model, tokenizer = load_model(str(p.hand_on(b.ar)))
-        r = evaluate_checkpoint(model, tokenizer, tasks, SamplerConfig(max_new_tokens=p.eval.max_new_tokens), 1, verifier, 8, 0)
+        r = evaluate_checkpoint(model, tokenizer, tasks, SamplerConfig(max_new_tokens=p.eval.max_new_tokens),
+                                1, verifier, 8, 0)
         ar = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"]}
-        log(f"[pipeline] choice: AR validation pass@1 {ar['pass@1']:.3f} ({len(tasks)} tasks, {b.validation})")
+        log(f"[pipeline] choice: AR validation pass@1 {ar['pass@1']:.3f} ({len(tasks)} tasks, "
+            f"{b.validation})")
         model, tokenizer = load_model(str(p.hand_on(after)))
         for threshold in [None, *b.choose_from]:
             cfg = SamplerConfig(max_new_tokens=p.eval.max_new_tokens, block_size=block, threshold=threshold)
             r = evaluate_checkpoint(model, tokenizer, tasks, cfg, 1, verifier, 8, 0)
             rows.append({"threshold": threshold, "pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"],
                          "tokens_per_forward": r["tokens_per_forward"]})
-            log(f"[pipeline] choice: {after} threshold {threshold or 'one token per step'}: validation pass@1 "
+            log(f"[pipeline] choice: {after} threshold {threshold or 'one token per step'}: validation "
+                "pass@1 "
                 f"{r['pass@1']:.3f} at {r['tokens_per_forward']:.2f} tokens per forward")
     chosen = fastest_within(rows, ar["pass@1"], b.tolerance)
-    result = {"validation": b.validation, "n": len(tasks), "tolerance": b.tolerance, "block_size": block, "ar": ar,
-              "settings": rows, "chosen": chosen}
+    result = {"validation": b.validation, "n": len(tasks), "tolerance": b.tolerance, "block_size": block,
+              "ar": ar, "settings": rows, "chosen": chosen}
     out.write_text(json.dumps(result, indent=1))
     return result
 
@@ -350,15 +371,18 @@ def bench_last(p: Pipeline, choice: dict | None = None) -> dict:
     b = p.bench
     out = p.output_dir / "bench.json"
     after = b.after or p.stages[-1].name
-    if (cached := fresh_cache(out, [p.output_dir / name for name in (after, b.ar, b.before) if name])) is not None:
+    runs = [p.output_dir / name for name in (after, b.ar, b.before) if name]
+    if (cached := fresh_cache(out, runs)) is not None:
         return cached
     thresholds = list(b.thresholds)
-    if choice and choice["chosen"] and choice["chosen"]["threshold"] is not None and choice["chosen"]["threshold"] not in thresholds:
+    if (choice and choice["chosen"] and choice["chosen"]["threshold"] is not None
+            and choice["chosen"]["threshold"] not in thresholds):
         thresholds.append(choice["chosen"]["threshold"])
     cmd = [sys.executable, "-m", "onpolicy.cli", "bench", str(p.hand_on(after)),
            "--ar", str(p.hand_on(b.ar)), "--tasks", b.tasks, "--limit", str(b.limit),
            "--block-sizes", str(_block_size(p.hand_on(after))), "--thresholds", *map(str, thresholds),
-           "--batch-sizes", *map(str, b.batch_sizes), "--out", str(out), "--png", str(p.output_dir / "frontier.png")]
+           "--batch-sizes", *map(str, b.batch_sizes), "--out", str(out), "--png",
+           str(p.output_dir / "frontier.png")]
     if b.before:
         cmd += ["--before", str(p.hand_on(b.before))]
     with (p.output_dir / "bench.log").open("w") as log:
@@ -378,7 +402,8 @@ def newer_than(result: Path, runs: list[Path]) -> bool:
 
 
 def fresh_cache(result: Path, runs: list[Path]) -> dict | None:
-    """A cached evaluation or bench of `runs`' models, or None when it is missing or older than one of them."""
+    """A cached evaluation or bench of `runs`' models, or None when it is missing or older than one of
+    them."""
     return json.loads(result.read_text()) if result.is_file() and not newer_than(result, runs) else None
 
 
@@ -405,16 +430,18 @@ def main(args) -> int:
             log(f"[pipeline] {i}/{len(p.stages)} {stage.name}: finished earlier, skipped")
             continue
         log(f"[pipeline] {i}/{len(p.stages)} {stage.name}: onpolicy train {stage.recipe}"
-            + (" (resuming from its last checkpoint)" if (run / "checkpoints").is_dir() else "") + f", log {run / 'pipeline.log'}")
+            + (" (resuming from its last checkpoint)" if (run / "checkpoints").is_dir() else "")
+            + f", log {run / 'pipeline.log'}")
         seconds = run_stage(p, stage, log)
         log(f"[pipeline] {stage.name} done in {seconds / 60:.1f} min")
     evals = evaluate_stages(p, log)
     choice = choose_setting(p, log)
-    log("[pipeline] bench: " + " ".join(f"batch {n}" for n in p.bench.batch_sizes) + f", {p.bench.limit} tasks of {p.bench.tasks}"
-        + f", log {p.output_dir / 'bench.log'}")
+    log("[pipeline] bench: " + " ".join(f"batch {n}" for n in p.bench.batch_sizes)
+        + f", {p.bench.limit} tasks of {p.bench.tasks}" + f", log {p.output_dir / 'bench.log'}")
     bench = bench_last(p, choice)
     log("[pipeline] bench done")
     report = write_report(p, evals, bench, choice)
     log(f"[pipeline] report: {p.output_dir / 'report.md'} (and report.json, PNGs, replay.html); "
-        f"held-out pass@1 {report['summary']['last_pass@1']:.3f}, {report['summary']['speed_vs_ar']:.2f}x AR's tokens/s")
+        f"held-out pass@1 {report['summary']['last_pass@1']:.3f}, {report['summary']['speed_vs_ar']:.2f}x "
+        "AR's tokens/s")
     return 0

@@ -24,7 +24,8 @@ def recipes_root() -> Path:
     for folder in (PACKAGE.parent / "recipes", PACKAGE / "recipe_files"):
         if (folder / "deepspeed").is_dir():
             return folder
-    raise FileNotFoundError(f"onpolicy's recipes are missing (looked in {PACKAGE.parent / 'recipes'} and {PACKAGE / 'recipe_files'})")
+    raise FileNotFoundError(f"onpolicy's recipes are missing (looked in {PACKAGE.parent / 'recipes'} and "
+                            f"{PACKAGE / 'recipe_files'})")
 
 
 def find_recipe(path: str | Path) -> Path:
@@ -38,7 +39,8 @@ def find_recipe(path: str | Path) -> Path:
     for candidate in (root / rel, *(root / rel.with_name(rel.name + s) for s in SUFFIXES)):
         if not p.is_absolute() and candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{path}: no such file here, nor among onpolicy's recipes (`onpolicy recipes` lists them)")
+    raise FileNotFoundError(f"{path}: no such file here, nor among onpolicy's recipes (`onpolicy recipes` "
+                            "lists them)")
 
 
 def list_recipes() -> list[tuple[str, str]]:
@@ -49,11 +51,13 @@ def list_recipes() -> list[tuple[str, str]]:
         if f.suffix == ".json":  # DeepSpeed configs: JSON has no comment line, so say what it sets
             zero = json.loads(f.read_text()).get("zero_optimization", {})
             offload = " with CPU offload" if any(k.startswith("offload") for k in zero) else ""
-            note = f"DeepSpeed config: ZeRO stage {zero.get('stage', 0)}{offload} (train.deepspeed=recipes/{f.relative_to(root)})"
+            note = (f"DeepSpeed config: ZeRO stage {zero.get('stage', 0)}{offload} "
+                    f"(train.deepspeed=recipes/{f.relative_to(root)})")
         else:
             first = f.read_text().splitlines()[:1]
             note = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-        out.append((str(f.relative_to(root).with_suffix("")) if f.suffix == ".yaml" else str(f.relative_to(root)), note))
+        name = f.relative_to(root)
+        out.append((str(name.with_suffix("") if f.suffix == ".yaml" else name), note))
     return out
 
 
@@ -61,7 +65,8 @@ def copy_recipe(name: str, dest: str | Path) -> Path:
     """Copy a shipped recipe to `dest` (a folder or a file name); the path written."""
     source = find_recipe(name)
     target = Path(dest)
-    if target.is_dir() or str(dest).endswith(("/", "\\")) or not target.suffix:  # a folder, existing or to make
+    # a folder, existing or to make
+    if target.is_dir() or str(dest).endswith(("/", "\\")) or not target.suffix:
         target = target / source.name
     if target.exists():
         raise FileExistsError(f"{target} exists; not overwriting it")

@@ -37,15 +37,17 @@ def stage_table(p, evals: dict) -> dict:
     out = {}
     for stage in p.stages:
         ev, run = evals[stage.name], p.output_dir / stage.name
-        times = json.loads((run / "pipeline_time.json").read_text())["attempts"] if (run / "pipeline_time.json").is_file() else []
+        timing = run / "pipeline_time.json"
+        times = json.loads(timing.read_text())["attempts"] if timing.is_file() else []
         fast = ev.get("generated:heldout/fast")
         out[stage.name] = {
             "recipe": stage.recipe,
             "model": ev["model"],
             "attention": ev["attention"],
             "train_minutes": round(sum(times) / 60, 2),
-            "pass@1": {k: {"value": ev[f"{v}/one_per_step"]["pass@1"], "ci95": ev[f"{v}/one_per_step"]["pass@1_ci95"],
-                           "n": ev[f"{v}/one_per_step"]["n"]} for k, v in PASS_SETS.items()},
+            "pass@1": {k: {"value": ev[f"{v}/one_per_step"]["pass@1"],
+                           "ci95": ev[f"{v}/one_per_step"]["pass@1_ci95"], "n": ev[f"{v}/one_per_step"]["n"]}
+                       for k, v in PASS_SETS.items()},
             "tokens_per_forward": {"one_per_step": ev["generated:heldout/one_per_step"]["tokens_per_forward"],
                                    "fast": fast["tokens_per_forward"] if fast else None},
             "heldout_fast_pass@1": {"value": fast["pass@1"], "ci95": fast["pass@1_ci95"]} if fast else None,
@@ -54,7 +56,8 @@ def stage_table(p, evals: dict) -> dict:
                             f"--max-new-tokens {p.eval.max_new_tokens}",
         }
         if Path(ev["model"]).name == "best" and (picked := run / "best" / "validation.json").is_file():
-            out[stage.name]["best_step"] = json.loads(picked.read_text()).get("step", 0)  # 0: the stage's start
+            # 0: the stage's start
+            out[stage.name]["best_step"] = json.loads(picked.read_text()).get("step", 0)
     return out
 
 
@@ -64,8 +67,8 @@ def ar_comparison(bench: dict) -> dict:
     mine = {k: r for k, r in results.items() if r["model"] == "diffusion"}
 
     def pick(r: dict, name: str) -> dict:
-        return {"setting": name, "tokens_per_s": r["tokens_per_s"], "speed_vs_ar": r["speed_vs_ar"], "pass@1": r["pass_at_1"],
-                "tokens_per_forward": r["tokens_per_forward"]}
+        return {"setting": name, "tokens_per_s": r["tokens_per_s"], "speed_vs_ar": r["speed_vs_ar"],
+                "pass@1": r["pass_at_1"], "tokens_per_forward": r["tokens_per_forward"]}
 
     ok = {k: r for k, r in mine.items() if within_tolerance(r["pass_at_1"], ar["pass_at_1"], 0.02)}
     fastest_ok = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else None
@@ -102,7 +105,8 @@ def plot_losses(p, path: Path) -> None:
             reward = [(m["step"], m["reward"]) for m in rows if "reward" in m]
             if reward:
                 ax.plot(*zip(*reward), color="tab:green", label="reward")
-                ax.plot(*zip(*[(m["step"], m["rollout/pass_rate"]) for m in rows if "reward" in m]), color="tab:red", label="pass rate")
+                ax.plot(*zip(*[(m["step"], m["rollout/pass_rate"]) for m in rows if "reward" in m]),
+                        color="tab:red", label="pass rate")
         ax.set(title=stage.name, xlabel="step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -118,18 +122,22 @@ def plot_stages(p, table: dict, path: Path) -> None:
     names = list(table)
     x = range(len(names))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (key, color) in enumerate((("validation", "tab:blue"), ("heldout", "tab:orange"), ("repair", "tab:green"))):
+    for i, (key, color) in enumerate((("validation", "tab:blue"), ("heldout", "tab:orange"),
+                                      ("repair", "tab:green"))):
         vals = [table[n]["pass@1"][key]["value"] for n in names]
         lo = [v - table[n]["pass@1"][key]["ci95"][0] for v, n in zip(vals, names)]
         hi = [table[n]["pass@1"][key]["ci95"][1] - v for v, n in zip(vals, names)]
-        left.bar([j + (i - 1) * 0.27 for j in x], vals, 0.27, yerr=[lo, hi], capsize=3, color=color, label=key)
-    left.set(xticks=list(x), xticklabels=names, ylabel="pass@1 (one token per step)", title="quality after each stage", ylim=(0, None))
+        left.bar([j + (i - 1) * 0.27 for j in x], vals, 0.27, yerr=[lo, hi], capsize=3, color=color,
+                 label=key)
+    left.set(xticks=list(x), xticklabels=names, ylabel="pass@1 (one token per step)",
+             title="quality after each stage", ylim=(0, None))
     left.legend(fontsize=8)
     one = [table[n]["tokens_per_forward"]["one_per_step"] for n in names]
     fast = [table[n]["tokens_per_forward"]["fast"] or float("nan") for n in names]
     right.bar([j - 0.2 for j in x], one, 0.4, color="tab:gray", label="one token per step")
     right.bar([j + 0.2 for j in x], fast, 0.4, color="tab:purple", label=f"threshold {p.eval.fast_threshold}")
-    right.set(xticks=list(x), xticklabels=names, ylabel="tokens per forward (held-out)", title="parallelism after each stage", ylim=(0, None))
+    right.set(xticks=list(x), xticklabels=names, ylabel="tokens per forward (held-out)",
+              title="parallelism after each stage", ylim=(0, None))
     right.legend(fontsize=8)
     for ax in (left, right):
         ax.grid(alpha=0.3, axis="y")
@@ -141,7 +149,8 @@ def plot_stages(p, table: dict, path: Path) -> None:
 
 def plot_onpolicy(p, path: Path) -> bool:
     """Tokens per forward and pass@1 over the on-policy steps (the stage whose metrics have rewards)."""
-    stage = next((s for s in p.stages if any("reward" in m for m in _stage_metrics(p.output_dir / s.name))), None)
+    stage = next((s for s in p.stages if any("reward" in m for m in _stage_metrics(p.output_dir / s.name))),
+                 None)
     if stage is None:
         return False
     rows = _stage_metrics(p.output_dir / stage.name)
@@ -151,10 +160,14 @@ def plot_onpolicy(p, path: Path) -> bool:
     left.plot([m["step"] for m in roll], [m["rollout/tokens_per_forward"] for m in roll], label="rollouts")
     val = [m for m in rows if "val/fast/tokens_per_forward" in m]
     if val:
-        left.plot([m["step"] for m in val], [m["val/fast/tokens_per_forward"] for m in val], "o-", label="validation, fast")
-        right.plot([m["step"] for m in val], [m["val/slow/pass@1"] for m in val], "o-", label="validation, one token per step")
-        right.plot([m["step"] for m in val], [m["val/fast/pass@1"] for m in val], "s-", label="validation, fast")
-    right.plot([m["step"] for m in roll], [m["rollout/pass_rate"] for m in roll], alpha=0.5, label="rollout pass rate")
+        left.plot([m["step"] for m in val], [m["val/fast/tokens_per_forward"] for m in val], "o-",
+                  label="validation, fast")
+        right.plot([m["step"] for m in val], [m["val/slow/pass@1"] for m in val], "o-",
+                   label="validation, one token per step")
+        right.plot([m["step"] for m in val], [m["val/fast/pass@1"] for m in val], "s-",
+                   label="validation, fast")
+    right.plot([m["step"] for m in roll], [m["rollout/pass_rate"] for m in roll], alpha=0.5,
+               label="rollout pass rate")
     left.set(xlabel="step", ylabel="tokens per forward", title=f"{stage.name}: parallelism", ylim=(0, None))
     right.set(xlabel="step", ylabel="pass@1", title=f"{stage.name}: quality", ylim=(0, None))
     for ax in (left, right):
@@ -207,12 +220,16 @@ def replay_page(p, before: str, after: str, path: Path, threshold: float) -> Non
         page = trajectory_html(task.prompt, steps, title, verdict)
         panes.append(f'<iframe title="{html.escape(name)}" srcdoc="{html.escape(page)}"></iframe>')
     rule = (f"the first of the test tasks ({p.bench.tasks}) that {after} passes at threshold {threshold}"
-            if decoded[after][chosen][1] else f"the first test task ({after} passes none of the first {len(tasks)})")
-    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(p.name)}: before and after</title>
+            if decoded[after][chosen][1]
+            else f"the first test task ({after} passes none of the first {len(tasks)})")
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8">
+<title>{html.escape(p.name)}: before and after</title>
 <style>body {{ font-family: system-ui, sans-serif; margin: 1em; }} .row {{ display: flex; gap: 1em; }}
 iframe {{ flex: 1; height: 85vh; border: 1px solid #ccc; }}</style></head><body>
-<h2>{html.escape(task.task_id)}: {html.escape(before)} (left) and {html.escape(after)} (right), threshold {threshold}</h2>
-<p>The task shown is {html.escape(rule)}. Each pane opens on the finished program and its verdict; play replays the denoising.</p>
+<h2>{html.escape(task.task_id)}: {html.escape(before)} (left) and {html.escape(after)} (right),
+threshold {threshold}</h2>
+<p>The task shown is {html.escape(rule)}. Each pane opens on the finished program and its verdict;
+play replays the denoising.</p>
 <div class="row">{''.join(panes)}</div></body></html>
 """)
 
@@ -227,34 +244,46 @@ def verdict(p, bench: dict, choice: dict | None) -> dict | None:
         return None
     b, ar = p.bench, bench["results"]["ar"]
     base = {"claim": {"speed_vs_ar": b.claim, "tolerance": b.tolerance}, "validation": choice["validation"],
-            "validation_n": choice["n"], "ar_validation_pass@1": choice["ar"]["pass@1"], "test": bench["tasks"],
-            "test_n": bench["n_tasks"], "ar_pass@1": ar["pass_at_1"], "ar_pass@1_ci95": ar.get("pass_at_1_ci95"),
-            "ar_tokens_per_s": ar["tokens_per_s"]}
+            "validation_n": choice["n"], "ar_validation_pass@1": choice["ar"]["pass@1"],
+            "test": bench["tasks"], "test_n": bench["n_tasks"], "ar_pass@1": ar["pass_at_1"],
+            "ar_pass@1_ci95": ar.get("pass_at_1_ci95"), "ar_tokens_per_s": ar["tokens_per_s"]}
     chosen = choice["chosen"]
     if chosen is None:
         best = max(choice["settings"], key=lambda r: r["pass@1"])
         return {**base, "met": False, "setting": None, "sentence":
-                f"**Claim not met: no setting qualifies.** On {choice['n']} validation tasks every setting of the final model "
-                f"is more than {b.tolerance * 100:g} points below AR's pass@1 ({choice['ar']['pass@1']:.1%}; the best, "
+                f"**Claim not met: no setting qualifies.** On {choice['n']} validation tasks every setting "
+                "of the final model "
+                f"is more than {b.tolerance * 100:g} points below AR's pass@1 ({choice['ar']['pass@1']:.1%}; "
+                "the best, "
                 f"threshold {best['threshold'] or 'one token per step'}, has {best['pass@1']:.1%})."}
     name = setting_name("diffusion", choice["block_size"], chosen["threshold"])
     r = bench["results"][name]
     met = r["speed_vs_ar"] >= b.claim and within_tolerance(r["pass_at_1"], ar["pass_at_1"], b.tolerance)
     batches = {size: {"speed_vs_ar": rows[name]["speed_vs_ar"], "tokens_per_s": rows[name]["tokens_per_s"],
                       "ar_tokens_per_s": rows["ar"]["tokens_per_s"], "pass@1": rows[name]["pass_at_1"],
-                      "ar_pass@1": rows["ar"]["pass_at_1"]} for size, rows in bench.get("batches", {}).items()}
-    ci, ar_ci = r.get("pass_at_1_ci95") or [r["pass_at_1"]] * 2, ar.get("pass_at_1_ci95") or [ar["pass_at_1"]] * 2
-    more = "".join(f"; at batch {size}: {x['speed_vs_ar']:.2f}x AR's tokens/s (pass@1 {x['pass@1']:.1%} vs {x['ar_pass@1']:.1%})"
+                      "ar_pass@1": rows["ar"]["pass_at_1"]} for size,
+               rows in bench.get("batches", {}).items()}
+    ci, ar_ci = (r.get("pass_at_1_ci95") or [r["pass_at_1"]] * 2, ar.get("pass_at_1_ci95")
+                 or [ar["pass_at_1"]] * 2)
+    more = "".join(f"; at batch {size}: {x['speed_vs_ar']:.2f}x AR's tokens/s (pass@1 {x['pass@1']:.1%} vs "
+                   f"{x['ar_pass@1']:.1%})"
                    for size, x in batches.items())
-    sentence = (f"**Claim {'met' if met else 'not met'}: {r['speed_vs_ar']:.2f}x AR's tokens/s at batch 1, test pass@1 "
-                f"{r['pass_at_1']:.1%} [{ci[0]:.1%}, {ci[1]:.1%}] against AR's {ar['pass_at_1']:.1%} [{ar_ci[0]:.1%}, {ar_ci[1]:.1%}]** "
-                f"({bench['n_tasks']} test tasks of {bench['tasks']}; the setting `{name}` chosen on {choice['n']} validation tasks, "
-                f"where it scored {chosen['pass@1']:.1%} against AR's {choice['ar']['pass@1']:.1%}; the bar: at least "
+    sentence = (f"**Claim {'met' if met else 'not met'}: {r['speed_vs_ar']:.2f}x AR's tokens/s at batch 1, "
+                "test pass@1 "
+                f"{r['pass_at_1']:.1%} [{ci[0]:.1%}, {ci[1]:.1%}] against AR's {ar['pass_at_1']:.1%} "
+                f"[{ar_ci[0]:.1%}, {ar_ci[1]:.1%}]** "
+                f"({bench['n_tasks']} test tasks of {bench['tasks']}; the setting `{name}` chosen on "
+                f"{choice['n']} validation tasks, "
+                f"where it scored {chosen['pass@1']:.1%} against AR's {choice['ar']['pass@1']:.1%}; the bar: "
+                "at least "
                 f"{b.claim:g}x, at most {b.tolerance * 100:g} points below AR){more}.")
-    return {**base, "met": met, "setting": {"name": name, "block_size": choice["block_size"], "threshold": chosen["threshold"],
-                                            "validation_pass@1": chosen["pass@1"], "tokens_per_forward": r["tokens_per_forward"]},
-            "pass@1": r["pass_at_1"], "pass@1_ci95": r.get("pass_at_1_ci95"), "tokens_per_s": r["tokens_per_s"],
-            "speed_vs_ar": r["speed_vs_ar"], "batches": batches, "sentence": sentence}
+    return {**base, "met": met, "setting": {"name": name, "block_size": choice["block_size"],
+                                            "threshold": chosen["threshold"],
+                                            "validation_pass@1": chosen["pass@1"],
+                                            "tokens_per_forward": r["tokens_per_forward"]},
+            "pass@1": r["pass_at_1"], "pass@1_ci95": r.get("pass_at_1_ci95"),
+            "tokens_per_s": r["tokens_per_s"], "speed_vs_ar": r["speed_vs_ar"], "batches": batches,
+            "sentence": sentence}
 
 
 def training_compute(p, table: dict) -> dict:
@@ -273,11 +302,13 @@ def training_compute(p, table: dict) -> dict:
             flops = 6 * params * tokens * (2 if table[stage.name]["attention"] == "block_causal" else 1)
             if minutes:
                 rates.append(flops / (minutes * 60))
-        out[stage.name] = {"train_minutes": minutes, "train_flops": flops, "estimated_from": "6 N D" if flops else None}
+        out[stage.name] = {"train_minutes": minutes, "train_flops": flops,
+                           "estimated_from": "6 N D" if flops else None}
     rate = sum(rates) / len(rates) if rates else None
     for row in out.values():
         if row["train_flops"] is None and rate:
-            row["train_flops"], row["estimated_from"] = rate * row["train_minutes"] * 60, "minutes x pre-training FLOP/s"
+            row["train_flops"] = rate * row["train_minutes"] * 60
+            row["estimated_from"] = "minutes x pre-training FLOP/s"
     return out
 
 
@@ -309,20 +340,22 @@ def _pct(v: dict) -> str:
     return f"{v['value']:.1%} [{v['ci95'][0]:.1%}, {v['ci95'][1]:.1%}]"
 
 
-def write_report(p, evals: dict, bench: dict, choice: dict | None = None) -> dict:
-    import torch
-
-    table = stage_table(p, evals)
-    comparison = ar_comparison(bench)
+def report_summary(p, table: dict, comparison: dict) -> dict:
+    """report.json's `summary`: the last stage's held-out pass@1 and the headline speed against AR."""
     diffusion = [n for n in table if table[n]["attention"] != "causal"]
     last = p.stages[-1].name
     headline = comparison["fastest_within_2_points"] or comparison["best_pass"]
     first_fast = table[diffusion[0]]["tokens_per_forward"]["fast"] if diffusion else None
-    summary = {"last_stage": last, "last_pass@1": table[last]["pass@1"]["heldout"]["value"], "ar_pass@1": comparison["ar_pass@1"],
-               "speed_vs_ar": headline["speed_vs_ar"], "speed_setting": headline["setting"],
-               "within_2_points_of_ar": comparison["fastest_within_2_points"] is not None,
-               "tokens_per_forward_gain": (table[last]["tokens_per_forward"]["fast"] / first_fast
-                                           if first_fast and table[last]["tokens_per_forward"]["fast"] else None)}
+    last_fast = table[last]["tokens_per_forward"]["fast"]
+    return {"last_stage": last, "last_pass@1": table[last]["pass@1"]["heldout"]["value"],
+            "ar_pass@1": comparison["ar_pass@1"], "speed_vs_ar": headline["speed_vs_ar"],
+            "speed_setting": headline["setting"],
+            "within_2_points_of_ar": comparison["fastest_within_2_points"] is not None,
+            "tokens_per_forward_gain": last_fast / first_fast if first_fast and last_fast else None}
+
+
+def report_plots(p, table: dict) -> list[str]:
+    """Draw the report's figures (and the before/after replay page); their file names."""
     plots = ["losses.png", "stages.png", "frontier.png"]
     plot_losses(p, p.output_dir / "losses.png")
     plot_stages(p, table, p.output_dir / "stages.png")
@@ -330,42 +363,63 @@ def write_report(p, evals: dict, bench: dict, choice: dict | None = None) -> dic
         plots.append("onpolicy.png")
     onpolicy_stage = next((s for s in p.stages if (p.output_dir / s.name / "best").is_dir()), None)
     if onpolicy_stage is not None and onpolicy_stage.init_from:
-        replay_page(p, onpolicy_stage.init_from, onpolicy_stage.name, p.output_dir / "replay.html", p.eval.fast_threshold)
+        replay_page(p, onpolicy_stage.init_from, onpolicy_stage.name, p.output_dir / "replay.html",
+                    p.eval.fast_threshold)
         plots.append("replay.html")
+    return plots
+
+
+def write_report(p, evals: dict, bench: dict, choice: dict | None = None) -> dict:
+    import torch
+
+    table = stage_table(p, evals)
+    comparison = ar_comparison(bench)
+    last = p.stages[-1].name
+    headline = comparison["fastest_within_2_points"] or comparison["best_pass"]
+    summary = report_summary(p, table, comparison)
+    plots = report_plots(p, table)
     claim = verdict(p, bench, choice)
     compute = training_compute(p, table)
     wall = sum(row["train_minutes"] for row in compute.values())
     report = {"name": p.name, "pipeline": p.source, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+              "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__},
               "verdict": claim, "compute": compute, "choice": choice,
               "stages": table, "ar_comparison": comparison, "summary": summary, "plots": plots}
     (p.output_dir / "report.json").write_text(json.dumps(report, indent=1))
-    lines = ([claim["sentence"], ""] if claim else []) + [f"# {p.name}: the method end to end", "",
-             f"`onpolicy pipeline {p.source}` on {report['machine']['platform']} ({report['machine']['threads']} threads), "
-             f"{report['created']}.", "",
-             f"**Held-out pass@1 after {last}: {_pct(table[last]['pass@1']['heldout'])}** (AR baseline in the bench: "
-             f"{comparison['ar_pass@1']:.1%}). Against the AR baseline at batch 1: **{headline['speed_vs_ar']:.2f}x its tokens/s** "
-             f"at `{headline['setting']}` (pass@1 {headline['pass@1']:.1%}"
-             + ("" if summary["within_2_points_of_ar"] else "; no setting stays within 2 points of AR's pass@1") + ").", "",
-             "Training compute: " + ", ".join(f"{n} {c['train_minutes']:.1f} min ({c['train_flops']:.2g} FLOPs)"
-                                               if c["train_flops"] else f"{n} {c['train_minutes']:.1f} min" for n, c in compute.items())
-             + f"; {wall:.0f} min of training in all.", "",
-             "| stage | train min | validation pass@1 | held-out pass@1 | repair pass@1 | tok/fwd (1/step) | "
-             f"tok/fwd (p>={p.eval.fast_threshold}) | held-out pass@1 (p>={p.eval.fast_threshold}) |",
-             "|---|---|---|---|---|---|---|---|"]
+    fast = f"p>={p.eval.fast_threshold}"
+    costs = ", ".join(f"{n} {c['train_minutes']:.1f} min ({c['train_flops']:.2g} FLOPs)" if c["train_flops"]
+                      else f"{n} {c['train_minutes']:.1f} min" for n, c in compute.items())
+    lines = ([claim["sentence"], ""] if claim else []) + [
+        f"# {p.name}: the method end to end", "",
+        f"`onpolicy pipeline {p.source}` on {report['machine']['platform']} "
+        f"({report['machine']['threads']} threads), {report['created']}.", "",
+        f"**Held-out pass@1 after {last}: {_pct(table[last]['pass@1']['heldout'])}** "
+        f"(AR baseline in the bench: {comparison['ar_pass@1']:.1%}). Against the AR baseline at batch 1: "
+        f"**{headline['speed_vs_ar']:.2f}x its tokens/s** at `{headline['setting']}` "
+        f"(pass@1 {headline['pass@1']:.1%}"
+        + ("" if summary["within_2_points_of_ar"] else "; no setting stays within 2 points of AR's pass@1")
+        + ").", "",
+        f"Training compute: {costs}; {wall:.0f} min of training in all.", "",
+        "| stage | train min | validation pass@1 | held-out pass@1 | repair pass@1 | tok/fwd (1/step) | "
+        f"tok/fwd ({fast}) | held-out pass@1 ({fast}) |",
+        "|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
-        fast = row["heldout_fast_pass@1"]
-        lines.append(f"| {name} | {row['train_minutes']:.1f} | {_pct(row['pass@1']['validation'])} | {_pct(row['pass@1']['heldout'])} | "
-                     f"{_pct(row['pass@1']['repair'])} | {row['tokens_per_forward']['one_per_step']:.2f} | "
-                     + (f"{row['tokens_per_forward']['fast']:.2f} | {_pct(fast)} |" if fast else "- | - |"))
+        pass_fast, tpf = row["heldout_fast_pass@1"], row["tokens_per_forward"]
+        lines.append(f"| {name} | {row['train_minutes']:.1f} | {_pct(row['pass@1']['validation'])} | "
+                     f"{_pct(row['pass@1']['heldout'])} | {_pct(row['pass@1']['repair'])} | "
+                     f"{tpf['one_per_step']:.2f} | "
+                     + (f"{tpf['fast']:.2f} | {_pct(pass_fast)} |" if pass_fast else "- | - |"))
     for name, row in table.items():
         if "best_step" in row:
-            lines += ["", f"{name} hands on `best/`, its checkpoint by the stage's rule (both pass@1 within the tolerance of its "
-                      "start's, then the most tokens per forward): "
+            lines += ["", f"{name} hands on `best/`, its checkpoint by the stage's rule (both pass@1 within "
+                      "the tolerance of its start's, then the most tokens per forward): "
                       + (f"step {row['best_step']}." if row["best_step"] else
-                         "**its starting model** (no validation after step 0 met the rule), so this row repeats the stage it started from.")]
-    lines += ["", f"Each row's numbers come back from `onpolicy eval MODEL --tasks SET --limit {p.eval.limit} "
-              f"--max-new-tokens {p.eval.max_new_tokens}` (add `--threshold {p.eval.fast_threshold}` for the fast columns); "
+                         "**its starting model** (no validation after step 0 met the rule), so this row "
+                         "repeats the stage it started from.")]
+    lines += ["", "Each row's numbers come back from `onpolicy eval MODEL --tasks SET "
+              f"--limit {p.eval.limit} --max-new-tokens {p.eval.max_new_tokens}` "
+              f"(add `--threshold {p.eval.fast_threshold}` for the fast columns); "
               "the AR comparison is `bench.json`, written by `onpolicy bench`.", "",
               "![pass@1 and tokens per forward after each stage](stages.png)", "",
               "![speed-quality frontier against the AR baseline](frontier.png)", "",

@@ -77,9 +77,9 @@ def rollout_seed(seed: int, step: int, task_index: int | tuple, sample: int) -> 
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig, samples: int = 1, seed: int = 0,
-                 batch_size: int = 8, chat: bool = False, step: int = 0, keys: list | None = None,
-                 progress: Callable[[int], None] | None = None,
+def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig, samples: int = 1,
+                 seed: int = 0, batch_size: int = 8, chat: bool = False, step: int = 0,
+                 keys: list | None = None, progress: Callable[[int], None] | None = None,
                  on_batch: Callable[[list[Rollout]], None] | None = None) -> Decoded:
     """Decode `samples` completions of every task through the one sampler, in batches of `batch_size`
     rows. Records come back in (task, sample) order; `on_batch` sees each batch's records as soon as
@@ -98,7 +98,8 @@ def decode_tasks(model, tokenizer, tasks: list[Task], sampler_cfg: SamplerConfig
             record = traj.row(row)
             if not chat:
                 record.verified = verified_length(tokenizer, record.tokens, encoded[i][1], record.finished)
-            new.append(Rollout(i, s, tasks[i], completion_text(tokenizer, record.tokens, encoded[i][1], chat), record))
+            new.append(Rollout(i, s, tasks[i], completion_text(tokenizer, record.tokens, encoded[i][1], chat),
+                               record))
         out.rollouts += new
         if on_batch:
             on_batch(new)
@@ -151,8 +152,8 @@ def reference_trajectory(tokenizer, task: Task, block_size: int, max_new_tokens:
     for start in range(0, n, block_size):
         span = min(block_size, n - start)
         commit_forward[start : start + span] = start + 1 + torch.randperm(span, generator=generator)
-    return TrajectoryRow(prompt, canvas, commit_forward, torch.zeros(width), forwards=n, seed=0, finished=True,
-                         tokens=ids, block_size=block_size, canvas_len=width)
+    return TrajectoryRow(prompt, canvas, commit_forward, torch.zeros(width), forwards=n, seed=0,
+                         finished=True, tokens=ids, block_size=block_size, canvas_len=width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +179,8 @@ def _pack(rows: list[TrajectoryRow], special: SpecialTokens, mode: str, device) 
         r.check_replayable()
     blocks = {r.block_size for r in rows}
     if len(blocks) != 1:
-        raise ValueError(f"rows decoded with different block sizes {sorted(blocks)} cannot be replayed together")
+        raise ValueError(f"rows decoded with different block sizes {sorted(blocks)} cannot be replayed "
+                         "together")
     block = blocks.pop()
     if mode == "bidirectional":
         lengths = {r.canvas_len for r in rows}
@@ -213,9 +215,11 @@ class ReplayStep:
     """The model's view of one step index j of a batch of recorded trajectories."""
 
     index: int | torch.Tensor  # j; or [B, G], each position's block's own j (`replay_sampled_states`)
-    logits: torch.Tensor | None  # [B, G, V] proposal logits of the canvas positions in the state before step j
+    logits: torch.Tensor | None  # [B, G, V] proposal logits of the canvas positions in the state before step
+    # j
     now: torch.Tensor  # [B, G] bool: positions committed at step j
-    step_index: torch.Tensor  # [B, G] the step (0-based, within the block for block_causal) of every position, -1 = none
+    step_index: torch.Tensor  # [B, G] the step (0-based, within the block for block_causal) of every
+    # position, -1 = none
     canvas: torch.Tensor  # [B, G] the final tokens
     block: int
 
@@ -223,7 +227,8 @@ class ReplayStep:
 def _model_inputs(p: _Packed) -> dict:
     """Attention mask, positions and block ids of prompt + canvas, the same for every replayed state."""
     prompt_pos, prompt_blocks, gen_pos, gen_blocks = layout(p.prompt_valid, p.canvas.shape[1], p.block)
-    return {"attention_mask": torch.cat([p.prompt_valid, p.valid], 1), "position_ids": torch.cat([prompt_pos, gen_pos], 1),
+    return {"attention_mask": torch.cat([p.prompt_valid, p.valid], 1),
+            "position_ids": torch.cat([prompt_pos, gen_pos], 1),
             "block_ids": torch.cat([prompt_blocks, gen_blocks], 1)}
 
 
@@ -251,7 +256,8 @@ def replay_step_logits(model, rows: list[TrajectoryRow], special: SpecialTokens)
     if mode == "causal":
         logits = model(input_ids=torch.cat([p.prompt, p.canvas], 1), **_model_inputs(p)).logits
         p_len = p.prompt.shape[1]
-        yield ReplayStep(0, proposal_logits(logits[:, p_len - 1 : -1], special), p.step_index >= 0, p.step_index, p.canvas, p.block)
+        yield ReplayStep(0, proposal_logits(logits[:, p_len - 1 : -1], special), p.step_index >= 0,
+                         p.step_index, p.canvas, p.block)
         return
     for st in _steps(p):
         st.logits = _state_logits(model, p, (p.step_index >= 0) & (p.step_index < st.index), mode, special)
@@ -273,7 +279,8 @@ def _steps(p: _Packed) -> Iterator[ReplayStep]:
         yield ReplayStep(j, None, p.step_index == j, p.step_index, p.canvas, p.block)
 
 
-def replay_sampled_states(model, rows: list[TrajectoryRow], special: SpecialTokens, generator: torch.Generator) -> ReplayStep:
+def replay_sampled_states(model, rows: list[TrajectoryRow], special: SpecialTokens,
+                          generator: torch.Generator) -> ReplayStep:
     """One forward for a batch of block-causal trajectories: each block at one of its own recorded states,
     drawn uniformly from its steps (seeded by `generator`). A sample of `replay_step_logits`' states at
     1 / (steps per block) of its cost, for terms that read a state's logits but not every step's
@@ -281,15 +288,16 @@ def replay_sampled_states(model, rows: list[TrajectoryRow], special: SpecialToke
     position's block's drawn j."""
     mode = getattr(model, "module", model).config.attention
     if mode != "block_causal":
-        raise ValueError(f"replay_sampled_states needs block_causal attention (each block its own state), not {mode}")
+        raise ValueError("replay_sampled_states needs block_causal attention (each block its own state), "
+                         f"not {mode}")
     p = _pack(rows, special, mode, next(model.parameters()).device)
     by_block = p.step_index.view(len(rows), -1, p.block)
     n_steps = by_block.max(-1).values + 1  # [B, n_blocks], 0 for a block with nothing committed
     j = (torch.rand(n_steps.shape, generator=generator) * n_steps.cpu()).long().to(n_steps.device)
     index = j.repeat_interleave(p.block, 1)  # [B, G]
     shown = (p.step_index >= 0) & (p.step_index < index)
-    return ReplayStep(index, _state_logits(model, p, shown, mode, special), p.step_index == index, p.step_index,
-                      p.canvas, p.block)
+    return ReplayStep(index, _state_logits(model, p, shown, mode, special), p.step_index == index,
+                      p.step_index, p.canvas, p.block)
 
 
 def final_token_logprob(logp_all: torch.Tensor, step: ReplayStep) -> torch.Tensor:
@@ -305,7 +313,8 @@ def committed_logprob(logp_all: torch.Tensor, step: ReplayStep) -> torch.Tensor:
     return final_token_logprob(logp_all, step).masked_fill(~step.now, 0.0)
 
 
-def replay_logprobs(model, rows: list[TrajectoryRow], special: SpecialTokens) -> tuple[torch.Tensor, torch.Tensor]:
+def replay_logprobs(model, rows: list[TrajectoryRow],
+                    special: SpecialTokens) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(committed token | state before its step) for every canvas position: ([B, G] float, with
     gradient; bool [B, G] committed positions). Equals the sampler's `commit_logprob` when the
     weights are those that decoded (the importance ratio of the on-policy stage starts at 1)."""
@@ -390,7 +399,9 @@ class VerifierPool:
                 e = job["error"]
                 out += excluded(job["tasks"], f"verifier raised {type(e).__name__}: {e}")
             elif len(job["result"]) != len(job["tasks"]):
-                out += excluded(job["tasks"], f"verifier returned {len(job['result'])} verdicts for {len(job['tasks'])} completions")
+                out += excluded(job["tasks"],
+                                f"verifier returned {len(job['result'])} verdicts for {len(job['tasks'])} "
+                                "completions")
             else:
                 out += job["result"]
         self._jobs = []

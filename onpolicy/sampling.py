@@ -42,17 +42,21 @@ class SamplerConfig:
     max_new_tokens: int = 128  # canvas length after the prompt
     block_size: int | None = None  # None: the model's block size (block_causal), whole canvas (bidirectional)
     steps_per_block: int | None = None  # fixed steps per block; None = block_size (one token per step)
-    threshold: float | None = None  # commit every masked position with confidence >= threshold (>= 1 per step)
+    threshold: float | None = None  # commit every masked position with confidence >= threshold (>= 1 per
+    # step)
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None  # sample among the k most likely tokens (temperature > 0)
     top_p: float | None = None  # nucleus sampling (temperature > 0)
     remask_threshold: float | None = None  # self-correction: re-open a committed token of the current
-    #                                        block when its probability falls below this and the model prefers another
+    #                                        block when its probability falls below this and the model prefers
+    #                                        another
     max_steps_per_block: int | None = None  # step budget per block with self-correction (default 2 x block)
     commit_temperature: float | None = None  # with threshold: soft commits, each open position commits with
-    #                                          probability sigmoid((top prob - threshold) / this) (on-policy rollouts)
+    #                                          probability sigmoid((top prob - threshold) / this) (on-policy
+    #                                          rollouts)
     use_cache: bool = True  # exact KV cache of finished blocks (block_causal and causal models)
-    per_row: bool = True  # with the cache: each row at its own block, done rows leave (False: the batch in lock-step)
+    per_row: bool = True  # with the cache: each row at its own block, done rows leave (False: the batch in
+    # lock-step)
     stop_at_eos: bool = True  # stop a sequence after the block in which it commits EOS
 
     def __post_init__(self) -> None:
@@ -63,7 +67,8 @@ class SamplerConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"sampler: {key}={value} must be >= 1")
-        for key in ("threshold", "remask_threshold"):  # probabilities compared against (above 1: always/never)
+        # probabilities compared against (above 1: always/never)
+        for key in ("threshold", "remask_threshold"):
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise ConfigError(f"sampler: {key}={value} must be >= 0")
@@ -89,10 +94,13 @@ class TrajectoryRow:
     canvas_len: int  # the full canvas length of the call (bidirectional models see all of it)
     replayable: bool = True  # False when self-correction re-opened tokens (replay would not be exact)
     behaviour_logprob: torch.Tensor | None = None  # [G] log p(token) under the distribution it was drawn from
-    # (temperature, top-k, top-p: `behaviour_logp`); None for greedy tokens (no draw: commit_logprob stands in)
-    verified: int | None = None  # canvas positions the verdict covers (the rest was cut by a stop sequence); None: all
+    # (temperature, top-k, top-p: `behaviour_logp`); None for greedy tokens (no draw: commit_logprob stands
+    # in)
+    verified: int | None = None  # canvas positions the verdict covers (the rest was cut by a stop sequence);
+    # None: all
 
-    TENSORS = {"canvas": torch.long, "commit_forward": torch.long, "commit_logprob": torch.float, "behaviour_logprob": torch.float}
+    TENSORS = {"canvas": torch.long, "commit_forward": torch.long, "commit_logprob": torch.float,
+               "behaviour_logprob": torch.float}
 
     def to_json(self) -> dict:
         """Plain lists and numbers (a trajectory pool's lines, stage 4's buffer in a checkpoint)."""
@@ -105,8 +113,10 @@ class TrajectoryRow:
 
     def check_replayable(self) -> None:
         if not self.replayable:
-            raise ValueError("self-correction (remask_threshold) re-opened tokens in this trajectory, which its record does "
-                             "not keep: it cannot be replayed exactly (decode without it where replay is needed)")
+            raise ValueError("self-correction (remask_threshold) re-opened tokens in this trajectory, which "
+                             "its record does "
+                             "not keep: it cannot be replayed exactly (decode without it where replay is "
+                             "needed)")
 
 
 @dataclass
@@ -128,7 +138,8 @@ class Trajectory:
     model_seconds: float = 0.0  # of which inside model forwards (the rest is sampler overhead)
     remasked: int = 0  # tokens re-opened by self-correction
     self_correcting: bool = False
-    # record_states=True: per batch step, (canvas before the step [B, G], rows that stepped [B], logits [B, block, V])
+    # record_states=True: per batch step, (canvas before the step [B, G], rows that stepped
+    # [B], logits [B, block, V])
     states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     behaviour_logprob: torch.Tensor | None = None  # [B, G] float, sampled tokens only (temperature > 0)
 
@@ -136,8 +147,9 @@ class Trajectory:
         n = self.row_lengths[i]
         behaviour = None if self.behaviour_logprob is None else self.behaviour_logprob[i, :n].clone()
         return TrajectoryRow(self.prompts[i], self.canvas[i, :n].clone(), self.commit_forward[i, :n].clone(),
-                             self.commit_logprob[i, :n].clone(), self.row_forwards[i], self.seeds[i], self.finished[i],
-                             self.tokens[i], self.block_size, self.canvas.shape[1], not self.self_correcting, behaviour)
+                             self.commit_logprob[i, :n].clone(), self.row_forwards[i], self.seeds[i],
+                             self.finished[i], self.tokens[i], self.block_size, self.canvas.shape[1],
+                             not self.self_correcting, behaviour)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -179,7 +191,8 @@ def layout(prompt_valid: torch.Tensor, gen_len: int, block: int) -> tuple[torch.
     lengths = prompt_valid.sum(1)
     prompt_blocks = torch.div(prompt_pos - lengths[:, None], block, rounding_mode="floor")
     gen_pos = lengths[:, None] + torch.arange(gen_len, device=device)
-    gen_blocks = torch.arange(gen_len, device=device).div(block, rounding_mode="floor").expand(prompt_valid.shape[0], -1)
+    gen_blocks = torch.arange(gen_len, device=device).div(block, rounding_mode="floor")
+    gen_blocks = gen_blocks.expand(prompt_valid.shape[0], -1)
     return prompt_pos, prompt_blocks, gen_pos, gen_blocks
 
 
@@ -239,7 +252,8 @@ def _propose(logp: torch.Tensor, cfg: SamplerConfig, generators: list[torch.Gene
     return token, token_logp.exp(), token_logp, behaviour
 
 
-def _commit_mask(conf: torch.Tensor, open_: torch.Tensor, n_steps_left: int, threshold: float | None) -> torch.Tensor:
+def _commit_mask(conf: torch.Tensor, open_: torch.Tensor, n_steps_left: int,
+                 threshold: float | None) -> torch.Tensor:
     """Which open positions to commit this step: bool [B, L]. conf: [B, L]; open_: [B, L] still masked."""
     conf = conf.masked_fill(~open_, -1.0)
     n_open = open_.sum(-1)  # [B]
@@ -253,7 +267,8 @@ def _commit_mask(conf: torch.Tensor, open_: torch.Tensor, n_steps_left: int, thr
     return open_ & (rank < k[:, None])
 
 
-def _soft_commit_mask(score: torch.Tensor, open_: torch.Tensor, cfg: SamplerConfig, generators, rows: torch.Tensor) -> torch.Tensor:
+def _soft_commit_mask(score: torch.Tensor, open_: torch.Tensor, cfg: SamplerConfig, generators,
+                      rows: torch.Tensor) -> torch.Tensor:
     """Soft threshold: each open position commits with probability sigmoid((score - threshold) /
     commit_temperature), score = the model's top probability there; if a row draws none, its
     top-scoring open position commits (>= 1 per step). Each stepping row draws from its own generator.
@@ -344,12 +359,15 @@ def generate(
     full_valid = torch.cat([prompt_valid, torch.ones_like(canvas, dtype=torch.bool)], 1)
     full_pos, full_blocks = torch.cat([prompt_pos, gen_pos], 1), torch.cat([prompt_blocks, gen_blocks], 1)
     # one row alone gains nothing from per-row bookkeeping: the lock-step loop decodes it the same, faster
-    per_row = cached and cfg.per_row and not self_correct and hasattr(model, "allocate_cache") and len(prompts) > 1
+    per_row = (cached and cfg.per_row and not self_correct and hasattr(model, "allocate_cache")
+               and len(prompts) > 1)
     if per_row:
         tensors = {"canvas": canvas, "commit_forward": commit_forward, "commit_logprob": commit_logprob,
-                   "behaviour_logprob": behaviour_logprob, "row_fwd": row_fwd, "row_len": row_len, "done": done}
-        _RowDecoder(model, prompts, special, cfg, generators, block, steps_per_block, gen_len, slots, tensors).run(
-            forward, states if record_states else None)
+                   "behaviour_logprob": behaviour_logprob, "row_fwd": row_fwd, "row_len": row_len,
+                   "done": done}
+        decoder = _RowDecoder(model, prompts, special, cfg, generators, block, steps_per_block, gen_len,
+                              slots, tensors)
+        decoder.run(forward, states if record_states else None)
     else:  # lock-step: the batch works on one block at a time
         cache, next_logits = None, None
         # Tokens waiting to enter the cache (ids, valid, positions, blocks): first the prompt, then each
@@ -358,8 +376,9 @@ def generate(
         if cached:
             cache = model.allocate_cache(p_len + gen_len) if hasattr(model, "allocate_cache") else None
         if cached and mode == "causal":  # the prompt's forward predicts the first token
-            out = forward(torch.ones_like(done), input_ids=prompt, attention_mask=prompt_valid, position_ids=prompt_pos,
-                          block_ids=prompt_blocks, past_key_values=cache, use_cache=True, **keep)
+            out = forward(torch.ones_like(done), input_ids=prompt, attention_mask=prompt_valid,
+                          position_ids=prompt_pos, block_ids=prompt_blocks, past_key_values=cache,
+                          use_cache=True, **keep)
             cache, next_logits, pending = out.past_key_values, out.logits[:, -1:], None
 
         for b in range(n_blocks):
@@ -376,20 +395,25 @@ def generate(
                         logits = next_logits
                     else:
                         end = p_len + sl.start
-                        logits = forward(stepping, input_ids=torch.cat([prompt, canvas], 1)[:, :end], attention_mask=full_valid[:, :end],
-                                         position_ids=full_pos[:, :end], **keep).logits[:, -1:]
+                        logits = forward(stepping, input_ids=torch.cat([prompt, canvas], 1)[:, :end],
+                                         attention_mask=full_valid[:, :end], position_ids=full_pos[:, :end],
+                                         **keep).logits[:, -1:]
                 elif cached and pending is not None:  # cache write + this block's first step, one forward
                     ids, valid, pos, blk = pending
-                    out = forward(stepping, input_ids=torch.cat([ids, canvas[:, sl]], 1), attention_mask=torch.cat([valid, full_valid[:, p_len + sl.start : p_len + sl.stop]], 1),
-                                  position_ids=torch.cat([pos, gen_pos[:, sl]], 1), block_ids=torch.cat([blk, gen_blocks[:, sl]], 1),
-                                  past_key_values=cache, use_cache=True, cache_len=ids.shape[1])
+                    block_valid = full_valid[:, p_len + sl.start : p_len + sl.stop]
+                    out = forward(stepping, input_ids=torch.cat([ids, canvas[:, sl]], 1),
+                                  attention_mask=torch.cat([valid, block_valid], 1),
+                                  position_ids=torch.cat([pos, gen_pos[:, sl]], 1),
+                                  block_ids=torch.cat([blk, gen_blocks[:, sl]], 1), past_key_values=cache,
+                                  use_cache=True, cache_len=ids.shape[1])
                     cache, pending = out.past_key_values, None
                     logits = out.logits[:, ids.shape[1] :]
                 elif cached:
-                    logits = forward(stepping, input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
-                                     past_key_values=cache).logits
+                    logits = forward(stepping, input_ids=canvas[:, sl], position_ids=gen_pos[:, sl],
+                                     block_ids=gen_blocks[:, sl], past_key_values=cache).logits
                 else:
-                    logits = forward(stepping, input_ids=torch.cat([prompt, canvas], 1), attention_mask=full_valid, position_ids=full_pos,
+                    logits = forward(stepping, input_ids=torch.cat([prompt, canvas], 1),
+                                     attention_mask=full_valid, position_ids=full_pos,
                                      block_ids=full_blocks).logits[:, p_len + sl.start : p_len + sl.stop]
                 if record_states:
                     states.append((canvas.clone().cpu(), stepping.clone().cpu(), logits.float().cpu()))
@@ -400,7 +424,8 @@ def generate(
                 if self_correct and not last_step:
                     current = canvas[:, sl]
                     p_current = dist.gather(-1, current[..., None])[..., 0].exp()
-                    reopen = ~open_ & stepping[:, None] & (p_current < cfg.remask_threshold) & (token != current)
+                    unsure = (p_current < cfg.remask_threshold) & (token != current)
+                    reopen = ~open_ & stepping[:, None] & unsure
                     if reopen.any():
                         stats["remasked"] += int(reopen.sum())
                         open_ = open_ | reopen
@@ -421,12 +446,14 @@ def generate(
                 done |= (canvas[:, : sl.stop] == special.eos).any(1)
             if bool(done.all()) or b == n_blocks - 1:
                 break
-            if cached and mode == "causal":  # the committed token joins the cache; this forward predicts the next
-                out = forward(~done, input_ids=canvas[:, sl], position_ids=gen_pos[:, sl], block_ids=gen_blocks[:, sl],
-                              past_key_values=cache, use_cache=True, **keep)
+            # the committed token joins the cache; this forward predicts the next
+            if cached and mode == "causal":
+                out = forward(~done, input_ids=canvas[:, sl], position_ids=gen_pos[:, sl],
+                              block_ids=gen_blocks[:, sl], past_key_values=cache, use_cache=True, **keep)
                 cache, next_logits = out.past_key_values, out.logits[:, -1:]
             elif cached:
-                pending = (canvas[:, sl], full_valid[:, p_len + sl.start : p_len + sl.stop], gen_pos[:, sl], gen_blocks[:, sl])
+                pending = (canvas[:, sl], full_valid[:, p_len + sl.start : p_len + sl.stop], gen_pos[:, sl],
+                           gen_blocks[:, sl])
 
     tokens, finished = [], []
     for i in range(batch):
@@ -434,13 +461,14 @@ def generate(
         end = min(row.index(special.eos) if special.eos in row else len(row), cfg.max_new_tokens)
         tokens.append(row[:end])
         finished.append(special.eos in row[: cfg.max_new_tokens])
-    return Trajectory(list(map(list, prompts)), canvas.cpu(), commit_forward.cpu(), commit_logprob.cpu(), row_fwd.tolist(),
-                      row_len.tolist(), seeds, tokens, finished, block, stats["forwards"], time.perf_counter() - t_start,
-                      stats["model_s"], stats["remasked"], self_correct, states,
-                      None if behaviour_logprob is None else behaviour_logprob.cpu())
+    return Trajectory(list(map(list, prompts)), canvas.cpu(), commit_forward.cpu(), commit_logprob.cpu(),
+                      row_fwd.tolist(), row_len.tolist(), seeds, tokens, finished, block, stats["forwards"],
+                      time.perf_counter() - t_start, stats["model_s"], stats["remasked"], self_correct,
+                      states, None if behaviour_logprob is None else behaviour_logprob.cpu())
 
 
-PREFILL_FORWARD_TOKENS = 64  # a forward's fixed cost, in tokens of compute (CPU, the tiny model): what a group must save
+PREFILL_FORWARD_TOKENS = 64  # a forward's fixed cost, in tokens of compute (CPU, the tiny model): what a
+# group must save
 
 
 def prefill_groups(lengths: list[int], block: int) -> list[slice]:
@@ -478,26 +506,31 @@ class _RowDecoder:
     block (block_causal only) is the row's current block, whose logits the step reads.
     """
 
-    def __init__(self, model, prompts, special, cfg, generators, block, steps_per_block, gen_len, slots, canvas_state):
+    def __init__(self, model, prompts, special, cfg, generators, block, steps_per_block, gen_len, slots,
+                 canvas_state):
         self.special, self.cfg, self.generators = special, cfg, generators
         self.block, self.steps_per_block, self.gen_len = block, steps_per_block, gen_len
         self.causal = model.config.attention == "causal"
-        self.s = canvas_state  # the call's tensors over all rows (canvas, commit_forward, ...), written in place
+        # the call's tensors over all rows (canvas, commit_forward, ...), written in place
+        self.s = canvas_state
         device = self.s["canvas"].device
         self.prompt, self.prompt_valid = left_pad(prompts, special.pad, device)
         self.prompt_pos, self.prompt_blocks, self.gen_pos, _ = layout(self.prompt_valid, gen_len, block)
         self.lengths = self.prompt_valid.sum(1)
         n = len(prompts)
         self.cur = torch.zeros(n, dtype=torch.long, device=device)  # each row's block (causal: next position)
-        self.step_in_block = torch.zeros(n, dtype=torch.long, device=device)  # steps done in its current block
-        self.pending = torch.full((n,), -1, dtype=torch.long, device=device)  # -1: prompt; >= 0: that block; -2: none
+        # steps done in its current block
+        self.step_in_block = torch.zeros(n, dtype=torch.long, device=device)
+        # -1: prompt; >= 0: that block; -2: none
+        self.pending = torch.full((n,), -1, dtype=torch.long, device=device)
         self.waiting = list(range(n))
         self.active = torch.zeros(0, dtype=torch.long, device=device)  # rows in the batch, in cache order
         self.slots = slots or n
         self.cache = model.allocate_cache(self.prompt.shape[1] + gen_len + 2 * block)
         c = model.config
-        self.cache.reserve(min(n, self.slots), self.cache.capacity, c.num_hidden_layers, c.num_key_value_heads,
-                           c.hidden_size // c.num_attention_heads, next(model.parameters()).dtype, device)
+        self.cache.reserve(min(n, self.slots), self.cache.capacity, c.num_hidden_layers,
+                           c.num_key_value_heads, c.hidden_size // c.num_attention_heads,
+                           next(model.parameters()).dtype, device)
         self.cache.lengths = torch.zeros(min(n, self.slots), dtype=torch.long, device=device)
 
     def admit(self) -> None:
@@ -506,10 +539,12 @@ class _RowDecoder:
         if free <= 0 or not self.waiting:
             return
         join, self.waiting = self.waiting[:free], self.waiting[free:]
-        join = sorted(join, key=lambda i: int(self.lengths[i]))  # by prompt length: the prefill groups are slices
-        if (missing := len(self.active) + len(join) - len(self.cache.lengths)) > 0:  # the cache has a row per slot at first
+        # by prompt length: the prefill groups are slices the cache has a row per slot at first
+        join = sorted(join, key=lambda i: int(self.lengths[i]))
+        if (missing := len(self.active) + len(join) - len(self.cache.lengths)) > 0:
             self.cache.add_rows(missing)
-        self.active = torch.cat([self.active, torch.tensor(join, dtype=torch.long, device=self.active.device)])
+        self.active = torch.cat([self.active,
+                                 torch.tensor(join, dtype=torch.long, device=self.active.device)])
 
     def query(self, rows: torch.Tensor):
         """[pending | block] ids, validity, positions and block ids [A, W] for these rows, the pending
@@ -530,7 +565,8 @@ class _RowDecoder:
         if width and bool(is_prompt.any()):
             p_width = min(width, self.prompt.shape[1])
             src = rows[is_prompt]
-            for t, s in ((ids, self.prompt), (valid, self.prompt_valid), (pos, self.prompt_pos), (blk, self.prompt_blocks)):
+            for t, s in ((ids, self.prompt), (valid, self.prompt_valid), (pos, self.prompt_pos),
+                         (blk, self.prompt_blocks)):
                 t[is_prompt, width - p_width :] = s[src, -p_width:] if p_width else s[src, :0]
         if bool(is_block.any()):
             src, b = rows[is_block], pend[is_block]
@@ -579,8 +615,10 @@ class _RowDecoder:
         ids, valid, pos, blk, width, kept = self.query(rows)
         stepping = torch.zeros(len(s["canvas"]), dtype=torch.bool, device=dev)
         stepping[rows] = True
-        out = forward(stepping, input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blk, past_key_values=cache,
-                      use_cache=True, cache_len=kept, logits_to_keep=1 if self.causal else block)  # the head on the block
+        out = forward(stepping, input_ids=ids, attention_mask=valid, position_ids=pos, block_ids=blk,
+                      # the head on the block
+                      past_key_values=cache, use_cache=True, cache_len=kept,
+                      logits_to_keep=1 if self.causal else block)
         if not whole:
             self.cache.merge_rows(group, cache)
         logits = out.logits
@@ -595,11 +633,13 @@ class _RowDecoder:
         everyone = torch.ones(len(rows), dtype=torch.bool, device=dev)
         token, conf, logp, b_logp = _propose(dist, cfg, gens, everyone)
         open_ = current == special.mask
-        last = self.step_in_block[rows] == block - 1  # a block's last possible step commits what is left (no draw)
+        # a block's last possible step commits what is left (no draw)
+        last = self.step_in_block[rows] == block - 1
         if cfg.commit_temperature is not None:
             chosen = _soft_commit_mask(dist.amax(-1).exp(), open_, cfg, gens, ~last)
         else:
-            chosen = _commit_mask(conf, open_, (self.steps_per_block - self.step_in_block[rows]).clamp(min=1), cfg.threshold)
+            chosen = _commit_mask(conf, open_, (self.steps_per_block - self.step_in_block[rows]).clamp(min=1),
+                                  cfg.threshold)
         chosen = torch.where(last[:, None], open_, chosen)
         at = (rows[:, None], cols)
         s["canvas"][at] = new = torch.where(chosen, token, current)
@@ -635,4 +675,5 @@ def replay_states(row: TrajectoryRow, mask_id: int) -> list[torch.Tensor]:
     row.check_replayable()
     committed = row.commit_forward > 0
     steps = row.commit_forward[committed].unique().tolist()  # sorted
-    return [torch.where(committed & (row.commit_forward < f), row.canvas, torch.full_like(row.canvas, mask_id)) for f in steps]
+    return [torch.where(committed & (row.commit_forward < f), row.canvas,
+                        torch.full_like(row.canvas, mask_id)) for f in steps]

@@ -1,4 +1,5 @@
-"""The special tokens every stage needs, resolved once from a tokenizer (no magic numbers: docs/architecture.md).
+"""The special tokens every stage needs, resolved once from a tokenizer (no magic numbers:
+docs/architecture.md).
 
 Pure Python with no package imports: the sampler imports it relatively, so an exported model folder
 carries it beside `sampling.py` and decodes where onpolicy is not installed (`onpolicy.export`).
@@ -35,5 +36,6 @@ class SpecialTokens:
         }
         missing = [k for k, v in ids.items() if v is None or v == tok.unk_token_id and k != "pad"]
         if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}; load it with onpolicy.tokenizer.load_tokenizer")
+            raise ValueError(f"tokenizer lacks special tokens {missing}; load it with "
+                             "onpolicy.tokenizer.load_tokenizer")
         return cls(**ids, vocab_size=len(tok))

@@ -27,7 +27,8 @@ def _from_hub(repo_id: str) -> Path | None:
     except HFValidationError:
         return None
     except Exception as e:  # offline and not cached, unknown repo, no network
-        raise FileNotFoundError(f"{repo_id}: not a local folder, and the Hub could not provide it ({type(e).__name__}: {e})") from None
+        raise FileNotFoundError(f"{repo_id}: not a local folder, and the Hub could not provide it "
+                                f"({type(e).__name__}: {e})") from None
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -38,7 +39,8 @@ def resolve_model_dir(path: str | Path) -> Path:
         if hub is None:
             raise FileNotFoundError(f"checkpoint not found: {path}")
         path = hub
-    if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists() and (path / "final" / "config.json").exists():
+    if (not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists()
+            and (path / "final" / "config.json").exists()):
         path = path / "final"
     if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
@@ -48,11 +50,13 @@ def resolve_model_dir(path: str | Path) -> Path:
 def is_ours(folder: Path) -> bool:
     from onpolicy.model import DiffusionTransformerConfig
 
-    return json.loads((folder / "config.json").read_text()).get("model_type") == DiffusionTransformerConfig.model_type
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    return model_type == DiffusionTransformerConfig.model_type
 
 
 def adapter_base(folder: Path) -> str:
-    """The base model an adapter folder names (`base_model_name_or_path`), resolved next to it when relative."""
+    """The base model an adapter folder names (`base_model_name_or_path`), resolved next to it when
+    relative."""
     try:
         base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError as e:

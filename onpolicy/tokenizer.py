@@ -85,7 +85,8 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def check_same_tokenizer(tok: PreTrainedTokenizerBase, model_tok: PreTrainedTokenizerBase, where: str, model: str) -> None:
+def check_same_tokenizer(tok: PreTrainedTokenizerBase, model_tok: PreTrainedTokenizerBase, where: str,
+                         model: str) -> None:
     """Refuse `tok` (from `where`) when it is not the tokenizer of `model`: compared by content."""
     from onpolicy.errors import ConfigError
 
@@ -93,12 +94,14 @@ def check_same_tokenizer(tok: PreTrainedTokenizerBase, model_tok: PreTrainedToke
     if mine != theirs:
         raise ConfigError(
             f"{where} (tokenizer {mine}, {len(tok)} tokens) is not the tokenizer of model.init_from={model} "
-            f"({theirs}, {len(model_tok)} tokens): the model would read wrong token ids. Unset tokenizer.path to "
+            f"({theirs}, {len(model_tok)} tokens): the model would read wrong token ids. Unset "
+            "tokenizer.path to "
             "use the model's own tokenizer"
         )
 
 
-def prepare_tokenizer(path: str | None, vocab_size: int, texts: list[str], cache_dir: str | Path, max_mb: float):
+def prepare_tokenizer(path: str | None, vocab_size: int, texts: list[str], cache_dir: str | Path,
+                      max_mb: float):
     """The tokenizer a run uses: `path` if given, else a BPE trained on `texts` (cached by content)."""
     import hashlib
 

@@ -39,7 +39,8 @@ def frames(row: TrajectoryRow, tokenizer, mask_id: int, eos_id: int) -> list[lis
 def show(prompt: str, steps: list[list[tuple[str, str]]], delay: float = 0.08, stream=sys.stdout) -> None:
     """Animate in the terminal: masked positions shaded, tokens committed this step in green."""
     for i, pieces in enumerate(steps):
-        body = "".join(f"\x1b[32;1m{t}\x1b[0m" if k == "new" else (f"\x1b[2m{t}\x1b[0m" if k == "mask" else t) for t, k in pieces)
+        body = "".join(f"\x1b[32;1m{t}\x1b[0m" if k == "new" else (f"\x1b[2m{t}\x1b[0m" if k == "mask" else t)
+                       for t, k in pieces)
         stream.write(f"\x1b[2J\x1b[H{prompt}{body}\n\n\x1b[2mstep {i + 1}/{len(steps)}\x1b[0m\n")
         stream.flush()
         time.sleep(delay)
@@ -54,7 +55,8 @@ def trajectory_html(prompt: str, steps: list[list[tuple[str, str]]], title: str 
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
  body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }}
- pre {{ font-size: 14px; line-height: 1.4; background: #fafafa; padding: 1em; border: 1px solid #ddd; white-space: pre-wrap; }}
+ pre {{ font-size: 14px; line-height: 1.4; background: #fafafa; padding: 1em; border: 1px solid #ddd;
+       white-space: pre-wrap; }}
  .prompt {{ color: #555; }} .mask {{ color: #bbb; }} .new {{ background: #c8f7c5; }} .done {{ color: #000; }}
  .controls {{ margin: 1em 0; display: flex; gap: 1em; align-items: center; }}
  input[type=range] {{ flex: 1; }}

@@ -8,7 +8,8 @@ import sys
 
 import onpolicy.config as config
 
-SKIP = ("dataclasses.py", "omegaconf", "/onpolicy/config.py", "copy.py", "typing.py", "pprint.py", "reprlib.py")
+SKIP = ("dataclasses.py", "omegaconf", "/onpolicy/config.py", "copy.py", "typing.py", "pprint.py",
+        "reprlib.py")
 READ: set = set()
 
 
@@ -18,7 +19,8 @@ def record(cls) -> None:
 
     def getattribute(self, name):
         if name in names:
-            caller = sys._getframe(1).f_code.co_filename  # (not inside a generator: that would be a frame of its own)
+            # (not inside a generator: that would be a frame of its own)
+            caller = sys._getframe(1).f_code.co_filename
             if not any(s in caller for s in SKIP):
                 READ.add(f"{cls.__name__}.{name}")
         return original(self, name)
@@ -30,7 +32,8 @@ if __name__ == "__main__":
     from onpolicy.sampling import SamplerConfig
 
     for value in [*vars(config).values(), SamplerConfig]:
-        if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__.startswith("onpolicy"):
+        if (isinstance(value, type) and dataclasses.is_dataclass(value)
+                and value.__module__.startswith("onpolicy")):
             record(value)
     from onpolicy.cli import main
 

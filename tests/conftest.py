@@ -40,7 +40,8 @@ def make_model(special):
 
 
 STDLIB_SAMPLE = ["textwrap.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "fnmatch.py",
-                 "shlex.py", "calendar.py", "string.py", "numbers.py", "abc.py", "copy.py", "glob.py", "sched.py"]
+                 "shlex.py", "calendar.py", "string.py", "numbers.py", "abc.py", "copy.py", "glob.py",
+                 "sched.py"]
 
 
 def _copy_sample(out: Path) -> Path:
@@ -89,7 +90,8 @@ def init_model(tmp_path_factory):
     special = SpecialTokens.from_tokenizer(tok)
     torch.manual_seed(0)
     DiffusionTransformer(DiffusionTransformerConfig(
-        vocab_size=special.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, attention="block_causal",
-        block_size=4, mask_token_id=special.mask, shift_logits=True)).save_pretrained(folder)
+        vocab_size=special.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        attention="block_causal", block_size=4, mask_token_id=special.mask,
+        shift_logits=True)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -23,8 +23,8 @@ class TaskCoinVerifier:
     rewards vary (dynamic sampling finds nothing live)."""
 
     def verify(self, tasks, completions):
-        return [Verdict(t.task_id, _coin(t.task_id), float(_coin(t.task_id)), "passed" if _coin(t.task_id) else "failed",
-                        "task coin", 0.0) for t in tasks]
+        return [Verdict(t.task_id, _coin(t.task_id), float(_coin(t.task_id)),
+                        "passed" if _coin(t.task_id) else "failed", "task coin", 0.0) for t in tasks]
 
 
 class FailAllVerifier:

@@ -18,9 +18,10 @@ def _tokenizer():
 def _save_outside_model(folder, kind, tok, tied=False):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    common = dict(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=tied, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(0)
     if kind == "llama":
         lm = LlamaForCausalLM(LlamaConfig(**common, rope_theta=50000.0))
@@ -48,13 +49,16 @@ def test_outside_causal_model_maps_weight_for_weight(tmp_path, kind, tied):
     assert ours.config.num_key_value_heads == 2 and ours.config.tie_word_embeddings == tied
     x = torch.randint(5, len(tok), (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        theirs = lm(input_ids=x).logits  # rows our tokenizer added (Qwen2's tokenizer class brings <|endoftext|>) come after
-        torch.testing.assert_close(ours(input_ids=x).logits[..., : theirs.shape[-1]], theirs, rtol=0, atol=1e-5)
+        # rows our tokenizer added (Qwen2's tokenizer class brings <|endoftext|>) come after
+        theirs = lm(input_ids=x).logits
+        torch.testing.assert_close(ours(input_ids=x).logits[..., : theirs.shape[-1]], theirs, rtol=0,
+                                   atol=1e-5)
     # the KV cache with grouped-query attention: cached decoding = decoding without the cache
     special = SpecialTokens.from_tokenizer(tokenizer)
     prompts = [x[0, :7].tolist(), x[1, :12].tolist()]
     cached = generate(ours, prompts, special, SamplerConfig(max_new_tokens=10, stop_at_eos=False))
-    plain = generate(ours, prompts, special, SamplerConfig(max_new_tokens=10, stop_at_eos=False, use_cache=False))
+    plain = generate(ours, prompts, special,
+                     SamplerConfig(max_new_tokens=10, stop_at_eos=False, use_cache=False))
     assert cached.tokens == plain.tokens
 
 
@@ -65,8 +69,8 @@ def test_unsupported_architectures_are_refused_by_name(tmp_path):
     from onpolicy.tokenizer import SpecialTokens
 
     special = SpecialTokens(pad=0, bos=1, eos=2, mask=3, sep=4, vocab_size=64)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                      rope_scaling={"rope_type": "linear", "factor": 2.0})
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(ValueError, match="scaled RoPE"):
         diffusion_config_from(cfg, 64, special)
     cfg.model_type = "gpt2"
@@ -82,10 +86,13 @@ def test_a_llama_checkpoint_continues_as_block_diffusion(tmp_path, code_dir):
     tok = _tokenizer()
     _save_outside_model(tmp_path / "llama", "llama", tok)
     out = tmp_path / "run"
-    r = run_cli("train", "recipes/tiny/adapt_smollm2.yaml", f"model.init_from={tmp_path / 'llama'}", f"data.source={code_dir}",
-                "data.seq_len=64", "model.block_size=8", "train.max_steps=3", "train.micro_batch_size=4", "train.eval_batches=2",
-                f"data.cache_dir={tmp_path / 'cache'}", f"logging.output_dir={out}", "logging.progress=false")
+    r = run_cli("train", "recipes/tiny/adapt_smollm2.yaml", f"model.init_from={tmp_path / 'llama'}",
+                f"data.source={code_dir}", "data.seq_len=64", "model.block_size=8", "train.max_steps=3",
+                "train.micro_batch_size=4", "train.eval_batches=2", f"data.cache_dir={tmp_path / 'cache'}",
+                f"logging.output_dir={out}", "logging.progress=false")
     assert r.returncode == 0, r.stderr[-3000:]
     model, _ = load_pretrained(out / "final")
-    assert model.config.attention == "block_causal" and model.config.shift_logits and model.config.num_key_value_heads == 2
-    assert tokenizer_fingerprint(load_tokenizer(out / "final")) == tokenizer_fingerprint(load_tokenizer(tmp_path / "llama"))
+    assert (model.config.attention == "block_causal" and model.config.shift_logits
+            and model.config.num_key_value_heads == 2)
+    fingerprint = lambda folder: tokenizer_fingerprint(load_tokenizer(folder))  # noqa: E731
+    assert fingerprint(out / "final") == fingerprint(tmp_path / "llama")

@@ -18,9 +18,12 @@ def files(tmp_path_factory, init_model):
     d = tmp_path_factory.mktemp("bad")
     (d / "broken.yaml").write_text("stage: pretrain\ntrain:\n  max_steps: [1, 2\n")
     (d / "broken.jsonl").write_text('{"task_id": "a", "prompt": "x"\n')
-    (d / "samples.jsonl").write_text('{"task_id": "generated/validation/L1/0", "completion": "x"}\nnot json\n')
-    (d / "pipe_unknown.yaml").write_text("stages: [{name: a, recipe: recipes/tiny/stage1_mask.yaml}]\nbogus: 1\n")
-    (d / "pipe_order.yaml").write_text("stages:\n  - {name: a, recipe: recipes/tiny/stage1_mask.yaml, init_from: b}\n"
+    (d / "samples.jsonl").write_text('{"task_id": "generated/validation/L1/0", "completion": "x"}\n'
+                                     'not json\n')
+    (d / "pipe_unknown.yaml").write_text("stages: [{name: a, recipe: recipes/tiny/stage1_mask.yaml}]\nbogus: "
+                                         "1\n")
+    (d / "pipe_order.yaml").write_text("stages:\n  - "
+                                       "{name: a, recipe: recipes/tiny/stage1_mask.yaml, init_from: b}\n"
                                        "  - {name: b, recipe: recipes/tiny/stage1_mask.yaml}\n")
     (d / "pipe_broken.yaml").write_text("stages: [\n")
     (d / "full").mkdir()
@@ -48,9 +51,11 @@ def cases(f):
         (["train", S4, f"model.init_from={m}", "rollout.tasks=no/such/tasks.jsonl", out], "rollout.tasks"),
         (["train", S4, f"model.init_from={m}", f"rollout.tasks={d}/broken.jsonl", out], "broken.jsonl:1"),
         (["train", S4, f"model.init_from={m}", "rollout.verifier=nope:Thing", out], "rollout.verifier"),
-        (["train", S4, f"model.init_from={m}", "validation.tasks=generated:heldout:skip=-3", out], "validation.tasks"),
+        (["train", S4, f"model.init_from={m}", "validation.tasks=generated:heldout:skip=-3", out],
+         "validation.tasks"),
         (["train", S4, f"model.init_from={m}", "model.hidden_size=64", out], "model.hidden_size"),
-        (["train", "recipes/tiny/stage3_order.yaml", f"model.init_from={m}", "pool.prefer=slow", out], "pool.prefer"),
+        (["train", "recipes/tiny/stage3_order.yaml", f"model.init_from={m}", "pool.prefer=slow", out],
+         "pool.prefer"),
         # pipeline
         (["pipeline", str(d / "no_such_pipeline.yaml")], "no_such_pipeline.yaml"),
         (["pipeline", str(d / "pipe_unknown.yaml")], "bogus"),
@@ -63,9 +68,12 @@ def cases(f):
         (["bench", str(d / "no_model")], "no_model"),
         (["bench", m, "--tasks", str(d / "broken.jsonl")], "broken.jsonl:1"),
         # verify
-        (["verify", "generated:validation", str(d / "missing.jsonl"), "--out", str(d / "r.jsonl")], "missing.jsonl"),
-        (["verify", "generated:validation", str(d / "samples.jsonl"), "--out", str(d / "r.jsonl")], "samples.jsonl:2"),
-        (["verify", "humaneval", str(d / "samples.jsonl"), "--out", str(d / "r.jsonl"), "--verifier", "nope"], "nope"),
+        (["verify", "generated:validation", str(d / "missing.jsonl"), "--out", str(d / "r.jsonl")],
+         "missing.jsonl"),
+        (["verify", "generated:validation", str(d / "samples.jsonl"), "--out", str(d / "r.jsonl")],
+         "samples.jsonl:2"),
+        (["verify", "humaneval", str(d / "samples.jsonl"), "--out", str(d / "r.jsonl"), "--verifier", "nope"],
+         "nope"),
         # export and merge
         (["export", str(d / "no_run")], "no_run"),
         (["export", m, "--llama", "--out", str(d / "llama_out")], "causal"),
@@ -90,7 +98,8 @@ def test_every_bad_input_is_one_line_naming_it(files, capsys):
         captured = capsys.readouterr()
         lines = [line for line in captured.err.splitlines() if line.strip()]
         assert code not in (0, None), argv
-        assert len(lines) == 1 and "Traceback" not in captured.err + captured.out, (argv, captured.err[-2000:])
+        assert (len(lines) == 1
+                and "Traceback" not in captured.err + captured.out), (argv, captured.err[-2000:])
         assert named in lines[0], (argv, lines[0])
     assert not (files["dir"] / "llama_out").exists()  # a refused Llama export leaves no empty folder
     assert (files["dir"] / "full" / "x.txt").read_text() == "something"  # nothing overwritten

@@ -15,7 +15,8 @@ from verifiers import Task
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(["def add(a, b):\n    return a + b\n" * 20, "x = [i for i in range(10)]\n" * 20], vocab_size=300)
+    return train_tokenizer(["def add(a, b):\n    return a + b\n" * 20, "x = [i for i in range(10)]\n" * 20],
+                           vocab_size=300)
 
 
 def models_for(tok):
@@ -34,7 +35,8 @@ def models_for(tok):
 def test_frames_and_html_replay(tokenizer):
     models, special = models_for(tokenizer)
     prompt = tokenizer("def add(a, b):", add_special_tokens=False)["input_ids"]
-    traj = generate(models["diffusion"], [prompt], special, SamplerConfig(max_new_tokens=8, steps_per_block=2, stop_at_eos=False))
+    traj = generate(models["diffusion"], [prompt], special,
+                    SamplerConfig(max_new_tokens=8, steps_per_block=2, stop_at_eos=False))
     steps = frames(traj.row(0), tokenizer, special.mask, special.eos)
     assert len(steps) == 4
     assert [sum(k == "mask" for _, k in s) for s in steps] == [6, 4, 2, 0]
@@ -52,20 +54,24 @@ def test_bench_reports_every_setting(tokenizer, tmp_path):
     from verifiers import PythonTestVerifier
 
     models, _ = models_for(tokenizer)
-    tasks = [Task(f"t/{i}", "def add(a, b):\n", "add", "def check(candidate):\n    assert candidate(1, 2) == 3\n") for i in range(2)]
+    tasks = [Task(f"t/{i}", "def add(a, b):\n", "add",
+                  "def check(candidate):\n    assert candidate(1, 2) == 3\n") for i in range(2)]
     grid = settings([4, 8], [0.5], max_new_tokens=8, with_ar=True)
     assert [s.name for s in grid] == ["ar", "diffusion B=4 1 tok/step", "diffusion B=4 p>=0.5",
                                       "diffusion B=8 1 tok/step", "diffusion B=8 p>=0.5"]
     grid += settings([4], [], max_new_tokens=8, with_ar=False, model="before")  # `bench --before`
-    grid += [Setting(f"{s.name} lock-step", s.model, replace(s.sampler, per_row=False)) for s in grid[:3]]  # `bench --lock-step`
+    # `bench --lock-step`
+    grid += [Setting(f"{s.name} lock-step", s.model, replace(s.sampler, per_row=False)) for s in grid[:3]]
     models["before"] = models["diffusion"]
     with PythonTestVerifier(workers=1) as v:
         results = run_bench(models, tokenizer, tasks, grid, v)
     assert results["ar"]["speed_vs_ar"] == 1.0 and results["ar"]["block_size"] == 1
     assert results["ar lock-step"]["speed_vs_ar"] == 1.0 and results["ar lock-step"]["lock_step"]
     for name in ("ar", "diffusion B=4 1 tok/step", "diffusion B=4 p>=0.5"):  # the same tokens either way
-        assert results[f"{name} lock-step"]["tokens"] == results[name]["tokens"] and not results[name]["lock_step"]
-    assert results["before B=4 1 tok/step"]["block_size"] == 4 and results["diffusion B=8 p>=0.5"]["block_size"] == 8
+        assert (results[f"{name} lock-step"]["tokens"] == results[name]["tokens"]
+                and not results[name]["lock_step"])
+    assert (results["before B=4 1 tok/step"]["block_size"] == 4
+            and results["diffusion B=8 p>=0.5"]["block_size"] == 8)
     for r in results.values():
         assert r["tokens_per_s"] > 0 and 0 <= r["sampler_overhead"] < 1 and r["pass_at_1"] == 0.0
         assert r["tokens_per_forward"] == pytest.approx(1 / r["forwards_per_token"])
@@ -94,8 +100,9 @@ def memorizing_models(tok, text: str, steps: int = 150):
             else:
                 rate = torch.rand(4, generator=g)
                 x_t, masked = mask_tokens(ids.expand(4, -1), rate, special.mask, generator=g)
-                loss, _ = masked_diffusion_loss(model(input_ids=x_t, clean_input_ids=ids.expand(4, -1)).logits, ids.expand(4, -1),
-                                                masked, 1 / rate)
+                loss, _ = masked_diffusion_loss(model(input_ids=x_t,
+                                                      clean_input_ids=ids.expand(4, -1)).logits,
+                                                ids.expand(4, -1), masked, 1 / rate)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -111,14 +118,18 @@ def test_eval_and_bench_agree_and_bench_shows_a_pass(tokenizer):
     from verifiers import PythonTestVerifier
 
     models, _ = memorizing_models(tokenizer, "def add(a, b):\n    return a + b\n")
-    tasks = [Task(f"t/{i}", "def add(a, b):\n", "add", "def check(candidate):\n    assert candidate(1, 2) == 3\n") for i in range(2)]
-    tasks.append(Task("t/wrong", "def add(a, b):\n", "add", "def check(candidate):\n    assert candidate(1, 2) == 4\n"))
+    tasks = [Task(f"t/{i}", "def add(a, b):\n", "add",
+                  "def check(candidate):\n    assert candidate(1, 2) == 3\n") for i in range(2)]
+    tasks.append(Task("t/wrong", "def add(a, b):\n", "add",
+                      "def check(candidate):\n    assert candidate(1, 2) == 4\n"))
     grid = settings([4], [0.5], max_new_tokens=12, with_ar=True)
     with PythonTestVerifier(workers=1) as v:
         bench = run_bench(models, tokenizer, tasks, grid, v)
-        assert bench["ar"]["pass_at_1"] == pytest.approx(2 / 3)  # the memorised body passes; the wrong test fails
+        # the memorised body passes; the wrong test fails
+        assert bench["ar"]["pass_at_1"] == pytest.approx(2 / 3)
         for s in grid:
-            ev = evaluate_checkpoint(models[s.model], tokenizer, tasks, s.sampler, samples=1, verifier=v, batch_size=3)
+            ev = evaluate_checkpoint(models[s.model], tokenizer, tasks, s.sampler, samples=1, verifier=v,
+                                     batch_size=3)
             assert ev["pass@1"] == pytest.approx(bench[s.name]["pass_at_1"]), s.name
             assert ev["forwards_per_token"] == pytest.approx(bench[s.name]["forwards_per_token"]), s.name
 
@@ -133,8 +144,9 @@ def test_bench_takes_generated_task_sets_and_outside_models(tmp_path):
     folder = make_llama_folder(tmp_path / "llama")
     model, tok = load_model(folder)
     assert model.config.attention == "causal"
-    args = type("Args", (), dict(checkpoint=str(folder), ar=str(folder), before=None, tasks="generated:validation", limit=2, seed=0,
-                                 block_sizes=[4], thresholds=[], steps=[], max_new_tokens=6, device="cpu", threads=1,
+    args = type("Args", (), dict(checkpoint=str(folder), ar=str(folder), before=None,
+                                 tasks="generated:validation", limit=2, seed=0, block_sizes=[4],
+                                 thresholds=[], steps=[], max_new_tokens=6, device="cpu", threads=1,
                                  out=str(tmp_path / "b.json"), png=None))
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap not installed")

@@ -17,7 +17,8 @@ def test_every_pipeline_file_loads_and_its_stages_are_recipes(pipeline, monkeypa
 
     monkeypatch.chdir(ROOT)
     spec = load_pipeline(pipeline.relative_to(ROOT))
-    assert pipeline.read_text().splitlines()[0].startswith("# onpolicy pipeline "), "pipeline files start with their command"
+    assert pipeline.read_text().splitlines()[0].startswith("# onpolicy pipeline "), ("pipeline files start "
+                                                                                     "with their command")
     for stage in spec.stages:  # each stage's recipe with its overrides is a valid config
         load_config(ROOT / stage.recipe, [*spec.overrides, *stage.overrides])
 
@@ -30,7 +31,8 @@ def test_every_recipe_loads_into_its_schema(recipe):
     cfg = load_config(recipe, [v for k, v in required.items() if f"{k.split('.')[1]}: ???" in text])
     assert isinstance(cfg, STAGES[cfg.stage][0])
     first = recipe.read_text().splitlines()[0]
-    assert first.startswith("# onpolicy train ") or first.startswith("# deepspeed "), "recipes start with their command"
+    assert (first.startswith("# onpolicy train ")
+            or first.startswith("# deepspeed ")), "recipes start with their command"
     assert (ROOT / cfg.train.deepspeed).is_file()
 
 
@@ -60,16 +62,20 @@ def test_unknown_key_names_key_and_valid_ones(tmp_path):
 
 
 def test_impossible_combinations_fail_clearly():
-    with pytest.raises(ConfigError, match="diffusion.objective' was removed: the objective follows model.attention"):
+    with pytest.raises(ConfigError,
+                       match="diffusion.objective' was removed: the objective follows model.attention"):
         load_config(None, stage="pretrain", overrides=["diffusion.objective=causal"])
     with pytest.raises(ConfigError, match="multiple of model.block_size"):
         load_config(None, stage="pretrain", overrides=["data.seq_len=100", "model.block_size=32"])
     with pytest.raises(ConfigError, match="model.attention='sideways'"):
         load_config(None, stage="pretrain", overrides=["model.attention=sideways"])
     with pytest.raises(ConfigError, match="divisible"):
-        load_config(None, stage="pretrain", overrides=["model.hidden_size=100", "model.num_attention_heads=3"])
-    with pytest.raises(ConfigError, match="loss.anchor feeds the jump term: set loss.surrogate to jump or both"):
-        load_config("recipes/tiny/stage4_onpolicy.yaml", overrides=["loss.anchor=1", "loss.surrogate=progress"])
+        load_config(None, stage="pretrain",
+                    overrides=["model.hidden_size=100", "model.num_attention_heads=3"])
+    with pytest.raises(ConfigError,
+                       match="loss.anchor feeds the jump term: set loss.surrogate to jump or both"):
+        load_config("recipes/tiny/stage4_onpolicy.yaml",
+                    overrides=["loss.anchor=1", "loss.surrogate=progress"])
     with pytest.raises(ConfigError, match="loss.anchor and loss.anchor_rows must be >= 0"):
         load_config("recipes/tiny/stage4_onpolicy.yaml", overrides=["loss.anchor=-1"])
 
@@ -84,7 +90,8 @@ def test_cli_reports_bad_key_and_missing_corpus_without_traceback(tmp_path):
     assert r.returncode == 2
     assert "unknown config key 'train.lr_max'" in r.stderr and "Traceback" not in r.stderr
     missing = tmp_path / "no_such_corpus"
-    r = run_cli("train", "recipes/tiny/stage1_mask.yaml", f"data.source={missing}", f"logging.output_dir={tmp_path}/run")
+    r = run_cli("train", "recipes/tiny/stage1_mask.yaml", f"data.source={missing}",
+                f"logging.output_dir={tmp_path}/run")
     assert r.returncode == 2
     assert str(missing) in r.stderr and "Traceback" not in r.stderr
 
@@ -128,14 +135,16 @@ def test_impossible_sampler_settings_and_malformed_files_get_one_line(tmp_path):
     with pytest.raises(ConfigError, match="top_p=0 must be in"):
         SamplerConfig(top_p=0)
     tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text('{"task_id": "a", "prompt": "def f():\\n", "entry_point": "f", "test": "def check(c): pass"}\n{oops\n')
+    task = '{"task_id": "a", "prompt": "def f():\\n", "entry_point": "f", "test": "def check(c): pass"}\n'
+    tasks.write_text(task + '{oops\n')
     r = run_cli("verify", str(tasks), str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "o.jsonl"))
     assert r.returncode == 2 and f"{tasks}:2: not valid JSON" in r.stderr and "Traceback" not in r.stderr
-    tasks.write_text('{"task_id": "a", "prompt": "def f():\\n", "entry_point": "f", "test": "def check(c): pass"}\n')
+    tasks.write_text(task)
     completions = tmp_path / "c.jsonl"
     completions.write_text('{"task_id": "a", "completion": "    return 1"}\n{"task_id": "a"}\n')
     r = run_cli("verify", str(tasks), str(completions), "--out", str(tmp_path / "o.jsonl"))
-    assert r.returncode == 2 and f"{completions}:2: a completion line needs" in r.stderr and "Traceback" not in r.stderr
+    assert (r.returncode == 2 and f"{completions}:2: a completion line needs" in r.stderr
+            and "Traceback" not in r.stderr)
     r = run_cli("sample", "nowhere", "--prompt", "x", "--block-size", "0")
     assert r.returncode == 2 and "block_size=0 must be >= 1" in r.stderr and "Traceback" not in r.stderr
 
@@ -143,7 +152,8 @@ def test_impossible_sampler_settings_and_malformed_files_get_one_line(tmp_path):
 def test_a_recipe_can_start_from_another_with_base(tmp_path):
     """`base:` takes the other recipe's keys and lays this one's over them, mapping by mapping; a bad key in
     either is still named; a missing base and a loop are clear errors."""
-    (tmp_path / "parent.yaml").write_text("stage: pretrain\ntrain:\n  max_steps: 7\n  lr: 0.5\n  betas: [0.8, 0.9]\n"
+    (tmp_path / "parent.yaml").write_text("stage: pretrain\ntrain:\n  max_steps: 7\n  lr: 0.5\n  betas: "
+                                          "[0.8, 0.9]\n"
                                           "logging:\n  output_dir: runs/parent\n")
     (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrain:\n  lr: 0.25\n  betas: [0.7, 0.75]\n")
     cfg = load_config(tmp_path / "child.yaml", ["train.max_steps=9"])
@@ -152,7 +162,8 @@ def test_a_recipe_can_start_from_another_with_base(tmp_path):
     # a shipped recipe as the base, by the path `onpolicy train` takes
     (tmp_path / "shipped.yaml").write_text("base: recipes/tiny/stage1_mask.yaml\ntrain:\n  max_steps: 3\n")
     shipped = load_config(tmp_path / "shipped.yaml")
-    assert shipped.train.max_steps == 3 and shipped.model == load_config("recipes/tiny/stage1_mask.yaml").model
+    assert (shipped.train.max_steps == 3
+            and shipped.model == load_config("recipes/tiny/stage1_mask.yaml").model)
     (tmp_path / "typo.yaml").write_text("base: parent.yaml\ntrain:\n  max_step: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'train.max_step'"):
         load_config(tmp_path / "typo.yaml")

@@ -66,7 +66,8 @@ def test_foreign_tokenizer_gets_missing_special_tokens(tmp_path, code_dir):
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel()
-    raw.train_from_iterator(["def f(): pass"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"]))
+    raw.train_from_iterator(["def f(): pass"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"]))
     PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>").save_pretrained(tmp_path / "foreign")
     tok = load_tokenizer(tmp_path / "foreign")
     special = SpecialTokens.from_tokenizer(tok)
@@ -108,7 +109,8 @@ def test_memory_mapped_shards_give_the_packed_corpus_batches(tmp_path, code_dir)
     packed = pack(ids, cfg.seq_len, SpecialTokens.from_tokenizer(tok).eos)
     assert isinstance(corpus.train, TokenArray) and corpus.meta["dtype"] == "uint16"
     assert corpus.train.shape == tuple(packed.shape)
-    assert (tmp_path / "cache" / "corpus" / corpus.meta["key"] / "train.bin").stat().st_size == packed.numel() * 2
+    cached = tmp_path / "cache" / "corpus" / corpus.meta["key"] / "train.bin"
+    assert cached.stat().st_size == packed.numel() * 2
     for step in range(6):
         rows = batch_rows(step, 0, 0, 1, 4, 1, packed.shape[0], seed=3)
         got = corpus.train[rows]

@@ -36,12 +36,13 @@ def test_a_seed_gives_the_same_initial_weights_under_zero_0_2_and_3(tmp_path, co
     start = {}
     for zero in ("zero0", "zero2", "zero3"):
         out = tmp_path / zero
-        r = run_cli("train", "recipes/tiny/stage1_mask.yaml", *TINY, f"data.source={code_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-                    f"logging.output_dir={out}", "train.max_steps=1", f"train.deepspeed=recipes/deepspeed/{zero}.json",
-                    "train.threads=1")
+        r = run_cli("train", "recipes/tiny/stage1_mask.yaml", *TINY, f"data.source={code_dir}",
+                    f"data.cache_dir={tmp_path / 'cache'}", f"logging.output_dir={out}", "train.max_steps=1",
+                    f"train.deepspeed=recipes/deepspeed/{zero}.json", "train.threads=1")
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         start[zero] = json.loads((out / "summary.json").read_text())["val_loss_start"]
-    assert start["zero3"] == pytest.approx(start["zero0"], abs=1e-4) and start["zero2"] == pytest.approx(start["zero0"], abs=1e-4), start
+    assert (start["zero3"] == pytest.approx(start["zero0"], abs=1e-4)
+            and start["zero2"] == pytest.approx(start["zero0"], abs=1e-4)), start
 
 
 def _two_nodes(tmp_path, code_dir, out, *extra):
@@ -58,18 +59,20 @@ def _two_nodes(tmp_path, code_dir, out, *extra):
     port = free_port()
     procs = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
-               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "onpolicy.cli", "train", "recipes/tiny/stage1_mask.yaml",
-               *TINY, *RESUMABLE, f"data.source={code_dir}", f"data.cache_dir={tmp_path / f'node{node}-cache'}",
-               f"logging.output_dir={out}", *extra]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "onpolicy.cli",
+               "train", "recipes/tiny/stage1_mask.yaml", *TINY, *RESUMABLE, f"data.source={code_dir}",
+               f"data.cache_dir={tmp_path / f'node{node}-cache'}", f"logging.output_dir={out}", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     return logs
 
 
-RESUMABLE = ["train.max_steps=6", "train.save_every=3", "train.deepspeed=recipes/deepspeed/zero2.json", "train.threads=1"]
+RESUMABLE = ["train.max_steps=6", "train.save_every=3", "train.deepspeed=recipes/deepspeed/zero2.json",
+             "train.threads=1"]
 
 
 def _one_process(code_dir, cache, out, *extra):

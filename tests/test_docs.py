@@ -10,13 +10,15 @@ import pytest
 
 from .conftest import ROOT, run_cli
 
-PATH_REF = re.compile(r"(?<![\w/.-])((?:onpolicy|verifiers|recipes|benchmarks|tests|docs|scripts)/[\w./-]*\w\.(?:py|md|yaml|json|png|sh|toml|txt|html|jsonl))")
+PATH_REF = re.compile(r"(?<![\w/.-])((?:onpolicy|verifiers|recipes|benchmarks|tests|docs|scripts)/[\w./-]*\w"
+                      r"\.(?:py|md|yaml|json|png|sh|toml|txt|html|jsonl))")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 OUTSIDE_DOCS = ("PAPER" + ".md", "ARCHITECTURE" + ".md", "ENVIRONMENT" + ".md", "STYLE" + ".md")
 
 
 def tracked(*suffixes: str) -> list:
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
     return [ROOT / f for f in files if f.endswith(suffixes) and (ROOT / f).is_file()]
 
 
@@ -34,7 +36,8 @@ def test_every_markdown_link_and_file_reference_resolves():
     missing = []
     for md in tracked(".md"):
         text = md.read_text()
-        missing += [f"{md.relative_to(ROOT)}: cites {name}, not in the repository" for name in OUTSIDE_DOCS if name in text]
+        missing += [f"{md.relative_to(ROOT)}: cites {name}, not in the repository" for name in OUTSIDE_DOCS
+                    if name in text]
         for target in LINK.findall(text):
             if target.startswith(("http://", "https://", "mailto:", "#")):
                 continue
@@ -77,23 +80,27 @@ def test_the_verifier_guide_example_runs_as_written(tmp_path, init_model):
     tasks = load_task_set("generated:validation", 3)
     rows = [{"task_id": tasks[0].task_id, "completion": tasks[0].canonical_solution},
             {"task_id": tasks[1].task_id, "completion": "    return None\n"},
-            {"task_id": tasks[2].task_id, "completion": tasks[2].canonical_solution + "\n" * 3 + "    # x\n" * 12}]
+            {"task_id": tasks[2].task_id, "completion": tasks[2].canonical_solution + "\n" * 3
+             + "    # x\n" * 12}]
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "results.jsonl"
-    r = run_cli("verify", "generated:validation", str(samples), "--out", str(out), "--verifier", "my_checks:ShortAndCorrect",
-                "--verifier-arg", "max_lines=6", env=env)
+    r = run_cli("verify", "generated:validation", str(samples), "--out", str(out), "--verifier",
+                "my_checks:ShortAndCorrect", "--verifier-arg", "max_lines=6", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     verdicts = [json.loads(line) for line in out.read_text().splitlines()]
     assert [v["passed"] for v in verdicts] == [True, False, True]
     assert verdicts[0]["score"] == 1.0 and 0 < verdicts[2]["score"] < 1.0  # graded: longer is worth less
     # with a pass threshold the long solution no longer counts as a pass
-    r = run_cli("verify", "generated:validation", str(samples), "--out", str(out), "--verifier", "my_checks:ShortAndCorrect",
-                "--verifier-arg", "max_lines=6", "--pass-threshold", "0.9", env=env)
-    assert r.returncode == 0 and [json.loads(x)["passed"] for x in out.read_text().splitlines()] == [True, False, False]
+    r = run_cli("verify", "generated:validation", str(samples), "--out", str(out), "--verifier",
+                "my_checks:ShortAndCorrect", "--verifier-arg", "max_lines=6", "--pass-threshold", "0.9",
+                env=env)
+    assert (r.returncode == 0
+            and [json.loads(x)["passed"] for x in out.read_text().splitlines()] == [True, False, False])
     # eval with the plugin
-    r = run_cli("eval", str(init_model), "--tasks", "generated:validation", "--limit", "2", "--max-new-tokens", "8",
-                "--verifier", "my_checks:ShortAndCorrect", "--out", str(tmp_path / "eval.json"), env=env)
+    r = run_cli("eval", str(init_model), "--tasks", "generated:validation", "--limit", "2",
+                "--max-new-tokens", "8", "--verifier", "my_checks:ShortAndCorrect", "--out",
+                str(tmp_path / "eval.json"), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 0 <= json.loads((tmp_path / "eval.json").read_text())["pass@1"] <= 1
     r = run_cli("verify", "--list")

@@ -62,14 +62,16 @@ def test_substitutions_change_the_token_and_deletions_shift_left():
     x0 = torch.arange(10, 20)[None]
     ordinary = ordinary_mask()
     for seed in range(20):
-        out = edit_tokens(x0, torch.tensor([3]), ordinary, fill_id=3, generator=torch.Generator().manual_seed(seed))
+        out = edit_tokens(x0, torch.tensor([3]), ordinary, fill_id=3,
+                          generator=torch.Generator().manual_seed(seed))
         sub, dele, ins = out.ops[0].tolist()
         # only substitutions: exactly 3 positions differ and the length is kept
         if dele == ins == 0:
             assert (out.x_t != x0).sum() == 3
         if dele == 3:  # only deletions: x0 minus three tokens, in order, then three fills
             kept = out.x_t[0, :7].tolist()
-            assert kept == sorted(kept) and set(kept) < set(range(10, 20)) and out.x_t[0, 7:].tolist() == [3, 3, 3]
+            assert (kept == sorted(kept) and set(kept) < set(range(10, 20))
+                    and out.x_t[0, 7:].tolist() == [3, 3, 3])
 
 
 def test_edit_loss_hand_checked():
@@ -119,7 +121,8 @@ def test_stage2_batch_layout_mix_and_stack(mode):
     loss, _ = stage1_loss(model, x0, diff, mask_id, g, ordinary=ordinary_mask())
     x_t = model.seen
     is_mask = x_t == mask_id
-    fill = is_mask.flip(1).cummin(1).values.flip(1)  # a trailing run of MASK: the canvas filled after deletions
+    fill = is_mask.flip(1).cummin(1).values.flip(1)  # a trailing run of MASK: the canvas filled after
+    # deletions
     has_mask = (is_mask & ~fill).any(1)  # masked by the diffusion corruption
     changed = ((x_t != x0) & ~is_mask).any(1)  # an edit left a trace outside the masks
     assert torch.isfinite(loss)
@@ -146,14 +149,18 @@ def test_stage2_bench_reuses_only_what_was_made_the_same_way(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     key = {"start": "runs/a/final", "limit": 200, "seed": 0}
-    assert bench.made_with(None, key, "x") and bench.made_with(dict(key), key, "x")  # kept before keys existed; the same
+    # kept before keys existed; the same
+    assert bench.made_with(None, key, "x") and bench.made_with(dict(key), key, "x")
     with pytest.raises(SystemExit, match="'start': \\('runs/b/final', 'runs/a/final'\\)"):
         bench.made_with({**key, "start": "runs/b/final"}, key, "x")
     arm = tmp_path / "stage2-s0"
     (arm / "final").mkdir(parents=True)
     (arm / "final" / "config.json").write_text("{}")
-    (arm / "stage2_edit_key.json").write_text(json.dumps({"start": "runs/b/final", "overrides": ["diffusion.edit_fraction=1"],
+    (arm / "stage2_edit_key.json").write_text(json.dumps({"start": "runs/b/final",
+                                                          "overrides": ["diffusion.edit_fraction=1"],
                                                           "set": [], "seed": 0, "steps": 20}))
-    assert bench.train_arm(["diffusion.edit_fraction=1"], 0, 20, Path("runs/b/final"), arm, []) == arm / "final"  # reused
+    # reused
+    assert bench.train_arm(["diffusion.edit_fraction=1"], 0, 20, Path("runs/b/final"), arm,
+                           []) == arm / "final"
     with pytest.raises(SystemExit, match="start"):  # another start: not reused, and nothing trained over it
         bench.train_arm(["diffusion.edit_fraction=1"], 0, 20, Path("runs/a/final"), arm, [])

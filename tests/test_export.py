@@ -38,9 +38,10 @@ def _model(special, attention, **kw):
     from onpolicy.model import DiffusionTransformer, DiffusionTransformerConfig
 
     torch.manual_seed(0)
-    cfg = DiffusionTransformerConfig(vocab_size=special.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     attention=attention, mask_token_id=special.mask, pad_token_id=special.pad,
-                                     bos_token_id=special.bos, eos_token_id=special.eos, **kw)
+    cfg = DiffusionTransformerConfig(vocab_size=special.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, attention=attention, mask_token_id=special.mask,
+                                     pad_token_id=special.pad, bos_token_id=special.bos,
+                                     eos_token_id=special.eos, **kw)
     return DiffusionTransformer(cfg).eval()
 
 
@@ -51,9 +52,10 @@ def test_exported_diffusion_model_loads_without_onpolicy(tmp_path):
     tok, special = _tokenizer_and_special()
     model = _model(special, "block_causal", block_size=4, shift_logits=True, num_key_value_heads=2)
     model.config.decoding = {"block_size": 32}  # inherited from a parent model trained at block 32
-    folder = save_model_folder(model, tok, tmp_path / "export", decoding={"threshold": 0.9, "max_new_tokens": 12},
-                               card={"base_model": "my/base", "stage": "onpolicy", "recipe": "stage: onpolicy\n",
-                                     "eval": {"pass@1": 0.25}})
+    folder = save_model_folder(model, tok, tmp_path / "export",
+                               decoding={"threshold": 0.9, "max_new_tokens": 12},
+                               card={"base_model": "my/base", "stage": "onpolicy",
+                                     "recipe": "stage: onpolicy\n", "eval": {"pass@1": 0.25}})
     x = torch.randint(10, special.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     prompt = tok("def add(a, b):\n", add_special_tokens=False)["input_ids"]
     ours = generate(model, [prompt], special, SamplerConfig(max_new_tokens=12, threshold=0.9)).tokens[0]
@@ -73,7 +75,8 @@ out = model.diffusion_generate(torch.tensor([ref["prompt"]]))  # decoding defaul
 print("TOKENS", out[0, len(ref["prompt"]):].tolist())
 """
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     generated = json.loads(r.stdout.split("TOKENS", 1)[1])
     pad = special.pad
@@ -98,12 +101,14 @@ def test_ar_export_is_a_llama_whose_greedy_generate_equals_our_sampler(tmp_path)
     to_llama(model).save_pretrained(tmp_path / "llama")
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
     assert type(llama) is LlamaForCausalLM
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("def add(a, b):\n", "def f(x):\n    return")]
+    prompts = [tok(p, add_special_tokens=False)["input_ids"]
+               for p in ("def add(a, b):\n", "def f(x):\n    return")]
     n = 16
     ours = generate(model, prompts, special, SamplerConfig(max_new_tokens=n, stop_at_eos=False))
     for prompt, tokens in zip(prompts, ours.tokens):
-        out = llama.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, suppress_tokens=[special.pad, special.mask],
-                             pad_token_id=special.pad, eos_token_id=None)
+        out = llama.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             suppress_tokens=[special.pad, special.mask], pad_token_id=special.pad,
+                             eos_token_id=None)
         theirs = out[0, len(prompt):].tolist()
         cut = theirs.index(special.eos) if special.eos in theirs else n  # our tokens stop before EOS
         assert theirs[:cut] == tokens
@@ -113,9 +118,11 @@ def test_onpolicy_export_cli_writes_a_self_contained_folder(tmp_path, init_model
     from onpolicy.cli import main
 
     assert main(["export", str(init_model), "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "modeling_onpolicy.py").is_file() and (tmp_path / "out" / "sampling.py").is_file()
+    assert ((tmp_path / "out" / "modeling_onpolicy.py").is_file()
+            and (tmp_path / "out" / "sampling.py").is_file())
     assert json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"]
-    assert main(["export", str(init_model), "--llama", "--out", str(tmp_path / "llama")]) == 2  # not a causal model
+    # not a causal model
+    assert main(["export", str(init_model), "--llama", "--out", str(tmp_path / "llama")]) == 2
     with pytest.raises(SystemExit):
         main(["export"])
 
@@ -149,7 +156,8 @@ def test_wandb_online_accepts_a_wandb_login(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     assert not wandb_credentials()
-    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")  # what `wandb login` writes
+    # what `wandb login` writes
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
     (tmp_path / "netrc").chmod(0o600)
     assert wandb_credentials()
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))

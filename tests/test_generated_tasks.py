@@ -41,7 +41,8 @@ def _ops(task):
     from onpolicy.data.generated import Op
 
     lines = [line.strip() for line in task.canonical_solution.splitlines() if line.strip() != "return xs"]
-    return [Op(kind, "", code, kind in ("sum", "count", "max", "min", "first", "last")) for kind, code in zip(_kinds(task), lines)]
+    return [Op(kind, "", code, kind in ("sum", "count", "max", "min", "first", "last")) for kind,
+            code in zip(_kinds(task), lines)]
 
 
 def test_simplified_form_drops_what_cannot_change_the_result():
@@ -81,7 +82,8 @@ def test_no_heldout_task_computes_the_same_function_as_a_train_task():
 
     from onpolicy.data.generated import PROBES, behaviour
 
-    spec = importlib.util.spec_from_file_location("split_twins", Path(__file__).parents[1] / "benchmarks" / "split_twins.py")
+    spec = importlib.util.spec_from_file_location("split_twins",
+                                                  Path(__file__).parents[1] / "benchmarks" / "split_twins.py")
     twins = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(twins)
     inputs = twins.fresh_inputs(88, seed=7)
@@ -133,8 +135,9 @@ def test_truncate_completion_and_task_sets():
     assert [level_of(t) for t in easy] == [1, 2] * 4
     assert [t.task_id for t in load_task_set("generated:train:levels=1,2,3,4", 8)] == [
         t.task_id for t in load_task_set("generated:train", 8)]
-    for bad in ("generated:train:level=1", "generated:train:levels=5", "generated:train:levels=", "repair:train:levels=1:x",
-                "generated:heldout:skip=-1", "generated:heldout:skip=1:skip=2", "generated:heldout:seed=x"):
+    for bad in ("generated:train:level=1", "generated:train:levels=5", "generated:train:levels=",
+                "repair:train:levels=1:x", "generated:heldout:skip=-1", "generated:heldout:skip=1:skip=2",
+                "generated:heldout:seed=x"):
         with pytest.raises(ValueError, match=r"levels=L\[,L...\]\]\[:seed=S\]\[:skip=N\]"):
             load_task_set(bad, 4)
 
@@ -158,12 +161,14 @@ def test_prompt_is_cut_before_trailing_whitespace_and_the_model_writes_it():
     from onpolicy.data.tasks import completion_text, encode_prompt
     from onpolicy.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(['def f(xs):\n    """Doc."""\n    xs = xs[:3]\n    return xs\n' * 30], vocab_size=300)
+    tok = train_tokenizer(['def f(xs):\n    """Doc."""\n    xs = xs[:3]\n    return xs\n' * 30],
+                          vocab_size=300)
     prompt = 'def f(xs):\n    """Doc."""\n'
     ids, held_back = encode_prompt(tok, prompt)
     assert held_back == "\n" and tok.decode(ids) == prompt.rstrip()
     # trained text merges the newline with the indentation, so the bare "\n" ending is never conditioned on
-    assert tok("\n    xs", add_special_tokens=False)["input_ids"][0] != tok("\n", add_special_tokens=False)["input_ids"][0]
+    assert tok("\n    xs", add_special_tokens=False)["input_ids"][0] != tok("\n",
+                                                                            add_special_tokens=False)["input_ids"][0]
     written = tok("\n    return xs\n\ndef g():\n    pass", add_special_tokens=False)["input_ids"]
     assert completion_text(tok, written, held_back) == "    return xs\n"  # prompt + this = the program
 
@@ -179,8 +184,9 @@ def test_evaluate_checkpoint_aggregates_pass_at_k():
     from onpolicy.tokenizer import SpecialTokens
 
     special = SpecialTokens.from_tokenizer(tok)
-    model = DiffusionTransformer(DiffusionTransformerConfig(vocab_size=special.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                                            num_attention_heads=2, attention="block_causal", block_size=4)).eval()
+    model = DiffusionTransformer(DiffusionTransformerConfig(vocab_size=special.vocab_size, hidden_size=32,
+                                                            num_hidden_layers=1, num_attention_heads=2,
+                                                            attention="block_causal", block_size=4)).eval()
 
     def level(task):
         return task.task_id.split("/")[2]
@@ -196,7 +202,8 @@ def test_evaluate_checkpoint_aggregates_pass_at_k():
             return out
 
     tasks = generate_tasks("validation", 8)
-    result = evaluate_checkpoint(model, tok, tasks, SamplerConfig(max_new_tokens=8), samples=2, verifier=ByLevel(), batch_size=4)
+    result = evaluate_checkpoint(model, tok, tasks, SamplerConfig(max_new_tokens=8), samples=2,
+                                 verifier=ByLevel(), batch_size=4)
     easy = sum(level(t) in ("L1", "L2") for t in tasks)
     assert 0 < easy < len(tasks)  # the pinned values below cover both kinds
     assert result["pass@1"] == pytest.approx((easy + 0.5 * (len(tasks) - easy)) / len(tasks))

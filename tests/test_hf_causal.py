@@ -19,14 +19,16 @@ def make_llama_folder(folder):
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(["def add(a, b):\n    return a + b\n" * 20, "xs = [x * 2 for x in xs]\n" * 20], trainer=trainer)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(["def add(a, b):\n    return a + b\n" * 20, "xs = [x * 2 for x in xs]\n" * 20],
+                            trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -50,7 +52,8 @@ def test_sampler_on_adapter_equals_transformers_greedy(llama_folder):
 
     model, tok = load_model(llama_folder)
     special = SpecialTokens.from_tokenizer(tok)
-    prompts = [tok("def add(a, b):\n", add_special_tokens=False)["input_ids"], tok("xs = [x", add_special_tokens=False)["input_ids"]]
+    prompts = [tok("def add(a, b):\n", add_special_tokens=False)["input_ids"],
+               tok("xs = [x", add_special_tokens=False)["input_ids"]]
     cfg = SamplerConfig(max_new_tokens=12, stop_at_eos=False)
     batch = generate(model, prompts, special, cfg)
     for prompt, got in zip(prompts, batch.tokens):
@@ -68,7 +71,8 @@ def test_tokens_the_model_never_saw_are_never_proposed(llama_folder):
     ids = torch.tensor([[len(tok) - 1, 5, 6]])  # an added special id in the input is fed as EOS, not an error
     logits = model(input_ids=ids).logits
     assert logits.shape[-1] == len(tok)
-    assert torch.isinf(logits[..., model.lm_vocab :]).all() and torch.isfinite(logits[..., : model.lm_vocab]).all()
+    assert (torch.isinf(logits[..., model.lm_vocab :]).all()
+            and torch.isfinite(logits[..., : model.lm_vocab]).all())
 
 
 def test_missing_outside_model_names_the_path(tmp_path):

@@ -15,7 +15,8 @@ from .test_export import _NO_ONPOLICY
 
 
 def machine_marks(*folders: Path) -> set[str]:
-    return {str(Path.home()) + "/", str(ROOT) + "/", tempfile.gettempdir() + "/", *(str(f.resolve()) for f in folders)}
+    return {str(Path.home()) + "/", str(ROOT) + "/", tempfile.gettempdir() + "/",
+            *(str(f.resolve()) for f in folders)}
 
 
 def files_naming(folder: Path, marks: set[str]) -> list[str]:
@@ -32,11 +33,12 @@ def test_the_cards_usage_snippet_runs_as_written_without_onpolicy(tmp_path, init
     r = run_cli("export", str(init_model), "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     card = (out / "README.md").read_text()
-    assert "pipeline_tag" not in card  # nothing invites transformers' pipeline(), which cannot drive the sampler
+    # nothing invites transformers' pipeline(), which cannot drive the sampler
+    assert "pipeline_tag" not in card
     assert "2 layers, hidden size 32" in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("path/to/this/folder", str(out))
-    done = subprocess.run([sys.executable, "-c", _NO_ONPOLICY + snippet], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", _NO_ONPOLICY + snippet], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("def add(a, b):")
 
@@ -46,15 +48,18 @@ def test_an_exported_lora_run_from_init_from_names_no_machine_path_and_its_real_
     code = tmp_path / "my code" / "src"
     code.mkdir(parents=True)
     for i in range(6):
-        (code / f"m{i}.py").write_text(f"def handler_{i}(request):\n    return request.get('v{i}', {i})\n" * 20)
+        handler = f"def handler_{i}(request):\n    return request.get('v{i}', {i})\n"
+        (code / f"m{i}.py").write_text(handler * 20)
     run = tmp_path / "run"
-    r = run_cli("train", "recipes/tiny/lora_domain.yaml", f"model.init_from={init_model}", f"data.source={code}",
-                "data.seq_len=32", "data.val_fraction=0.3", "train.max_steps=2", "train.micro_batch_size=2", "train.eval_every=0",
-                f"data.cache_dir={tmp_path / 'cache'}", f"logging.output_dir={run}", "logging.progress=false")
+    r = run_cli("train", "recipes/tiny/lora_domain.yaml", f"model.init_from={init_model}",
+                f"data.source={code}", "data.seq_len=32", "data.val_fraction=0.3", "train.max_steps=2",
+                "train.micro_batch_size=2", "train.eval_every=0", f"data.cache_dir={tmp_path / 'cache'}",
+                f"logging.output_dir={run}", "logging.progress=false")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainable params" in r.stdout  # as PEFT reports it
     config = (run / "config.yaml").read_text()
-    assert "hidden_size: 32" in config and "num_hidden_layers: 2" in config  # the model's shape, not the recipe's default
+    # the model's shape, not the recipe's default
+    assert "hidden_size: 32" in config and "num_hidden_layers: 2" in config
     out = tmp_path / "export"
     r = run_cli("export", str(run), "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -81,14 +86,17 @@ def test_push_uploads_through_huggingface_hub_and_refuses_machine_paths(tmp_path
             self.calls.append(("create_repo", repo_id, kw))
 
         def upload_folder(self, **kw):
-            self.calls.append(("upload_folder", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir())))
+            self.calls.append(("upload_folder", kw["repo_id"],
+                               sorted(p.name for p in Path(kw["folder_path"]).iterdir())))
 
     out = tmp_path / "export"
     assert run_cli("export", str(init_model), "--out", str(out)).returncode == 0
     api = StandIn()
     assert push_folder(out, "me/tiny-coder", private=True, api=api) == "https://huggingface.co/me/tiny-coder"
-    assert api.calls[0] == ("create_repo", "me/tiny-coder", {"private": True, "exist_ok": True, "repo_type": "model"})
-    assert api.calls[1][0] == "upload_folder" and "config.json" in api.calls[1][2] and "README.md" in api.calls[1][2]
+    assert api.calls[0] == ("create_repo", "me/tiny-coder",
+                            {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert (api.calls[1][0] == "upload_folder" and "config.json" in api.calls[1][2]
+            and "README.md" in api.calls[1][2])
     (out / "README.md").write_text((out / "README.md").read_text() + f"\nfrom {tmp_path}/somewhere\n")
     with pytest.raises(ConfigError, match="README.md"):
         push_folder(out, "me/tiny-coder", api=StandIn())

@@ -58,7 +58,8 @@ def test_attention_allowed_bd3_pattern():
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
     blk = pos // 2
     noisy = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
-    allowed = attention_allowed("block_causal", pos, pos, blk, blk, torch.ones_like(noisy), noisy, noisy)[0, 0].int()
+    allowed = attention_allowed("block_causal", pos, pos, blk, blk, torch.ones_like(noisy), noisy,
+                                noisy)[0, 0].int()
     expected = torch.tensor([
         [1, 1, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0, 0],
@@ -96,7 +97,8 @@ def test_kv_cache_matches_full_forward(make_model, attention):
     full = model(x).logits
     cache = model(x[:, :8], use_cache=True).past_key_values
     assert cache.length == 8
-    torch.testing.assert_close(model(x[:, 8:], past_key_values=cache).logits, full[:, 8:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x[:, 8:], past_key_values=cache).logits, full[:, 8:], rtol=1e-5,
+                               atol=1e-5)
     # the input cache is not modified, and appending more continues correctly
     assert cache.length == 8
     cache2 = model(x[:, 8:10], past_key_values=cache, use_cache=True).past_key_values
@@ -119,7 +121,8 @@ def test_peft_lora_wraps_and_roundtrips(make_model, tmp_path):
 
     base = make_model("block_causal")
     x = rand_ids(1, 8)
-    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert 0 < trainable < sum(p.numel() for p in lora.parameters()) / 10
     out = lora(input_ids=x).logits
@@ -151,7 +154,8 @@ def test_shifted_model_cache_equals_full_forward(make_model, special, block):
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     cfg = SamplerConfig(max_new_tokens=12, stop_at_eos=False)
     cached = generate(model, prompts, special, cfg)
-    full = generate(model, prompts, special, SamplerConfig(max_new_tokens=12, stop_at_eos=False, use_cache=False))
+    full = generate(model, prompts, special,
+                    SamplerConfig(max_new_tokens=12, stop_at_eos=False, use_cache=False))
     assert cached.tokens == full.tokens
     alone = generate(model, prompts[1:], special, cfg)
     assert alone.tokens[0] == cached.tokens[1]
@@ -160,7 +164,8 @@ def test_shifted_model_cache_equals_full_forward(make_model, special, block):
 def test_config_knows_the_models_attention_options():
     from onpolicy import config, model
 
-    assert config.ATTENTION_MODES == model.ATTENTION_MODES and config.ATTENTION_KERNELS == model.ATTENTION_KERNELS
+    assert (config.ATTENTION_MODES == model.ATTENTION_MODES
+            and config.ATTENTION_KERNELS == model.ATTENTION_KERNELS)
 
 
 @pytest.mark.parametrize("attention", ["block_causal", "causal", "bidirectional"])
@@ -214,16 +219,19 @@ def test_one_token_cpu_decode_path_matches_linear_and_follows_the_weight():
     with torch.no_grad():
         fast = lin(x)  # one row, wide weight, no grad: the transposed layout
         assert lin._decode_weight is not None
-        torch.testing.assert_close(fast, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=0, atol=1e-6)
+        torch.testing.assert_close(fast, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=0,
+                                   atol=1e-6)
         lin.weight.mul_(2.0)  # an in-place update (an optimizer step, a load) refreshes the copy
-        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=0, atol=1e-6)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=0,
+                                   atol=1e-6)
     out = lin(x)  # with gradient: the ordinary path, and gradients flow to the weight
     out.sum().backward()
     assert lin.weight.grad is not None and out.grad_fn is not None
     assert set(lin.state_dict()) == {"weight", "bias"}  # a plain nn.Linear to checkpoints and PEFT
 
 
-@pytest.mark.parametrize("attention,shift", [("block_causal", True), ("block_causal", False), ("bidirectional", True)])
+@pytest.mark.parametrize("attention,shift",
+                         [("block_causal", True), ("block_causal", False), ("bidirectional", True)])
 def test_packed_logits_give_the_full_loss_and_gradient(make_model, special, attention, shift):
     """Stage 1 with the head only at the masked positions (`logits_at`, packed [M, V]) gives the same
     loss, stats and gradients (1e-5) as the full [B, L, V] logits it replaces."""
@@ -256,4 +264,5 @@ def test_packed_logits_give_the_full_loss_and_gradient(make_model, special, atte
         torch.testing.assert_close(stats[k], full_stats[k], rtol=0, atol=1e-5)
     for a, b in zip(grads, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model(input_ids=x_t, logits_at=masked, **clean).logits, full[masked], rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(input_ids=x_t, logits_at=masked, **clean).logits, full[masked], rtol=0,
+                               atol=1e-5)

@@ -12,10 +12,12 @@ RECIPE = "recipes/tiny/stage4_onpolicy.yaml"
 
 
 def stage4(init, out, *extra, nproc=1):
-    args = ["train", RECIPE, f"model.init_from={init}", f"logging.output_dir={out}", "rollout.prompts_per_step=2",
-            "rollout.group_size=4", "rollout.n_tasks=20", "rollout.batch_size=4", "rollout.sampler.max_new_tokens=12",
-            "validation.n_tasks=4", "validation.every=0", "train.micro_batch_size=4", "train.lr=3e-3", "train.warmup_steps=1",
-            "logging.progress=false", "rollout.verifier=tests.plugins:CoinVerifier", "loss.surrogate=both", *extra]
+    args = ["train", RECIPE, f"model.init_from={init}", f"logging.output_dir={out}",
+            "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.n_tasks=20",
+            "rollout.batch_size=4", "rollout.sampler.max_new_tokens=12", "validation.n_tasks=4",
+            "validation.every=0", "train.micro_batch_size=4", "train.lr=3e-3", "train.warmup_steps=1",
+            "logging.progress=false", "rollout.verifier=tests.plugins:CoinVerifier", "loss.surrogate=both",
+            *extra]
     if nproc > 1:
         args += ["--nproc", str(nproc)]
     r = run_cli(*args)
@@ -37,16 +39,21 @@ def test_a_hanging_and_raising_verifier_costs_samples_not_the_run(init_model, tm
     """Every third verify call hangs forever, every third raises: the run finishes, those samples are
     excluded with their reasons, and each hang costs the timeout, not the run."""
     out = tmp_path / "flaky"
-    r = stage4(init_model, out, "train.max_steps=2", "rollout.verifier=tests.plugins:FlakyVerifier", "rollout.verifier_timeout=2")
+    r = stage4(init_model, out, "train.max_steps=2", "rollout.verifier=tests.plugins:FlakyVerifier",
+               "rollout.verifier_timeout=2")
     steps = [m for m in metrics(out) if "reward" in m]
     assert len(steps) == 2
     excluded = {k: v for m in steps for k, v in m.items() if k.startswith("verifier/excluded/")}
-    assert any("timeout" in k for k in excluded) and any("raised RuntimeError" in k for k in excluded), excluded
+    assert (any("timeout" in k for k in excluded)
+            and any("raised RuntimeError" in k for k in excluded)), excluded
     assert all(m["verifier/excluded"] > 0 for m in steps)
-    trl = ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio", "completions/mean_length")
+    trl = ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio",
+           "completions/mean_length")
     assert all(k in m for m in steps for k in trl), [sorted(m) for m in steps]
-    # entropy: the policy's, at the tokens of on-policy rows replayed step by step (not anchors or sampled states)
-    assert all("entropy" in m for m in steps if m["train/rows_trained"] > m["train/rows_jump_only_sampled"] + m["train/rows_anchor"])
+    # entropy: the policy's, at the tokens of on-policy rows replayed step by step (not
+    # anchors or sampled states)
+    assert all("entropy" in m for m in steps
+               if m["train/rows_trained"] > m["train/rows_jump_only_sampled"] + m["train/rows_anchor"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and (out / "final" / "model.safetensors").exists()
     assert "Traceback" not in r.stderr
@@ -67,7 +74,8 @@ def test_dynamic_sampling_replaces_groups_without_signal(init_model, tmp_path):
     live = tmp_path / "live"
     stage4(init_model, live, "train.max_steps=2", "rollout.dynamic_sampling=3")
     for m in [m for m in metrics(live) if "reward" in m]:
-        assert m["rollout/live_groups"] <= 2 and (m["rollout/live_groups"] == 2 or m["rollout/rounds"] == 4), m
+        assert (m["rollout/live_groups"] <= 2
+                and (m["rollout/live_groups"] == 2 or m["rollout/rounds"] == 4)), m
         assert m["rollout/prompts_decoded"] >= 2 and m["time/step"] >= m["time/rollout"] + m["time/verify"]
 
 
@@ -80,9 +88,11 @@ def test_stage4_moves_the_model_to_the_rollout_block_size(init_model, tmp_path):
     assert "block size 4 -> 8" in r.stdout + r.stderr
     assert json.loads((init_model / "config.json").read_text())["block_size"] == 4
     final = json.loads((out / "final" / "config.json").read_text())
-    assert final["block_size"] == 8 and final["decoding"]["block_size"] == 8  # not the start's recommended block
-    assert json.loads((out / "model" / "config.json").read_text())["block_size"] == 8  # export --step N of a checkpoint
-    assert json.loads((out / "best" / "config.json").read_text())["block_size"] == 4  # the start, until a better one
+    # not the start's recommended block export --step N of a checkpoint
+    assert final["block_size"] == 8 and final["decoding"]["block_size"] == 8
+    assert json.loads((out / "model" / "config.json").read_text())["block_size"] == 8
+    # the start, until a better one
+    assert json.loads((out / "best" / "config.json").read_text())["block_size"] == 4
     assert len([m for m in metrics(out) if "reward" in m]) == 1
 
 
@@ -99,13 +109,15 @@ def test_distill_failed_feeds_failed_rollouts_to_the_jump_term(init_model, tmp_p
                         ("anchor", ["loss.distill_failed=0", "loss.jump_states=sampled", "loss.anchor=1",
                                     "rollout.sampler.max_new_tokens=64"])):
         out = tmp_path / name
-        stage4(init_model, out, "train.max_steps=1", "reward.alpha=0", "loss.surrogate=jump", "loss.buffer_size=0",
-               "rollout.verifier=tests.plugins:FailAllVerifier", *extra)
+        stage4(init_model, out, "train.max_steps=1", "reward.alpha=0", "loss.surrogate=jump",
+               "loss.buffer_size=0", "rollout.verifier=tests.plugins:FailAllVerifier", *extra)
         (runs[name],) = [m for m in metrics(out) if "reward" in m]
-        moved = any(not torch.equal(a, b) for a, b in zip(weights(init_model).values(), weights(out / "final").values()))
+        moved = any(not torch.equal(a, b) for a,
+                    b in zip(weights(init_model).values(), weights(out / "final").values()))
         assert moved == (name != "off"), name
     assert runs["off"]["train/rows_trained"] == 0 and runs["off"]["rollout/pass_rate"] == 0.0
-    assert runs["every"]["train/rows_trained"] == runs["every"]["train/rows_distilled_failed"] == 8 and runs["every"]["jump_ce"] > 0
+    assert (runs["every"]["train/rows_trained"] == runs["every"]["train/rows_distilled_failed"] == 8
+            and runs["every"]["jump_ce"] > 0)
     assert runs["every"]["train/rows_jump_only_sampled"] == 0 and "jump_ce_sampled" not in runs["every"]
     sampled = runs["sampled"]
     assert sampled["train/rows_jump_only_sampled"] == sampled["train/rows_distilled_failed"] == 8
@@ -115,9 +127,11 @@ def test_distill_failed_feeds_failed_rollouts_to_the_jump_term(init_model, tmp_p
     assert runs["off"]["loss"] == 0.0 and sampled["loss"] > 0 and runs["every"]["loss"] > 0
     # entropy: the policy's at the tokens it committed, from rows replayed step by step (not at drawn states)
     assert runs["every"]["entropy"] > 0 and "entropy" not in sampled
-    # loss.anchor: the two prompts' reference solutions are all that trains (the jump term, one state per block)
+    # loss.anchor: the two prompts' reference solutions are all that trains (the jump
+    # term, one state per block)
     anchor = runs["anchor"]
-    assert anchor["train/rows_anchor"] == anchor["train/rows_trained"] == anchor["train/rows_jump_only_sampled"] == 2
+    assert (anchor["train/rows_anchor"] == anchor["train/rows_trained"]
+            == anchor["train/rows_jump_only_sampled"] == 2)
     assert anchor["train/rows_distilled_failed"] == 0 and anchor["jump_ce_sampled"] > 0 and anchor["loss"] > 0
     assert runs["off"]["train/rows_anchor"] == 0
 
@@ -128,7 +142,8 @@ def test_stage4_trains_with_and_without_lora(init_model, tmp_path, lora):
     out = tmp_path / f"lora{lora}"
     stage4(init_model, out, "train.max_steps=2", f"lora.r={lora}")
     rows = [m for m in metrics(out) if "reward" in m]
-    assert sum(m["train/rows_trained"] for m in rows) > 0 and all("pg_loss" in m for m in rows if m["train/rows_trained"])
+    assert (sum(m["train/rows_trained"] for m in rows) > 0
+            and all("pg_loss" in m for m in rows if m["train/rows_trained"]))
     before, after = weights(init_model), weights(out / "final")
     assert set(before) == set(after)  # LoRA exports a plain, merged model
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -137,7 +152,8 @@ def test_stage4_trains_with_and_without_lora(init_model, tmp_path, lora):
         assert all("embed" not in k for k in changed)  # adapters sit on the linear layers only
     # a few completions per step with their verdicts, beside the metrics (what a verifier plugin saw)
     logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
-    assert logged and {"step", "task_id", "completion", "passed", "score", "status", "reward"} <= set(logged[0])
+    assert (logged and {"step", "task_id", "completion", "passed", "score", "status",
+                        "reward"} <= set(logged[0]))
     assert max(sum(r["step"] == s for r in logged) for s in {r["step"] for r in logged}) <= 4
 
 
@@ -160,8 +176,9 @@ def test_stage4_resume_gives_the_same_next_losses(init_model, tmp_path):
 @pytest.mark.distributed
 def test_stage4_two_ranks_zero2(init_model, tmp_path):
     out = tmp_path / "z2"
-    r = stage4(init_model, out, "train.max_steps=2", "train.deepspeed=recipes/deepspeed/zero2.json", "train.threads=1",
-               "rollout.dynamic_sampling=1", nproc=2)  # the ranks agree on the rounds (a collective per round)
+    r = stage4(init_model, out, "train.max_steps=2", "train.deepspeed=recipes/deepspeed/zero2.json",
+               # the ranks agree on the rounds (a collective per round)
+               "train.threads=1", "rollout.dynamic_sampling=1", nproc=2)
     assert "world=2" in r.stdout + r.stderr and "ZeRO-2" in r.stdout + r.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
@@ -170,12 +187,14 @@ def test_step_seconds_reads_time_step_or_sums_the_split():
     from onpolicy.metrics import step_seconds
 
     assert step_seconds({"time/step": 9.5, "time/rollout": 1.0, "time/verify": 1.0, "time/train": 1.0}) == 9.5
-    assert step_seconds({"time/rollout": 2.0, "time/verify": 0.5, "time/train": 4.0}) == 6.5  # runs logged before time/step
+    # runs logged before time/step
+    assert step_seconds({"time/rollout": 2.0, "time/verify": 0.5, "time/train": 4.0}) == 6.5
 
 
 def test_only_rows_without_policy_gradient_or_progress_cost_take_the_sampled_jump():
     """loss.jump_states=sampled sends a row to the one-forward jump term only when the jump is all it feeds:
-    advantage 0, picked for distillation, and no progress cost to read its every step (surrogate both and passed)."""
+    advantage 0, picked for distillation, and no progress cost to read its every step (surrogate both and
+    passed)."""
     from onpolicy.config import OnPolicyConfig
     from onpolicy.trainers.onpolicy import is_jump_only
 
@@ -185,11 +204,14 @@ def test_only_rows_without_policy_gradient_or_progress_cost_take_the_sampled_jum
         return c
 
     sampled = cfg("sampled", "jump")
-    assert is_jump_only(0.0, False, 1.0, sampled) and is_jump_only(0.0, True, 1.0, sampled)  # failed pick; buffer / all-pass group
-    assert not is_jump_only(0.5, True, 1.0, sampled) and not is_jump_only(-0.5, False, 1.0, sampled)  # policy gradient
+    # failed pick; buffer / all-pass group
+    assert is_jump_only(0.0, False, 1.0, sampled) and is_jump_only(0.0, True, 1.0, sampled)
+    # policy gradient
+    assert not is_jump_only(0.5, True, 1.0, sampled) and not is_jump_only(-0.5, False, 1.0, sampled)
     assert not is_jump_only(0.0, False, 0.0, sampled)  # not picked for distillation
     assert not is_jump_only(0.0, False, 1.0, cfg("every", "jump"))
-    assert not is_jump_only(0.0, True, 1.0, cfg("sampled", "both")) and is_jump_only(0.0, False, 1.0, cfg("sampled", "both"))
+    assert (not is_jump_only(0.0, True, 1.0, cfg("sampled", "both"))
+            and is_jump_only(0.0, False, 1.0, cfg("sampled", "both")))
     assert not is_jump_only(0.0, True, 1.0, cfg("sampled", "progress"))
 
 
@@ -202,7 +224,8 @@ def test_best_checkpoint_rule_counts_pass_rates_exactly_at_the_tolerance_edge():
 
     bar, start = 42 / 300, val(42 / 300, 40 / 300, 2.2)
     assert is_better(val(36 / 300, 36 / 300, 2.5), start, bar, 0.02)
-    assert not is_better(val(36 / 300, 35 / 300, 2.5), start, bar, 0.02)  # fast pass@1 one task under the edge
+    # fast pass@1 one task under the edge
+    assert not is_better(val(36 / 300, 35 / 300, 2.5), start, bar, 0.02)
     assert not is_better(val(42 / 300, 42 / 300, 2.1), start, bar, 0.02)  # within, but slower than the best
     assert is_better(val(36 / 300, 36 / 300, 2.5), None, bar, 0.02)
 
@@ -236,16 +259,22 @@ def test_a_reference_solution_replays_as_its_masked_states(init_model):
         for j, st in enumerate(steps):
             index = st.step_index[0, start : start + 4]
             shown = (index >= 0) & (index < j)  # what the replay unmasks at step j
-            assert shown.sum() == min(j, span) and not shown[span:].any()  # the uncommitted tail of the EOS block stays masked
-    orders = {tuple(reference_trajectory(tok, task, 4, 96, torch.Generator().manual_seed(s)).commit_forward.tolist())
+            # the uncommitted tail of the EOS block stays masked
+            assert shown.sum() == min(j, span) and not shown[span:].any()
+    orders = {tuple(reference_trajectory(tok, task, 4, 96,
+                                         torch.Generator().manual_seed(s)).commit_forward.tolist())
               for s in range(5)}
-    assert len(orders) > 1 and tuple(row.commit_forward.tolist()) in orders  # seeded: the same draw again, others differ
-    assert reference_trajectory(tok, dataclasses.replace(task, canonical_solution=""), 4, 96, torch.Generator()) is None
-    assert reference_trajectory(tok, task, 4, n, torch.Generator()) is None  # longer than the sampler may write
+    # seeded: the same draw again, others differ
+    assert len(orders) > 1 and tuple(row.commit_forward.tolist()) in orders
+    assert reference_trajectory(tok, dataclasses.replace(task, canonical_solution=""), 4, 96,
+                                torch.Generator()) is None
+    # longer than the sampler may write
+    assert reference_trajectory(tok, task, 4, n, torch.Generator()) is None
 
 
 @pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
-def test_trainer_scores_commit_decisions_as_the_sampler_drew_them(make_model, special, monkeypatch, attention):
+def test_trainer_scores_commit_decisions_as_the_sampler_drew_them(make_model, special, monkeypatch,
+                                                                  attention):
     """Soft commits over three blocks: the decision log-probability the trainer replays equals the one of
     the decisions the sampler drew (a bidirectional canvas once counted every later block as open)."""
     from onpolicy import sampling
@@ -254,14 +283,17 @@ def test_trainer_scores_commit_decisions_as_the_sampler_drew_them(make_model, sp
     from onpolicy.sampling import SamplerConfig, generate
     from onpolicy.trainers.onpolicy import commit_decisions, open_positions
 
-    model = make_model(attention, block_size=4, initializer_range=0.3)  # confident: top probabilities near the threshold
-    cfg = SamplerConfig(max_new_tokens=12, block_size=4, threshold=0.5, commit_temperature=0.2, stop_at_eos=False)
+    model = make_model(attention, block_size=4, initializer_range=0.3)  # confident: top probabilities near
+    # the threshold
+    cfg = SamplerConfig(max_new_tokens=12, block_size=4, threshold=0.5, commit_temperature=0.2,
+                        stop_at_eos=False)
     drawn = []
     real = sampling._soft_commit_mask
 
     def spy(score, open_, cfg_, generators, rows):
         chosen = real(score, open_, cfg_, generators, rows)
-        drawn.append(soft_commit_logprob(score.float(), open_, chosen, cfg_.threshold, cfg_.commit_temperature)[0])
+        drawn.append(soft_commit_logprob(score.float(), open_, chosen, cfg_.threshold,
+                                         cfg_.commit_temperature)[0])
         return chosen
 
     monkeypatch.setattr(sampling, "_soft_commit_mask", spy)
@@ -269,8 +301,8 @@ def test_trainer_scores_commit_decisions_as_the_sampler_drew_them(make_model, sp
     replayed = torch.zeros(())
     with torch.no_grad():
         for st in replay_step_logits(model, [traj.row(0)], special):
-            dec, made = commit_decisions(st, st.logits.float().log_softmax(-1), open_positions(st), cfg.threshold,
-                                         cfg.commit_temperature)
+            dec, made = commit_decisions(st, st.logits.float().log_softmax(-1), open_positions(st),
+                                         cfg.threshold, cfg.commit_temperature)
             replayed = replayed + (dec * made).sum()
     assert len(drawn) >= 3 and float(sum(drawn)) < -0.01  # decisions with some uncertainty were drawn
     assert float(replayed) == pytest.approx(float(sum(drawn)), abs=1e-4)
@@ -285,23 +317,26 @@ def test_kl_reference_is_the_base_with_the_lora_adapters_off(make_model, special
     from onpolicy.sampling import SamplerConfig, generate
     from onpolicy.trainers.onpolicy import Reference, micro_batch_loss
 
-    model = get_peft_model(make_model("block_causal", block_size=4), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(make_model("block_causal", block_size=4),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
-    traj = generate(model, [[5, 6, 7, 8], [9, 10, 11]], special, SamplerConfig(max_new_tokens=8), seeds=[0, 1])
+    traj = generate(model, [[5, 6, 7, 8], [9, 10, 11]], special, SamplerConfig(max_new_tokens=8),
+                    seeds=[0, 1])
     rows = [traj.row(i) for i in range(2)]
     cfg = OnPolicyConfig()
     cfg.loss.beta, cfg.loss.surrogate = 1.0, "none"
     two = torch.ones(2)
-    loss, stats = micro_batch_loss(model, Reference(model, cfg.loss.beta), rows, special, torch.tensor([1.0, -1.0]),
-                                   two.bool(), torch.zeros(2), cfg, 4, torch.device("cpu"))
+    loss, stats = micro_batch_loss(model, Reference(model, cfg.loss.beta), rows, special,
+                                   torch.tensor([1.0, -1.0]), two.bool(), torch.zeros(2), cfg, 4,
+                                   torch.device("cpu"))
     assert float(stats["kl"]) > 1e-4
     assert float(stats["replay_drift_max"]) < 1e-4  # a first update replays exactly what the sampler recorded
     cfg.loss.beta = 0.0
-    without, _ = micro_batch_loss(model, Reference(model, 0.0), rows, special, torch.tensor([1.0, -1.0]), two.bool(),
-                                  torch.zeros(2), cfg, 4, torch.device("cpu"))
+    without, _ = micro_batch_loss(model, Reference(model, 0.0), rows, special, torch.tensor([1.0, -1.0]),
+                                  two.bool(), torch.zeros(2), cfg, 4, torch.device("cpu"))
     lora = [p for name, p in model.named_parameters() if "lora_" in name]
     grads = torch.autograd.grad(loss - without, lora, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -349,7 +384,8 @@ def _samples(passed: list[bool], forwards: list[int]):
             self.trajectory, self.forwards = f"row{i}", forwards[i]
 
     n = len(passed)
-    return StepSamples([Row(i) for i in range(n)], torch.zeros(n), torch.ones(n, dtype=torch.bool), torch.tensor(passed))
+    return StepSamples([Row(i) for i in range(n)], torch.zeros(n), torch.ones(n, dtype=torch.bool),
+                       torch.tensor(passed))
 
 
 def test_failed_rows_with_a_policy_gradient_are_never_distilled():
@@ -374,7 +410,8 @@ def test_groups_whose_speeds_differ_by_noise_get_no_advantage():
     passed = torch.tensor([[True, True], [True, True], [True, False], [True, True]])
     valid = torch.tensor([[True, True], [True, True], [True, True], [True, False]])
     forwards = torch.tensor([[10, 11], [10, 14], [10, 11], [10, 99]])
-    # all pass, one forward apart: noise; four apart: signal; a failure: signal; the excluded sample does not count
+    # all pass, one forward apart: noise; four apart: signal; a failure: signal; the
+    # excluded sample does not count
     assert speed_noise_groups(passed, valid, forwards, 2).tolist() == [True, False, False, True]
     assert speed_noise_groups(passed, valid, forwards, 0).tolist() == [False, False, False, False]
 
@@ -390,8 +427,10 @@ def test_step_normalised_policy_terms_do_not_depend_on_the_micro_batch_split(mak
     model = make_model("block_causal", block_size=4, initializer_range=0.3)
     cfg = OnPolicyConfig()
     cfg.loss.loss_type, cfg.loss.surrogate = loss_type, "none"
-    cfg.rollout.sampler = SamplerConfig(max_new_tokens=12, block_size=4, threshold=0.5, commit_temperature=0.2, stop_at_eos=False)
-    traj = generate(model, [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]], special, cfg.rollout.sampler, seeds=[0, 1, 2, 3])
+    cfg.rollout.sampler = SamplerConfig(max_new_tokens=12, block_size=4, threshold=0.5,
+                                        commit_temperature=0.2, stop_at_eos=False)
+    traj = generate(model, [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]], special, cfg.rollout.sampler,
+                    seeds=[0, 1, 2, 3])
     rows = [traj.row(i) for i in range(4)]
     rows[1].verified = 5  # a row cut by a stop sequence: its later positions are in no term
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -402,9 +441,10 @@ def test_step_normalised_policy_terms_do_not_depend_on_the_micro_batch_split(mak
     def grads(splits):
         model.zero_grad()
         for part in splits:
-            loss, _ = micro_batch_loss(model, Reference(model, 0.0), [rows[i] for i in part], special, adv[part],
-                                       torch.zeros(len(part), dtype=torch.bool), torch.zeros(len(part)), cfg, 2,
-                                       torch.device("cpu"), share=len(part) / 4, pg_denominators=dens)
+            loss, _ = micro_batch_loss(model, Reference(model, 0.0), [rows[i] for i in part], special,
+                                       adv[part], torch.zeros(len(part), dtype=torch.bool),
+                                       torch.zeros(len(part)), cfg, 2, torch.device("cpu"),
+                                       share=len(part) / 4, pg_denominators=dens)
             loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
@@ -436,7 +476,8 @@ def test_verified_length_covers_the_text_the_verifier_ran(init_model):
     body = "\n    return x + 1\n"
     ids = tok(body + "\ndef other():\n    pass", add_special_tokens=False)["input_ids"]
     n = verified_length(tok, ids, "\n", finished=True)
-    assert tok.decode(ids[: n - 1]).startswith(body[: len(tok.decode(ids[: n - 1]))]) and len(tok.decode(ids[:n])) > len(body)
+    assert (tok.decode(ids[: n - 1]).startswith(body[: len(tok.decode(ids[: n - 1]))])
+            and len(tok.decode(ids[:n])) > len(body))
     assert "pass" not in tok.decode(ids[:n])  # the next function's body was never run
     assert verified_length(tok, ids[:3], "\n", finished=True) == 4  # uncut: every token and the EOS
     assert verified_length(tok, ids[:3], "\n", finished=False) == 3
@@ -453,15 +494,16 @@ def test_sampled_rollouts_record_the_behaviour_policy(make_model, special):
     model = make_model("block_causal", block_size=4, initializer_range=0.3)
     cfg = OnPolicyConfig()
     cfg.loss.surrogate = "none"
-    cfg.rollout.sampler = SamplerConfig(max_new_tokens=8, block_size=4, threshold=0.5, commit_temperature=0.2, temperature=0.7,
-                                        top_k=5, stop_at_eos=False)
+    cfg.rollout.sampler = SamplerConfig(max_new_tokens=8, block_size=4, threshold=0.5, commit_temperature=0.2,
+                                        temperature=0.7, top_k=5, stop_at_eos=False)
     traj = generate(model, [[5, 6, 7, 8], [9, 10]], special, cfg.rollout.sampler, seeds=[0, 1])
     rows = [traj.row(i) for i in range(2)]
     assert rows[0].behaviour_logprob is not None
     assert not torch.allclose(rows[0].behaviour_logprob, rows[0].commit_logprob)
     with torch.no_grad():
         _, stats = micro_batch_loss(model, Reference(model, 0.0), rows, special, torch.tensor([1.0, -1.0]),
-                                    torch.zeros(2, dtype=torch.bool), torch.zeros(2), cfg, 2, torch.device("cpu"))
+                                    torch.zeros(2, dtype=torch.bool), torch.zeros(2), cfg, 2,
+                                    torch.device("cpu"))
     assert float(stats["replay_drift_max"]) < 1e-4
 
 
@@ -472,9 +514,9 @@ def test_several_updates_per_batch_move_the_ratio_and_the_clip_binds(init_model,
     runs = {}
     for updates in (1, 3):
         out = tmp_path / f"u{updates}"
-        stage4(init_model, out, "train.max_steps=1", f"loss.updates_per_batch={updates}", "train.lr=3e-2", "loss.epsilon=0.01",
-               "loss.epsilon_high=0.01", "rollout.sampler.temperature=0.9", "rollout.verifier=tests.plugins:CoinVerifier",
-               "reward.min_speed_spread=0")
+        stage4(init_model, out, "train.max_steps=1", f"loss.updates_per_batch={updates}", "train.lr=3e-2",
+               "loss.epsilon=0.01", "loss.epsilon_high=0.01", "rollout.sampler.temperature=0.9",
+               "rollout.verifier=tests.plugins:CoinVerifier", "reward.min_speed_spread=0")
         (runs[updates],) = [m for m in metrics(out) if "reward" in m]
     assert runs[1]["replay_drift_max"] < 1e-3 and runs[1]["clip_ratio"] == 0.0
     assert runs[3]["replay_drift_max"] > 1e-3 and runs[3]["clip_ratio"] > 0.0
@@ -495,9 +537,11 @@ def test_surrogate_metrics_average_over_the_steps_that_have_targets(make_model, 
     cfg.rollout.sampler = SamplerConfig(max_new_tokens=8, block_size=4, stop_at_eos=False)
     rows = [generate(model, [[5, 6, 7]], special, cfg.rollout.sampler, seeds=[0]).row(0)]
     with torch.no_grad():
-        _, stats = micro_batch_loss(model, Reference(model, 0.0), rows, special, torch.zeros(1), torch.ones(1, dtype=torch.bool),
-                                    torch.ones(1), cfg, 2, torch.device("cpu"))
-        per_step = [jump_distillation_loss(st.logits, st.canvas, jump_positions(st, 2), torch.ones(1), 0.0)[1]["jump_ce"]
+        _, stats = micro_batch_loss(model, Reference(model, 0.0), rows, special, torch.zeros(1),
+                                    torch.ones(1, dtype=torch.bool), torch.ones(1), cfg, 2,
+                                    torch.device("cpu"))
+        per_step = [jump_distillation_loss(st.logits, st.canvas, jump_positions(st, 2), torch.ones(1),
+                                           0.0)[1]["jump_ce"]
                     for st in replay_step_logits(model, rows, special) if jump_positions(st, 2).any()]
     assert len(per_step) == 3  # four steps per block, the last has no later commit
     assert float(stats["jump_ce"]) == pytest.approx(float(sum(per_step)) / 3, rel=1e-5)

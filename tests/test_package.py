@@ -30,10 +30,12 @@ def test_recipes_are_listed_found_and_copied(tmp_path):
 def test_huggingface_style_auto_fields_are_filled_not_passed_through(tmp_path):
     from onpolicy.engine import deepspeed_config
 
-    hf = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"},
+    hf = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "bf16": {"enabled": "auto"},
           "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "weight_decay": "auto"}},
           "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto"}},
-          "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+          "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                "stage3_prefetch_bucket_size": "auto",
                                 "stage3_param_persistence_threshold": "auto"}}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(hf))
@@ -67,24 +69,28 @@ def test_pip_install_then_recipes_and_train_from_another_folder(tmp_path, code_d
         f.write("\n".join(deps) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
-    r = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", str(ROOT)],
+    r = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                        "-q", str(ROOT)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(py), "-c", "import onpolicy; print(onpolicy.__file__)"], cwd=elsewhere, env=env,
-                           capture_output=True, text=True)
+    where = subprocess.run([str(py), "-c", "import onpolicy; print(onpolicy.__file__)"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True)
     assert str(ROOT) not in where.stdout and "site-packages" in where.stdout, where.stdout + where.stderr
 
     onpolicy = str(venv / "bin" / "onpolicy")
     r = subprocess.run([onpolicy, "recipes"], cwd=elsewhere, env=env, capture_output=True, text=True)
-    assert r.returncode == 0 and "tiny/stage1_mask" in r.stdout and "deepspeed/zero0.json" in r.stdout, r.stderr
-    r = subprocess.run([onpolicy, "recipes", "cp", "tiny/stage1_mask", "."], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert (r.returncode == 0 and "tiny/stage1_mask" in r.stdout
+            and "deepspeed/zero0.json" in r.stdout), r.stderr
+    r = subprocess.run([onpolicy, "recipes", "cp", "tiny/stage1_mask", "."], cwd=elsewhere, env=env,
+                       capture_output=True, text=True)
     assert r.returncode == 0 and (elsewhere / "stage1_mask.yaml").is_file(), r.stderr
-    r = subprocess.run([onpolicy, "train", "recipes/tiny/stage1_mask.yaml", "train.max_steps=2", "train.micro_batch_size=2",
-                        "train.eval_batches=1", "data.seq_len=64", "model.hidden_size=32", "model.num_hidden_layers=1",
-                        "model.num_attention_heads=2", "model.block_size=8", "tokenizer.vocab_size=300",
-                        f"data.source={code_dir}", "data.cache_dir=cache", "logging.output_dir=run", "logging.progress=false"],
+    r = subprocess.run([onpolicy, "train", "recipes/tiny/stage1_mask.yaml", "train.max_steps=2",
+                        "train.micro_batch_size=2", "train.eval_batches=1", "data.seq_len=64",
+                        "model.hidden_size=32", "model.num_hidden_layers=1", "model.num_attention_heads=2",
+                        "model.block_size=8", "tokenizer.vocab_size=300", f"data.source={code_dir}",
+                        "data.cache_dir=cache", "logging.output_dir=run", "logging.progress=false"],
                        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (elsewhere / "run" / "final" / "config.json").is_file()

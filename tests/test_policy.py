@@ -21,8 +21,10 @@ from onpolicy.diffusion.policy import (
 def test_rewards_multiplicative_and_additive():
     V, K, L = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([4, 10, 1]), torch.tensor([10, 10, 10])
     assert trajectory_reward(V, K, L, "multiplicative", 1.0, 0.0).tolist() == pytest.approx([0.7, 0.1, 0.0])
-    assert trajectory_reward(V, K, L, "multiplicative", 0.5, 0.0).tolist() == pytest.approx([math.sqrt(0.7), math.sqrt(0.1), 0.0])
-    assert trajectory_reward(V, K, L, "multiplicative", 0.0, 0.0).tolist() == pytest.approx([1.0, 1.0, 0.0])  # accuracy only
+    assert trajectory_reward(V, K, L, "multiplicative", 0.5,
+                             0.0).tolist() == pytest.approx([math.sqrt(0.7), math.sqrt(0.1), 0.0])
+    # accuracy only
+    assert trajectory_reward(V, K, L, "multiplicative", 0.0, 0.0).tolist() == pytest.approx([1.0, 1.0, 0.0])
     assert trajectory_reward(V, K, L, "additive", 0.0, 0.5).tolist() == pytest.approx([0.8, 0.5, -0.05])
     with pytest.raises(ValueError, match="not one of"):
         trajectory_reward(V, K, L, "exponential", 1.0, 0.0)
@@ -53,7 +55,8 @@ def test_live_groups_by_hand():
     valid = torch.tensor([[True] * 4, [True] * 4, [True, True, True, False], [True, False, False, False]])
     # varies; all equal; equal once the excluded 0.2 is left out; one valid sample (no baseline)
     assert live_groups(r, valid).tolist() == [True, False, False, False]
-    assert live_groups(torch.tensor([[0.3, 0.3 + 1e-3]]), torch.ones(1, 2, dtype=torch.bool)).tolist() == [True]
+    assert live_groups(torch.tensor([[0.3, 0.3 + 1e-3]]),
+                       torch.ones(1, 2, dtype=torch.bool)).tolist() == [True]
 
 
 def test_soft_commit_logprob_by_hand():
@@ -63,7 +66,8 @@ def test_soft_commit_logprob_by_hand():
     q = [1 / (1 + math.exp(-4)), 0.5, 1 / (1 + math.exp(3))]  # sigmoid((score - 0.5) / 0.1)
     got = soft_commit_logprob(score, open_, committed, 0.5, 0.1).tolist()
     # row 0: only the top one committed: drawn alone, or none drawn and it was the fallback
-    assert got[0] == pytest.approx(math.log(q[0] * (1 - q[1]) * (1 - q[2]) + (1 - q[0]) * (1 - q[1]) * (1 - q[2])))
+    drawn_alone, fallback = q[0] * (1 - q[1]) * (1 - q[2]), (1 - q[0]) * (1 - q[1]) * (1 - q[2])
+    assert got[0] == pytest.approx(math.log(drawn_alone + fallback))
     assert got[1] == pytest.approx(math.log(q[0] * q[1] * (1 - q[2])))
     # row 2: position 0 is not open (committed earlier); position 1 is the top open one
     assert got[2] == pytest.approx(math.log(q[1] * (1 - q[2]) + (1 - q[1]) * (1 - q[2])))
@@ -84,7 +88,8 @@ def test_clipped_policy_loss_by_hand():
     assert float(loss) == pytest.approx((-1.28 - 1.0 + 0.8) / (2 * 4))
     # at ratio 1 the gradient is the plain policy gradient: d/dlogp of -A * ratio = -A
     lp = torch.zeros(1, 1, requires_grad=True)
-    clipped_policy_loss(lp, torch.zeros(1, 1), torch.tensor([2.0]), torch.ones(1, 1, dtype=torch.bool), 0.2, 0.2, "dapo", 1)[0].backward()
+    clipped_policy_loss(lp, torch.zeros(1, 1), torch.tensor([2.0]), torch.ones(1, 1, dtype=torch.bool), 0.2,
+                        0.2, "dapo", 1)[0].backward()
     assert lp.grad.item() == pytest.approx(-2.0)
 
 
@@ -101,13 +106,15 @@ def test_progress_is_counted_per_step_and_costs_low_progress_steps_most():
 
 
 def test_jump_distillation_by_hand():
-    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])  # position 0: right and peaked; position 1: uniform
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])  # position 0: right and peaked; position 1:
+    # uniform
     target = torch.tensor([[0, 1]])
     jump = torch.tensor([[True, True]])
     loss, stats = jump_distillation_loss(logits, target, jump, torch.tensor([1.0]), certainty=0.5)
     p0 = torch.tensor([2.0, 0.0, 0.0]).softmax(0)
     ce = (-math.log(p0[0]) + math.log(3)) / 2
-    ent0 = float(-(p0 * p0.log()).sum())  # only position 0 is already right (argmax of uniform is 0, target 1)
+    ent0 = float(-(p0 * p0.log()).sum())  # only position 0 is already right (argmax of uniform is 0, target
+    # 1)
     assert float(stats["jump_ce"]) == pytest.approx(ce, rel=1e-5)
     assert float(loss) == pytest.approx(ce + 0.5 * ent0, rel=1e-5)
     none, _ = jump_distillation_loss(logits, target, jump, torch.tensor([0.0]), certainty=0.5)

@@ -9,7 +9,8 @@ import pytest
 
 from verifiers.sandbox import Limits, Sandbox
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (scripts/setup.sh installs it)")
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
+                                reason="bubblewrap not installed (scripts/setup.sh installs it)")
 
 LIMITS = Limits(timeout_s=3.0, cpu_s=2, memory_mb=512, file_mb=4, nproc=32, output_bytes=4096, tmp_mb=16)
 GOOD = "def f(x):\n    return x + 1\nassert f(1) == 2\n"
@@ -32,39 +33,53 @@ HOSTILE = {
     "infinite_loop": ("while True:\n    pass\n", {"timeout"}),
     "sleep_forever": ("import time\ntime.sleep(1000)\n", {"timeout"}),
     "ignore_sigterm_sigalrm": (
-        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nsignal.signal(signal.SIGALRM, "
+        "signal.SIG_IGN)\n"
         "signal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n", {"timeout"}),
-    "fork_bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", {"timeout", "failed", "error"}),
+    "fork_bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+                  {"timeout", "failed", "error"}),
     "thread_bomb": (
-        "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(100,)).start()\n", {"failed", "timeout"}),
+        "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(100,)).start()\n",
+        {"failed", "timeout"}),
     "memory_bomb": ("x = []\nwhile True:\n    x.append(bytearray(50 * 1024 * 1024))\n", {"failed", "error"}),
     "output_flood": ("while True:\n    print('x' * 10000)\n", {"timeout"}),
-    "stderr_flood_then_pass_attempt": ("import sys\nfor _ in range(10**5):\n    sys.stderr.write('y' * 100)\nassert False\n", {"failed", "timeout"}),
-    "disk_fill_tmp": ("i = 0\nwhile True:\n    open(f'/tmp/f{i}', 'wb').write(b'0' * (1 << 20))\n    i += 1\n", {"failed"}),
+    "stderr_flood_then_pass_attempt": ("import sys\nfor _ in range(10**5):\n    sys.stderr.write('y' * 100)\n"
+                                       "assert False\n", {"failed", "timeout"}),
+    "disk_fill_tmp": ("i = 0\nwhile True:\n    open(f'/tmp/f{i}', 'wb').write(b'0' * (1 << 20))\n"
+                      "    i += 1\n", {"failed"}),
     "huge_single_file": ("open('big', 'wb').write(b'0' * (64 << 20))\n", {"failed", "error"}),
     "write_outside": ("open('{host_file}', 'w').write('pwned')\n", {"failed"}),
     "delete_outside": ("import os\nos.remove('{host_file}')\n", {"failed"}),
     "write_system": ("open('/usr/pwned', 'w').write('x')\n", {"failed"}),
     "network_connect": ("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)\n", {"failed"}),
     "network_loopback_server": (
-        "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\nc = socket.create_connection(('10.0.0.1', 80), timeout=1)\n", {"failed"}),
+        "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\nc = "
+        "socket.create_connection(('10.0.0.1', 80), timeout=1)\n", {"failed"}),
     "setsid_double_fork": (
-        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        open('/tmp/alive', 'w').write(str(os.getpid()))\n"
-        "        time.sleep(1000)\n    os._exit(0)\ntime.sleep(0.2)\nassert False, 'parent fails on purpose'\n", {"failed"}),
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        "
+        "open('/tmp/alive', 'w').write(str(os.getpid()))\n"
+        "        time.sleep(1000)\n    os._exit(0)\ntime.sleep(0.2)\nassert False, 'parent fails on "
+        "purpose'\n", {"failed"}),
     "exit_zero_before_tests": ("import os\nos._exit(0)\nassert False\n", {"failed"}),
     "sys_exit_zero": ("import sys\nsys.exit(0)\n", {"failed"}),
-    "print_fake_proof": ("print('passed')\nprint('D')\nimport os\nos.write(1, b'D' * 32)\nos._exit(0)\n", {"failed"}),
+    "print_fake_proof": ("print('passed')\nprint('D')\nimport os\nos.write(1, b'D' * 32)\nos._exit(0)\n",
+                         {"failed"}),
     # a forged write on a worker descriptor either reads as a failure or breaks the worker's protocol
     # (seen about once in 200 runs under load: "the program killed the sandbox worker"); never a pass
-    "forge_on_fd3": ("import os\nos.write(3, b'D')\nos.write(3, b'0' * 32)\nos._exit(0)\n", {"failed", "error"}),
-    "read_host_env": ("import os\nassert 'ONPOLICY_TEST_SECRET' in os.environ, sorted(os.environ)\n", {"failed"}),
+    "forge_on_fd3": ("import os\nos.write(3, b'D')\nos.write(3, b'0' * 32)\nos._exit(0)\n",
+                     {"failed", "error"}),
+    "read_host_env": ("import os\nassert 'ONPOLICY_TEST_SECRET' in os.environ, sorted(os.environ)\n",
+                      {"failed"}),
     "read_host_secret_file": ("print(open('{secret_file}').read())\n", {"failed"}),
-    "read_proc_of_host": ("import os\nassert len([p for p in os.listdir('/proc') if p.isdigit()]) > 5\n", {"failed"}),
+    "read_proc_of_host": ("import os\nassert len([p for p in os.listdir('/proc') if p.isdigit()]) > 5\n",
+                          {"failed"}),
     "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", {"failed", "error"}),
     "kill_everything": ("import os, signal\nos.kill(-1, signal.SIGKILL)\n", {"failed", "error"}),
-    "stop_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\nimport time\ntime.sleep(100)\n", {"error", "timeout"}),
+    "stop_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\n"
+                    "import time\ntime.sleep(100)\n", {"error", "timeout"}),
     "leave_thread_running": (
-        "import threading, time\nthreading.Thread(target=time.sleep, args=(100,), daemon=True).start()\n", {"failed"}),
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(100,), daemon=True).start()\n",
+        {"failed"}),
     "recursion_bomb": ("def f():\n    return f()\nf()\n", {"failed"}),
 }
 
@@ -150,5 +165,6 @@ def test_refuses_without_bubblewrap_unless_unsafe(monkeypatch):
     with unsafe:
         assert unsafe.run(GOOD).status == "passed"
         assert unsafe.run("assert False").status == "failed"
-        r = unsafe.run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(100)\nassert False\n")
+        r = unsafe.run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(100)\nassert "
+                       "False\n")
         assert r.status == "failed" and r.extra["clean"]

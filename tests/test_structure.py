@@ -27,7 +27,8 @@ def imports_of(path: Path, package: str) -> set[str]:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parts, base] if base else parts)
             found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}  # `from onpolicy import engine` imports onpolicy.engine
+            # `from onpolicy import engine` imports onpolicy.engine
+            found |= {f"{base}.{a.name}" for a in node.names}
     return found
 
 
@@ -46,7 +47,8 @@ def violations(root: Path) -> list[str]:
         for name in sorted(imports_of(path, package)):
             top = name.split(".")[0]
             rule = None
-            if mod.startswith("onpolicy.diffusion") and top not in STDLIB | {"torch"} and not name.startswith("onpolicy.diffusion"):
+            if (mod.startswith("onpolicy.diffusion") and top not in STDLIB | {"torch"}
+                    and not name.startswith("onpolicy.diffusion")):
                 rule = "the math (onpolicy.diffusion) imports torch only"
             elif mod.startswith("verifiers") and top == "onpolicy":
                 rule = "verifiers import nothing from onpolicy"
@@ -54,10 +56,12 @@ def violations(root: Path) -> list[str]:
                 rule = "the sampler and the rollout path never import trainers"
             elif mod in trainers and any(name == t or name.startswith(t + ".") for t in trainers - {mod}):
                 rule = "no trainer imports another trainer"
-            elif mod == "onpolicy.model" and (top in ("deepspeed", "omegaconf") or name.startswith(("onpolicy.engine", "onpolicy.config",
+            elif mod == "onpolicy.model" and (top in ("deepspeed", "omegaconf")
+                                              or name.startswith(("onpolicy.engine", "onpolicy.config",
                                                                                               "onpolicy.trainers"))):
                 rule = "the model knows nothing of training, config or DeepSpeed"
-            elif mod.startswith("onpolicy.data") and (name.startswith(("onpolicy.model", "onpolicy.trainers", "onpolicy.sampling"))
+            elif mod.startswith("onpolicy.data") and (name.startswith(("onpolicy.model", "onpolicy.trainers",
+                                                                       "onpolicy.sampling"))
                                                       or top == "deepspeed"):
                 rule = "data knows no model"
             if rule and not any(o.startswith(f"{mod} imports ") and o.endswith(rule) for o in out):
@@ -75,7 +79,8 @@ def test_the_import_rule_check_catches_a_forbidden_import(tmp_path):
 
     for pkg in ("onpolicy", "verifiers"):
         shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__", "data"))
-    shutil.copytree(ROOT / "onpolicy" / "data", tmp_path / "onpolicy" / "data", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "onpolicy" / "data", tmp_path / "onpolicy" / "data",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "onpolicy" / "trainers" / "other.py").write_text("def train(cfg):\n    pass\n")
     planted = {
         "onpolicy/diffusion/losses.py": "from onpolicy.config import TrainConfig\n",
@@ -90,16 +95,20 @@ def test_the_import_rule_check_catches_a_forbidden_import(tmp_path):
         path.write_text(path.read_text() + "\n" + line)
     found = violations(tmp_path)
     assert len(found) == len(planted), found
-    for expected in ("onpolicy.diffusion.losses imports onpolicy.config", "verifiers.base imports onpolicy.sampling",
-                     "onpolicy.rollout imports onpolicy.trainers.pretrain", "onpolicy.trainers.pretrain imports onpolicy.trainers.other",
+    for expected in ("onpolicy.diffusion.losses imports onpolicy.config",
+                     "verifiers.base imports onpolicy.sampling",
+                     "onpolicy.rollout imports onpolicy.trainers.pretrain",
+                     "onpolicy.trainers.pretrain imports onpolicy.trainers.other",
                      "onpolicy.model imports deepspeed", "onpolicy.data.generated imports onpolicy.model"):
         assert any(f.startswith(expected) for f in found), (expected, found)
 
 
 def test_light_entry_points_do_not_load_torch():
     """Generated tasks and `onpolicy verify` work where torch is not even installed."""
-    for code in ("import sys; sys.modules['torch'] = None; import onpolicy.data.generated, onpolicy.data.tasks",
-                 "import sys; sys.modules['torch'] = None; from onpolicy.cli import main; main(['verify', '--help'])"):
+    for code in ("import sys; sys.modules['torch'] = None; import onpolicy.data.generated, "
+                 "onpolicy.data.tasks",
+                 "import sys; sys.modules['torch'] = None; from onpolicy.cli import main; main(['verify', "
+                 "'--help'])"):
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
 
@@ -115,9 +124,11 @@ def test_exported_model_code_is_self_contained():
         path = ROOT / "onpolicy" / src
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
-                assert (node.module or "").split(".")[0] in shipped, f"{src}: from .{node.module} is not shipped"
+                assert (node.module
+                        or "").split(".")[0] in shipped, f"{src}: from .{node.module} is not shipped"
                 continue
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] in STDLIB | {"torch", "transformers"}, f"{src} imports {name}"
 
@@ -134,7 +145,8 @@ def import_cycles(root: Path) -> list[list[str]]:
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets = {m for m in imports_of(path, package) if m in modules and m != name}
-        graph[name] = {t for t in targets if not name.startswith(t + ".") and not modules[t].name == "__init__.py"}
+        graph[name] = {t for t in targets if not name.startswith(t + ".")
+                       and not modules[t].name == "__init__.py"}
     cycles, state = [], {}
 
     def visit(node, stack):
@@ -169,8 +181,8 @@ def test_the_circle_check_finds_a_planted_circle(tmp_path):
 @pytest.mark.slow
 def test_stage4_uses_every_config_key_it_accepts(tmp_path, init_model):
     """A toy stage-4 run with every optional part on (LoRA, KL, the anchor, both surrogates, failed rows,
-    sampled states, the buffer, dynamic sampling, validation, wandb offline) reads every key the stage accepts;
-    the keys it does not use are refused when set (config.OnPolicyConfig.UNUSED)."""
+    sampled states, the buffer, dynamic sampling, validation, wandb offline) reads every key the stage
+    accepts; the keys it does not use are refused when set (config.OnPolicyConfig.UNUSED)."""
     import dataclasses
     import json
 
@@ -193,11 +205,12 @@ def test_stage4_uses_every_config_key_it_accepts(tmp_path, init_model):
          f"model.init_from={init_model}", f"logging.output_dir={tmp_path / 'run'}", "logging.progress=false",
          "logging.wandb=offline", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.n_tasks=8",
          "rollout.batch_size=4", "rollout.sampler.max_new_tokens=8", "rollout.dynamic_sampling=1",
-         "rollout.verifier=tests.plugins:CoinVerifier", "validation.n_tasks=2", "validation.every=1", "validation.patience=5",
-         "train.max_steps=2", "train.micro_batch_size=2", "train.save_every=1", "train.warmup_steps=1", "lora.r=2",
-         "loss.beta=0.1", "loss.surrogate=both", "loss.anchor=1", "loss.distill_failed=1", "loss.distill_rows=2",
-         "loss.buffer_size=8", "loss.buffer_rows=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "WANDB_SILENT": "true"})
+         "rollout.verifier=tests.plugins:CoinVerifier", "validation.n_tasks=2", "validation.every=1",
+         "validation.patience=5", "train.max_steps=2", "train.micro_batch_size=2", "train.save_every=1",
+         "train.warmup_steps=1", "lora.r=2", "loss.beta=0.1", "loss.surrogate=both", "loss.anchor=1",
+         "loss.distill_failed=1", "loss.distill_rows=2", "loss.buffer_size=8", "loss.buffer_rows=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "WANDB_SILENT": "true"})
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     read = set(json.loads(reads.read_text()))
     unread = sorted(key for key, field in accepted.items() if field not in read)

@@ -53,7 +53,8 @@ def test_ar_baseline_recipe_trains(tmp_path, shared_corpus):
     assert AutoModel.from_pretrained(out / "final").config.attention == "causal"
     from transformers import LlamaForCausalLM
 
-    assert type(LlamaForCausalLM.from_pretrained(out / "final-llama")) is LlamaForCausalLM  # the AR run's plain-Llama twin
+    # the AR run's plain-Llama twin
+    assert type(LlamaForCausalLM.from_pretrained(out / "final-llama")) is LlamaForCausalLM
 
 
 @pytest.mark.slow
@@ -62,7 +63,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, shared_corp
     common = ("train.max_steps=6", "train.save_every=3")
     train("recipes/tiny/stage1_mask.yaml", straight, shared_corpus, *common)
     train("recipes/tiny/stage1_mask.yaml", split, shared_corpus, *common, "train.stop_at_step=3")
-    assert not (split / "final").exists() and (split / "checkpoints" / "step_00000003" / "MANIFEST.json").exists()
+    assert (not (split / "final").exists()
+            and (split / "checkpoints" / "step_00000003" / "MANIFEST.json").exists())
     r = train("recipes/tiny/stage1_mask.yaml", split, shared_corpus, *common)
     assert "resumed at step 3" in r.stdout + r.stderr
     a, b = losses(straight), losses(split)
@@ -73,13 +75,16 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, shared_corp
     x = torch.randint(5, 300, (1, 32))
     ma, mb = (AutoModel.from_pretrained(d / "final").eval() for d in (straight, split))
     torch.testing.assert_close(ma(x).logits, mb(x).logits, rtol=0, atol=0)
-    assert all(r["train/grad_norm"] > 0 for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())
+    assert all(r["train/grad_norm"] > 0
+               for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())
                if "train/loss" in r)
 
     # train.resume=PATH: a chosen checkpoint (here another run's), into a fresh output folder
     chosen = tmp_path / "chosen"
-    r = train("recipes/tiny/stage1_mask.yaml", chosen, shared_corpus, *common, f"train.resume={straight / 'checkpoints' / 'step_00000003'}")
-    assert "resumed at step 3" in r.stdout + r.stderr and [losses(chosen)[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]
+    r = train("recipes/tiny/stage1_mask.yaml", chosen, shared_corpus, *common,
+              f"train.resume={straight / 'checkpoints' / 'step_00000003'}")
+    assert ("resumed at step 3" in r.stdout + r.stderr
+            and [losses(chosen)[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)])
     from onpolicy.checkpoint import CheckpointError, plan_resume
 
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):
@@ -91,7 +96,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, shared_corp
     # `onpolicy export RUN --step N`: the resumable checkpoint of the last step is the final model
     from onpolicy.export import export_run
 
-    exported = AutoModel.from_pretrained(export_run(str(straight), str(tmp_path / "step6"), 6, llama=False)).eval()
+    exported = AutoModel.from_pretrained(export_run(str(straight), str(tmp_path / "step6"), 6,
+                                                    llama=False)).eval()
     torch.testing.assert_close(exported(x).logits, ma(x).logits, rtol=0, atol=0)
 
 
@@ -104,8 +110,8 @@ def test_corrupt_checkpoint_is_detected_not_loaded(tmp_path, shared_corpus):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    r = run_cli("train", "recipes/tiny/stage1_mask.yaml", *TINY, f"data.source={code_dir}", f"data.cache_dir={cache}",
-                f"logging.output_dir={out}", "train.max_steps=4")
+    r = run_cli("train", "recipes/tiny/stage1_mask.yaml", *TINY, f"data.source={code_dir}",
+                f"data.cache_dir={cache}", f"logging.output_dir={out}", "train.max_steps=4")
     assert r.returncode == 2
     assert "corrupt" in r.stderr and victim.name in r.stderr and "Traceback" not in r.stderr
 
@@ -125,8 +131,8 @@ def test_truncated_export_is_detected(tmp_path, make_model):
 def test_ar_to_diffusion_initialisation(tmp_path, shared_corpus):
     """A causal baseline continued as block-causal mask diffusion from its own weights."""
     train("recipes/tiny/ar_baseline.yaml", tmp_path / "ar", shared_corpus, "train.max_steps=4")
-    r = train("recipes/tiny/stage1_mask.yaml", tmp_path / "diff", shared_corpus, "train.max_steps=4", "train.lr=1e-5",
-              f"model.init_from={tmp_path / 'ar' / 'final'}")
+    r = train("recipes/tiny/stage1_mask.yaml", tmp_path / "diff", shared_corpus, "train.max_steps=4",
+              "train.lr=1e-5", f"model.init_from={tmp_path / 'ar' / 'final'}")
     ar = AutoModel.from_pretrained(tmp_path / "ar" / "final")
     diff = AutoModel.from_pretrained(tmp_path / "diff" / "final")
     assert ar.config.attention == "causal" and diff.config.attention == "block_causal"
@@ -146,12 +152,16 @@ def test_batch_rows_cover_each_epoch_once_and_split_across_ranks():
     from onpolicy.trainers.common import batch_rows
 
     n_rows, bs, world = 10, 2, 2
-    epoch = [batch_rows(step, 0, rank, world, bs, 1, n_rows, seed=0) for step in range(3) for rank in range(world)]
+    epoch = [batch_rows(step, 0, rank, world, bs, 1, n_rows, seed=0) for step in range(3)
+             for rank in range(world)]
     seen = torch.cat(epoch)[:n_rows]
     assert sorted(seen.tolist()) == list(range(n_rows))  # the first 10 rows served are each row once
     assert not torch.equal(seen, torch.arange(n_rows))  # shuffled
-    assert torch.equal(batch_rows(1, 0, 1, world, bs, 1, n_rows, 0), batch_rows(1, 0, 1, world, bs, 1, n_rows, 0))  # pure
-    assert not torch.equal(batch_rows(1, 0, 0, world, bs, 1, n_rows, 0), batch_rows(1, 0, 1, world, bs, 1, n_rows, 0))
+    # pure
+    assert torch.equal(batch_rows(1, 0, 1, world, bs, 1, n_rows, 0),
+                       batch_rows(1, 0, 1, world, bs, 1, n_rows, 0))
+    assert not torch.equal(batch_rows(1, 0, 0, world, bs, 1, n_rows, 0),
+                           batch_rows(1, 0, 1, world, bs, 1, n_rows, 0))
 
 
 def test_lr_schedule_warms_up_then_decays_to_its_floor():
@@ -159,7 +169,8 @@ def test_lr_schedule_warms_up_then_decays_to_its_floor():
 
     assert [warmup_cosine(s, 4, 20, 0.1) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert warmup_cosine(12, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
-    assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1) and warmup_cosine(50, 4, 20, 0.1) == pytest.approx(0.1)
+    assert (warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
+            and warmup_cosine(50, 4, 20, 0.1) == pytest.approx(0.1))
 
 
 def test_optimizer_decays_matrices_only(make_model):

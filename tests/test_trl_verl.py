@@ -7,7 +7,8 @@ import pytest
 
 from verifiers.base import Task, Verdict
 
-TASKS = [Task(f"t/{i}", f"def add{i}(a, b):\n", f"add{i}", "def check(f):\n    assert f(2, 3) == 5\n") for i in range(4)]
+TASKS = [Task(f"t/{i}", f"def add{i}(a, b):\n", f"add{i}", "def check(f):\n    assert f(2, 3) == 5\n")
+         for i in range(4)]
 
 
 class FlakyVerifier:
@@ -23,8 +24,10 @@ class FlakyVerifier:
         if any("RAISE" in c for c in completions):
             raise RuntimeError("verifier plugin crashed")
         ok = [self.pass_all or "a + b" in c for c in completions]
-        return [Verdict(t.task_id, False, 0.0, "excluded", "server down", 0.0) if t.task_id == "t/3"
-                else Verdict(t.task_id, p, float(p), "passed" if p else "failed", "", 0.0) for t, p in zip(tasks, ok)]
+        return [Verdict(t.task_id, False, 0.0, "excluded", "server down",
+                        0.0) if t.task_id == "t/3" else Verdict(t.task_id, p, float(p),
+                                                                "passed" if p else "failed", "", 0.0) for t,
+                p in zip(tasks, ok)]
 
 
 def test_reward_function_gives_none_for_excluded_samples_and_a_broken_verifier():
@@ -32,7 +35,8 @@ def test_reward_function_gives_none_for_excluded_samples_and_a_broken_verifier()
 
     reward = as_reward_function(FlakyVerifier(), {t.task_id: t for t in TASKS})
     ids = [t.task_id for t in TASKS]
-    assert reward(["p"] * 4, ["    return a + b", "    return a - b", "    return a + b", "    return a + b"], task_id=ids) == [1.0, 0.0, 1.0, None]
+    assert reward(["p"] * 4, ["    return a + b", "    return a - b", "    return a + b", "    return a + b"],
+                  task_id=ids) == [1.0, 0.0, 1.0, None]
     assert reward(["p"] * 2, ["RAISE", "x"], task_id=ids[:2]) == [None, None]
 
 
@@ -55,11 +59,12 @@ def test_verl_compute_score():
 
     test = "def check(f):\n    assert f(2, 3) == 5\n"
     info = {"entry_point": "add", "prompt": "def add(a, b):\n"}
-    good = compute_score("mine", "Sure:\n```python\ndef add(a, b):\n    return a + b\n```", test, info, verifier=_sandbox())
+    good = compute_score("mine", "Sure:\n```python\ndef add(a, b):\n    return a + b\n```", test, info,
+                         verifier=_sandbox())
     bad = compute_score("mine", "    return a - b\n", test, info, verifier=_sandbox())
     assert good == {"score": 1.0, "acc": 1.0, "excluded": 0.0} and bad["score"] == 0.0
-    broken = compute_score("mine", "    return a + b", {"test": test, "entry_point": "add3"}, {"task_id": "t/3"},
-                           verifier=FlakyVerifier())
+    broken = compute_score("mine", "    return a + b", {"test": test, "entry_point": "add3"},
+                           {"task_id": "t/3"}, verifier=FlakyVerifier())
     assert broken["excluded"] == 1.0
     with pytest.raises(ValueError, match="entry point"):
         compute_score("mine", "x", test, {})
@@ -88,12 +93,14 @@ def test_serve_and_client_honour_stdin():
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             client = RemoteVerifier(f"http://127.0.0.1:{server.server_address[1]}")
-            run = client.run_code("n = int(input())\nprint(sum(map(int, input().split())) * n)\n", stdin="2\n1 2 3\n")
+            run = client.run_code("n = int(input())\nprint(sum(map(int, input().split())) * n)\n",
+                                  stdin="2\n1 2 3\n")
             assert run["status"] == "Finished" and run["stdout"].strip() == "12"
             big = "x" * 200_000  # larger than a pipe's buffer
             run = client.run_code("import sys\nprint(len(sys.stdin.read()))\n", stdin=big)
             assert run["stdout"].strip() == "200000"
-            run = client.run_code("import sys\nprint(repr(sys.stdin.read()))\n")  # no stdin: empty input, not the worker's pipe
+            # no stdin: empty input, not the worker's pipe
+            run = client.run_code("import sys\nprint(repr(sys.stdin.read()))\n")
             assert run["stdout"].strip() == "''"
         finally:
             server.shutdown()
@@ -112,29 +119,34 @@ def test_grpo_trainer_trains_with_our_verifier_as_its_reward(tmp_path):
     from onpolicy.tokenizer import train_tokenizer
     from verifiers.trl import as_reward_function
 
-    tok = train_tokenizer([t.prompt + t.canonical_solution for t in generate_tasks("train", 100)], vocab_size=300)
+    tok = train_tokenizer([t.prompt + t.canonical_solution for t in generate_tasks("train", 100)],
+                          vocab_size=300)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         max_position_embeddings=128, pad_token_id=tok.pad_token_id,
                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
     calls = []
 
-    def parity(prompts, completions, **columns):  # a second reward that varies inside each group, so GRPO has a signal
+    # a second reward that varies inside each group, so GRPO has a signal
+    def parity(prompts, completions, **columns):
         calls.append(len(completions))
         return [float(len(c) % 2) for c in completions]
 
     # every sample passes but those of t/3, whose verification "fails as infrastructure" (excluded)
     flaky = as_reward_function(FlakyVerifier(pass_all=True), {t.task_id: t for t in TASKS}, name="flaky")
     data = Dataset.from_dict({"prompt": [t.prompt for t in TASKS], "task_id": [t.task_id for t in TASKS]})
-    args = GRPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=16,
-                      num_generations=4, max_completion_length=8, logging_steps=1, report_to=[], save_strategy="no", seed=0,
-                      bf16=False, beta=0.0)
-    trainer = GRPOTrainer(model=model, reward_funcs=[flaky, parity], args=args, train_dataset=data, processing_class=tok)
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, max_steps=2, learning_rate=1e-2,
+                      per_device_train_batch_size=16, num_generations=4, max_completion_length=8,
+                      logging_steps=1, report_to=[], save_strategy="no", seed=0, bf16=False, beta=0.0)
+    trainer = GRPOTrainer(model=model, reward_funcs=[flaky, parity], args=args, train_dataset=data,
+                          processing_class=tok)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     trainer.train()
     logs = [row for row in trainer.state.log_history if "rewards/flaky/mean" in row]
     assert len(logs) == 2 and len(calls) == 2
-    for row in logs:  # each step holds all four tasks: 4 samples of t/3 are left out (None), not scored 0 (mean 0.75)
+    # each step holds all four tasks: 4 samples of t/3 are left out (None), not scored 0 (mean 0.75)
+    for row in logs:
         assert row["rewards/flaky/mean"] == 1.0, row
     assert any(not torch.equal(before[k], v) for k, v in model.named_parameters())  # the model trained
 

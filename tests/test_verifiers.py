@@ -19,7 +19,8 @@ from verifiers.trl import RewardFunctionVerifier, as_reward_function
 from .conftest import ROOT, run_cli
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
-ADD = Task("t/add", "def add(a, b):\n", "add", "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n")
+ADD = Task("t/add", "def add(a, b):\n", "add",
+           "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n")
 
 
 def wrong_completion(task: Task, name: str) -> str:
@@ -53,7 +54,9 @@ def test_reference_solutions_pass_and_wrong_ones_fail(verifier, name, count):
 @needs_bwrap
 def test_verdict_fields():
     with PythonTestVerifier(workers=2, limits=Limits(timeout_s=2, cpu_s=2)) as verifier:
-        ok, wrong, hang = verifier.verify([ADD] * 3, ["    return a + b\n", "    return a - b\n", "    while True: pass\n"])
+        ok, wrong, hang = verifier.verify([ADD] * 3,
+                                          ["    return a + b\n", "    return a - b\n",
+                                           "    while True: pass\n"])
         assert isinstance(verifier, Verifier)
     assert (ok.passed, ok.score, ok.status) == (True, 1.0, "passed")
     assert (wrong.passed, wrong.status, wrong.detail) == (False, "failed", "AssertionError")
@@ -117,7 +120,9 @@ def test_remote_client_against_local_server_and_dead_server():
         thread.start()
         try:
             client = RemoteVerifier(f"http://127.0.0.1:{server.server_port}", timeout_s=3)
-            ok, wrong, early_exit = client.verify([ADD] * 3, ["    return a + b\n", "    return 0\n", "    import os; os._exit(0)\n"])
+            ok, wrong, early_exit = client.verify([ADD] * 3,
+                                                  ["    return a + b\n", "    return 0\n",
+                                                   "    import os; os._exit(0)\n"])
             assert ok.passed and ok.status == "passed"
             assert not wrong.passed and wrong.status == "failed"
             assert not early_exit.passed
@@ -128,7 +133,8 @@ def test_remote_client_against_local_server_and_dead_server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.monotonic()
-    (dead,) = RemoteVerifier(f"http://127.0.0.1:{port}", retries=1, request_timeout_s=2).verify([ADD], ["    return a + b\n"])
+    (dead,) = RemoteVerifier(f"http://127.0.0.1:{port}", retries=1,
+                             request_timeout_s=2).verify([ADD], ["    return a + b\n"])
     assert dead.status == "excluded" and "unreachable" in dead.detail and dead.score == 0.0
     assert time.monotonic() - start < 10
 
@@ -155,7 +161,8 @@ def test_fleet_shards_fails_over_and_guards_with_a_token(monkeypatch):
             # the guarded server: no token or a wrong one is refused (excluded, with the reason)
             (refused,) = RemoteVerifier(guarded_url, retries=0).verify([ADD], ["    return a + b\n"])
             assert refused.status == "excluded" and "401" in refused.detail
-            (wrong,) = RemoteVerifier(guarded_url, retries=0, token="guess").verify([ADD], ["    return a + b\n"])
+            (wrong,) = RemoteVerifier(guarded_url, retries=0,
+                                      token="guess").verify([ADD], ["    return a + b\n"])
             assert wrong.status == "excluded"
             monkeypatch.setenv("VERIFIERS_TOKEN", "s3cret")
             (ok,) = RemoteVerifier(guarded_url).verify([ADD], ["    return a + b\n"])
@@ -200,14 +207,17 @@ def test_a_server_dying_mid_reply_is_benched_and_the_program_goes_elsewhere():
         fleet = RemoteVerifier([dying_url, healthy_url], retries=0, concurrency=1, cooldown_s=60)
         verdicts = fleet.verify([ADD] * 4, ["    return a + b\n"] * 4)
         assert [v.status for v in verdicts] == ["passed"] * 4
-        assert fleet.failures[dying_url] >= 1 and fleet.answered[healthy_url] == 4 and fleet.answered[dying_url] == 0
+        assert (fleet.failures[dying_url] >= 1 and fleet.answered[healthy_url] == 4
+                and fleet.answered[dying_url] == 0)
         (alone,) = RemoteVerifier(dying_url, retries=1).verify([ADD], ["    return a + b\n"])
         assert alone.status == "excluded" and "IncompleteRead" in alone.detail
         # valid JSON that is not an object: the same (excluded with the reason, the batch goes on)
-        odd = ThreadingHTTPServer(("127.0.0.1", 0), type("Odd", (_Canned,), {"reply": ["not", "an", "object"]}))
+        odd = ThreadingHTTPServer(("127.0.0.1", 0),
+                                  type("Odd", (_Canned,), {"reply": ["not", "an", "object"]}))
         threading.Thread(target=odd.serve_forever, daemon=True).start()
         try:
-            (bad,) = RemoteVerifier(f"http://127.0.0.1:{odd.server_port}", retries=0).verify([ADD], ["    return a + b\n"])
+            (bad,) = RemoteVerifier(f"http://127.0.0.1:{odd.server_port}",
+                                    retries=0).verify([ADD], ["    return a + b\n"])
             assert bad.status == "excluded" and "not a JSON object" in bad.detail
         finally:
             odd.shutdown()
@@ -224,7 +234,8 @@ def test_five_thousand_programs_through_a_fleet_with_a_server_killed(tmp_path):
     """Two `verifiers serve` processes, the second killed after 30% of the verdicts: every program
     gets exactly one verdict, in order, and each one is right or excluded with its reason."""
     out = tmp_path / "load.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "remote_load.py"), "--programs", "5000", "--out", str(out)],
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "remote_load.py"), "--programs", "5000",
+                    "--out", str(out)],
                    check=True, timeout=600, cwd=ROOT)
     report = json.loads(out.read_text())
     assert report["lost"] == 0 and report["duplicated"] == 0 and report["in_order"]
@@ -242,12 +253,14 @@ def test_onpolicy_verify_cli(tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text(json.dumps(ADD.to_json()) + "\n")
     comps = tmp_path / "comps.jsonl"
-    comps.write_text("\n".join(json.dumps({"task_id": "t/add", "completion": c}) for c in ["    return a + b\n", "    return 1\n"]))
+    comps.write_text("\n".join(json.dumps({"task_id": "t/add", "completion": c})
+                               for c in ["    return a + b\n", "    return 1\n"]))
     out = tmp_path / "res.jsonl"
     r = run_cli("verify", str(tasks), str(comps), "--out", str(out), "--workers", "1")
     assert r.returncode == 0, r.stderr
     assert "pass rate 1/2" in r.stdout and "failed 1, passed 1" in r.stdout
-    assert "pass@1 0.500, pass@2 1.000 over 1 tasks (>= 2 samples each)" in r.stdout  # several samples per task
+    # several samples per task
+    assert "pass@1 0.500, pass@2 1.000 over 1 tasks (>= 2 samples each)" in r.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [set(row) for row in rows] == [{"task_id", "passed", "score", "status", "detail", "seconds"}] * 2
     r = run_cli("verify", str(tmp_path / "missing.jsonl"), str(comps), "--out", str(out))
@@ -263,7 +276,8 @@ def test_ten_thousand_runs_leave_nothing_behind(tmp_path):
     fds_before = len(os.listdir("/proc/self/fd"))
     tmp_before = set(os.listdir("/tmp"))
     procs_before = _my_descendants()
-    programs = ["def f(x):\n    return x * 2\nassert f(3) == 6\n", "assert 1 == 2\n", "import os\nos._exit(0)\n",
+    programs = ["def f(x):\n    return x * 2\nassert f(3) == 6\n", "assert 1 == 2\n",
+                "import os\nos._exit(0)\n",
                 "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nx = 1\n"]
     with Sandbox(limits=Limits(timeout_s=5, cpu_s=5)) as sb:
         results = sb.run_many([programs[i % 4] for i in range(10_000)])
@@ -280,7 +294,8 @@ def test_ten_thousand_runs_leave_nothing_behind(tmp_path):
 
 @needs_bwrap
 def test_workers_survive_the_threads_that_used_them():
-    """bwrap's --die-with-parent fires when the forking *thread* exits; workers must not depend on callers' threads."""
+    """bwrap's --die-with-parent fires when the forking *thread* exits; workers must not depend on callers'
+    threads."""
     with Sandbox(workers=1, limits=Limits(timeout_s=5, cpu_s=5)) as sb:
         for _ in range(3):
             t = threading.Thread(target=lambda: sb.run("x = 1"))
@@ -313,14 +328,17 @@ def test_registry_wraps_a_trl_reward_function_and_pool_excludes_failures():
 # Lying return values: each defines the entry point (generated tasks' `solve(xs)`, or any name via
 # {name}) so that what it returns claims to equal whatever the test expects.
 LIARS = {
-    "always-equal object": "class Liar:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\n",
+    "always-equal object": "class Liar:\n    def __eq__(self, other):\n        return True\n    __hash__ = "
+                           "None\n",
     "int subclass": "class Liar(int):\n    def __eq__(self, other):\n        return True\n",
     "list subclass": "class Liar(list):\n    def __eq__(self, other):\n        return True\n",
-    "fake __len__/__iter__": ("class Liar:\n    def __len__(self):\n        return 0\n    def __iter__(self):\n"
+    "fake __len__/__iter__": ("class Liar:\n    def __len__(self):\n        return 0\n    def "
+                              "__iter__(self):\n"
                               "        return iter(())\n    def __eq__(self, other):\n        return True\n"),
     "patched Counter": ("import collections\ncollections.Counter.__eq__ = lambda self, other: True\n"
                         "Liar = collections.Counter\n"),
-    "builtins rebound": ("import builtins\nclass Liar(list):\n    def __eq__(self, other):\n        return True\n"
+    "builtins rebound": ("import builtins\nclass Liar(list):\n    def __eq__(self, other):\n        return "
+                         "True\n"
                          "builtins.type = lambda x: list\nbuiltins.list = Liar\n"),
 }
 
@@ -336,7 +354,8 @@ def test_strict_mode_fails_lying_return_values(nested):
     from onpolicy.data.generated import generate_tasks
 
     gen = generate_tasks("validation", 3, seed=0)
-    humaneval = [t for t in load_tasks("humaneval") if t.task_id in ("HumanEval/0", "HumanEval/1", "HumanEval/7")]
+    humaneval = [t for t in load_tasks("humaneval")
+                 if t.task_id in ("HumanEval/0", "HumanEval/1", "HumanEval/7")]
     kinds = list(LIARS)
     with PythonTestVerifier(workers=2, limits=Limits(timeout_s=10, cpu_s=10)) as default, \
             PythonTestVerifier(workers=2, limits=Limits(timeout_s=10, cpu_s=10), strict=True) as strict, \
@@ -345,7 +364,8 @@ def test_strict_mode_fails_lying_return_values(nested):
         # prompt's function with `pass` and defines the entry point again (the last definition wins).
         for tasks, v in ((gen, default), (humaneval, strict)):
             batch = [t for t in tasks for _ in kinds]
-            completions = ["    pass\n" + liar_program(k, t.entry_point, nested=nested) for t in tasks for k in kinds]
+            completions = ["    pass\n" + liar_program(k, t.entry_point, nested=nested) for t in tasks
+                           for k in kinds]
             verdicts = v.verify(batch, completions)
             leaks = [(t.task_id, k) for t, k, r in zip(batch, kinds * len(tasks), verdicts) if r.passed]
             assert not leaks, leaks
@@ -354,8 +374,9 @@ def test_strict_mode_fails_lying_return_values(nested):
             assert all(r.status == "failed" and "strict mode" in r.detail for r in verdicts), \
                 [(r.task_id, r.detail) for r in verdicts if "strict mode" not in r.detail]
         # without the switch, HumanEval's `assert candidate(x) == y` trusts the liar: the hack is real
-        lax_verdicts = lax.verify(humaneval, ["    pass\n" + liar_program("always-equal object", t.entry_point, nested=False)
-                                              for t in humaneval])
+        liars = ["    pass\n" + liar_program("always-equal object", t.entry_point, nested=False)
+                 for t in humaneval]
+        lax_verdicts = lax.verify(humaneval, liars)
         assert [r.passed for r in lax_verdicts] == [True] * len(humaneval)
 
 
@@ -366,6 +387,7 @@ def test_pass_at_ks_leaves_excluded_samples_out():
     def v(task, passed, status=None):
         return Verdict(task, passed, float(passed), status or ("passed" if passed else "failed"), "", 0.0)
 
-    verdicts = [v("a", True), v("a", False), v("a", False, "excluded"), v("b", False), v("b", False), v("b", True, "excluded")]
+    verdicts = [v("a", True), v("a", False), v("a", False, "excluded"), v("b", False), v("b", False),
+                v("b", True, "excluded")]
     ks, n_tasks, n_min = pass_at_ks(verdicts)
     assert (n_tasks, n_min) == (2, 2) and ks == {1: 0.25, 2: 0.5}

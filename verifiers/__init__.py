@@ -11,4 +11,5 @@ from verifiers.python_tests import PythonTestVerifier
 from verifiers.sandbox import Limits, Sandbox, SandboxUnavailable
 from verifiers.tasks import load_tasks
 
-__all__ = ["Limits", "PythonTestVerifier", "Sandbox", "SandboxUnavailable", "Task", "Verdict", "Verifier", "load_tasks"]
+__all__ = ["Limits", "PythonTestVerifier", "Sandbox", "SandboxUnavailable", "Task", "Verdict", "Verifier",
+           "load_tasks"]

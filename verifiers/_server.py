@@ -31,7 +31,8 @@ import traceback  # imported once here, so failing programs do not pay for it
 
 # Warm: modules that test programs commonly import are loaded once in the worker; every forked
 # child shares them copy-on-write instead of importing them again.
-WARM_MODULES = ("bisect", "collections", "copy", "functools", "heapq", "itertools", "math", "re", "string", "typing")
+WARM_MODULES = ("bisect", "collections", "copy", "functools", "heapq", "itertools", "math", "re", "string",
+                "typing")
 PR_SET_CHILD_SUBREAPER = 36
 PROOF_SALT = b"onpolicy-verifier-pass"
 
@@ -341,13 +342,15 @@ def _status(req, proof, timed_out, refused, sig, usage, exit_code, detail, err):
         return "timeout", f"wall-clock limit of {req['timeout_s']} s"
     if refused:
         return "failed", detail
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and usage is not None and usage.ru_utime + usage.ru_stime >= req["cpu_s"]):
+    if (sig == signal.SIGXCPU or (sig == signal.SIGKILL and usage is not None
+                                  and usage.ru_utime + usage.ru_stime >= req["cpu_s"])):
         return "timeout", f"CPU-time limit of {req['cpu_s']} s"
     if sig is not None:
         return "error", f"killed by signal {signal.Signals(sig).name}"
     if not detail:
         tail = err.decode(errors="replace").strip().splitlines()
-        detail = tail[-1] if tail else ("exited before the tests completed (no pass proof)" if exit_code == 0 else f"exit code {exit_code}")
+        detail = (tail[-1] if tail else "exited before the tests completed (no pass proof)" if exit_code == 0
+                  else f"exit code {exit_code}")
     return "failed", detail
 
 

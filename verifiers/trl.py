@@ -18,7 +18,8 @@ from verifiers.code import extract_code
 logger = logging.getLogger("verifiers.trl")
 
 
-def as_reward_function(verifier: Verifier, tasks: dict[str, Task] | None = None, name: str | None = None) -> Callable:
+def as_reward_function(verifier: Verifier, tasks: dict[str, Task] | None = None,
+                       name: str | None = None) -> Callable:
     """A TRL reward function backed by `verifier`.
 
     The task of each completion is found by the dataset column `task_id` in `tasks`, or built from
@@ -37,7 +38,8 @@ def as_reward_function(verifier: Verifier, tasks: dict[str, Task] | None = None,
             if missing:
                 raise KeyError(f"the dataset lacks columns {missing}; pass tasks= or add them")
             batch = [
-                Task(str(ids[i]) if ids else str(i), _text(prompts[i]), columns["entry_point"][i], columns["test"][i])
+                Task(str(ids[i]) if ids else str(i), _text(prompts[i]), columns["entry_point"][i],
+                     columns["test"][i])
                 for i in range(n)
             ]
         try:
@@ -93,12 +95,15 @@ class RewardFunctionVerifier:
             "canonical_solution": [t.canonical_solution for t in tasks],
         }
         try:
-            scores = list(self.fn(prompts=[t.prompt for t in tasks], completions=list(completions), completion_ids=None,
-                                  trainer_state=None, **columns))
+            scores = list(self.fn(prompts=[t.prompt for t in tasks], completions=list(completions),
+                                  completion_ids=None, trainer_state=None, **columns))
         except Exception as e:  # a crashing reward function costs these samples, not the run
-            return [Verdict(t.task_id, False, 0.0, "excluded", f"{self.name} raised {type(e).__name__}: {e}", 0.0) for t in tasks]
+            return [Verdict(t.task_id, False, 0.0, "excluded", f"{self.name} raised {type(e).__name__}: {e}",
+                            0.0) for t in tasks]
         if len(scores) != len(tasks):
-            return [Verdict(t.task_id, False, 0.0, "excluded", f"{self.name} returned {len(scores)} scores for {len(tasks)}", 0.0) for t in tasks]
+            return [Verdict(t.task_id, False, 0.0, "excluded",
+                            f"{self.name} returned {len(scores)} scores for {len(tasks)}", 0.0)
+                    for t in tasks]
         out = []
         for t, s in zip(tasks, scores):
             if s is None:
@@ -106,5 +111,6 @@ class RewardFunctionVerifier:
                 continue
             score = min(1.0, max(0.0, float(s)))
             passed = score >= self.pass_threshold
-            out.append(Verdict(t.task_id, passed, score, "passed" if passed else "failed", f"reward {float(s):.4g}", 0.0))
+            out.append(Verdict(t.task_id, passed, score, "passed" if passed else "failed",
+                               f"reward {float(s):.4g}", 0.0))
         return out

@@ -47,17 +47,21 @@ def _task(ground_truth, extra_info: dict) -> Task:
         test = str(spec)
     entry = extra_info.get("entry_point")
     if not entry:
-        raise ValueError("verl compute_score needs the entry point: extra_info['entry_point'] or ground_truth['entry_point']")
+        raise ValueError("verl compute_score needs the entry point: extra_info['entry_point'] or "
+                         "ground_truth['entry_point']")
     return Task(str(extra_info.get("task_id", "verl")), extra_info.get("prompt", ""), entry, test,
                 strict=bool(extra_info.get("strict", False)))
 
 
-def compute_score(data_source, solution_str: str, ground_truth, extra_info: dict | None = None, verifier=None) -> dict:
+def compute_score(data_source, solution_str: str, ground_truth, extra_info: dict | None = None,
+                  verifier=None) -> dict:
     """verl's reward-function signature; `verifier` (any Verifier) replaces the shared sandbox pool."""
     task = _task(ground_truth, extra_info or {})
     completion = extract_code(solution_str)
-    if re.search(rf"^def {re.escape(task.entry_point)}\s*\(", completion, re.MULTILINE):  # a whole program: no prompt
+    # a whole program: no prompt
+    if re.search(rf"^def {re.escape(task.entry_point)}\s*\(", completion, re.MULTILINE):
         task = Task(task.task_id, "", task.entry_point, task.test, strict=task.strict)
     verdict = (verifier or _shared_verifier()).verify([task], [completion])[0]
     excluded = verdict.status == "excluded"
-    return {"score": 0.0 if excluded else float(verdict.score), "acc": float(verdict.passed), "excluded": float(excluded)}
+    return {"score": 0.0 if excluded else float(verdict.score), "acc": float(verdict.passed),
+            "excluded": float(excluded)}

@@ -43,7 +43,8 @@ class TokenArray:
         expected = rows * seq_len * np.dtype(dtype).itemsize
         if not self.path.is_file() or self.path.stat().st_size != expected:
             found = self.path.stat().st_size if self.path.is_file() else "no file"
-            raise ValueError(f"corpus shard {self.path}: expected {expected} bytes ({rows} x {seq_len} {dtype}), found {found}")
+            raise ValueError(f"corpus shard {self.path}: expected {expected} bytes ({rows} x {seq_len} "
+                             f"{dtype}), found {found}")
         self._data = np.memmap(self.path, dtype=dtype, mode="r", shape=(rows, seq_len))
 
     @property
@@ -112,7 +113,8 @@ def load_documents(cfg: DataConfig) -> list[Document]:
                     continue
                 row = json.loads(line)
                 if cfg.text_field not in row:
-                    raise KeyError(f"{path}:{i + 1}: no field '{cfg.text_field}' (set data.text_field; fields: {sorted(row)})")
+                    raise KeyError(f"{path}:{i + 1}: no field '{cfg.text_field}' (set data.text_field; "
+                                   f"fields: {sorted(row)})")
                 if str(row[cfg.text_field]).strip():
                     docs.append(Document(f"{path}:{i + 1}", str(row[cfg.text_field])))
     elif Path(source).is_dir():
@@ -120,7 +122,8 @@ def load_documents(cfg: DataConfig) -> list[Document]:
         paths = sorted(p for ext in cfg.extensions for p in root.rglob(f"*{ext}") if p.is_file())
         docs = _read_files(paths, cfg)
     elif glob.has_magic(source):
-        docs = _read_files(sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file()), cfg)
+        docs = _read_files(sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file()),
+                           cfg)
     else:
         raise FileNotFoundError(f"data.source: no such folder, glob or .jsonl file: {source}")
 
@@ -138,7 +141,8 @@ def load_documents(cfg: DataConfig) -> list[Document]:
         if hidden:
             raise ValueError(f"data.source '{source}' lies inside '{hidden[0]}', which data.exclude skips; "
                              f"set data.exclude to the parts to skip (e.g. data.exclude=[__pycache__])")
-        raise ValueError(f"data.source '{source}' holds no documents (extensions {cfg.extensions}, excluding {cfg.exclude})")
+        raise ValueError(f"data.source '{source}' holds no documents (extensions {cfg.extensions}, excluding "
+                         f"{cfg.exclude})")
     return unique + task_documents(cfg, sum(len(d.text) for d in unique))
 
 
@@ -224,7 +228,8 @@ def build_corpus(cfg: DataConfig, tokenizer, docs: list[Document] | None = None)
     def encode(ds: list[Document]) -> list[list[int]]:
         return tokenizer([d.text for d in ds], add_special_tokens=False)["input_ids"]
 
-    train, val = pack(encode(train_docs), cfg.seq_len, special.eos), pack(encode(val_docs), cfg.seq_len, special.eos)
+    train, val = pack(encode(train_docs), cfg.seq_len, special.eos), pack(encode(val_docs), cfg.seq_len,
+                                                                          special.eos)
     tmp = temporary_sibling(folder)
     dtype = TokenArray.write(tmp / "train.bin", train, special.vocab_size)
     TokenArray.write(tmp / "val.bin", val, special.vocab_size)

@@ -49,7 +49,8 @@ def _list_op(rng: random.Random) -> Op:
         Op("filter_lt", f"keep the numbers smaller than {t}", f"xs = [x for x in xs if x < {t}]"),
         Op("filter_even", "keep the even numbers", "xs = [x for x in xs if x % 2 == 0]"),
         Op("filter_odd", "keep the odd numbers", "xs = [x for x in xs if x % 2 == 1]"),
-        Op("filter_div", f"keep the multiples of {k + 1}", f"xs = [x for x in xs if x % {k + 1} == 0]"),  # 3..10: 2 is filter_even
+        # 3..10: 2 is filter_even
+        Op("filter_div", f"keep the multiples of {k + 1}", f"xs = [x for x in xs if x % {k + 1} == 0]"),
         Op("map_add", f"add {k} to each number", f"xs = [x + {k} for x in xs]"),
         Op("map_sub", f"subtract {k} from each number", f"xs = [x - {k} for x in xs]"),
         Op("map_mul", f"multiply each number by {k}", f"xs = [x * {k} for x in xs]"),
@@ -82,9 +83,11 @@ def _pairs(ops: list[Op]) -> list[tuple[str, str]]:
 
 
 _PERMUTATIONS = {"sort_asc", "sort_desc", "reverse"}
-_ORDER_FREE_ENDS = {"sort_asc", "sort_desc", "sum", "count", "max", "min"}  # blind to the order of their input
-_ELEMENTWISE = {"filter_gt", "filter_lt", "filter_even", "filter_odd", "filter_div", "map_add", "map_sub", "map_mul",
-                "map_mod", "map_square", "unique"}  # (unique keeps the same set of values whatever the order)
+_ORDER_FREE_ENDS = {"sort_asc", "sort_desc", "sum", "count", "max", "min"}  # blind to the order of their
+# input
+_ELEMENTWISE = {"filter_gt", "filter_lt", "filter_even", "filter_odd", "filter_div", "map_add", "map_sub",
+                # (unique keeps the same set of values whatever the order)
+                "map_mul", "map_mod", "map_square", "unique"}
 
 
 def _family_pairs(ops: list[Op]) -> list[tuple[str, str]]:
@@ -119,7 +122,8 @@ def simplified(ops: list[Op]) -> list[Op]:
                 del ops[i]
                 changed = True
                 break
-            if op.kind.startswith("map_") and rest and all(o.kind in _PERMUTATIONS or o.kind.startswith("map_") for o in rest[:-1]) \
+            if op.kind.startswith("map_") and rest and all(o.kind in _PERMUTATIONS
+                                                           or o.kind.startswith("map_") for o in rest[:-1]) \
                     and rest[-1].kind == "count" and all(o.kind != "count" for o in rest[:-1]):
                 del ops[i]  # maps and reorderings never change how many numbers there are
                 changed = True
@@ -238,7 +242,8 @@ def generate_tasks(split: str, n: int, seed: int = 0, levels: tuple[int, ...] = 
     live, misses, turn = list(levels), dict.fromkeys(levels, 0), 0
     while len(tasks) < n:
         if not live:
-            raise ValueError(f"only {len(tasks)} distinct {split} tasks exist at levels {levels}; asked for {n}")
+            raise ValueError(f"only {len(tasks)} distinct {split} tasks exist at levels {levels}; asked for "
+                             f"{n}")
         level = live[turn % len(live)]
         name = "solve"
         ops, prompt, body, test, fn = _make(rng, level, name)

@@ -16,9 +16,12 @@ from onpolicy.data.generated import LEVELS
 from verifiers.base import Task
 from verifiers.code import extract_code  # noqa: F401  (the one rule; chat replies in eval)
 
-TASK_SETS = ("generated:<split>[:levels=1,2][:seed=S][:skip=N]", "repair:<split>[:levels=...][:seed=S][:skip=N]", "humaneval", "mbpp", "mbpp-test", "mbpp-sanitized", "FILE.jsonl")
+TASK_SETS = ("generated:<split>[:levels=1,2][:seed=S][:skip=N]",
+             "repair:<split>[:levels=...][:seed=S][:skip=N]", "humaneval", "mbpp", "mbpp-test",
+             "mbpp-sanitized", "FILE.jsonl")
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#")
-CHAT_INSTRUCTION = "Complete the following Python code. Reply with the complete function in one ```python code block."
+CHAT_INSTRUCTION = ("Complete the following Python code. Reply with the complete function in one ```python "
+                    "code block.")
 
 
 def load_task_set(name: str, limit: int | None = None, seed: int = 0) -> list[Task]:
@@ -62,8 +65,8 @@ def _options(name: str, rest: list[str]) -> dict:
     e.g. `generated:heldout:seed=0:skip=300` is 100 held-out tasks disjoint from `onpolicy eval`'s
     first 300 (`--limit 300`, seed 0), whatever the training seed."""
     kind = name.split(":")[0]
-    usage = f"task set '{name}': expected {kind}:<split>[:levels=L[,L...]][:seed=S][:skip=N] with levels in " + \
-        ", ".join(map(str, LEVELS))
+    usage = (f"task set '{name}': expected {kind}:<split>[:levels=L[,L...]][:seed=S][:skip=N] with levels in "
+             + ", ".join(map(str, LEVELS)))
     options: dict = {}
     for part in rest:
         key, eq, value = part.partition("=")

@@ -71,9 +71,11 @@ def edit_tokens(
     live = slot < k[:, None]
     kind = torch.randint(0, 3, (b, k_max), generator=generator).masked_fill(~live, -1)  # 0 sub, 1 del, 2 ins
     n_sub, n_del = (kind == 0).sum(1), (kind == 1).sum(1)
-    # distinct source positions: the first n_sub of a random permutation are substituted, the next n_del deleted
+    # distinct source positions: the first n_sub of a random permutation are
+    # substituted, the next n_del deleted
     order = torch.rand(b, length, generator=generator).argsort(1)  # [B, L]
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(length).expand(b, -1))  # rank of each position
+    # rank of each position
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(length).expand(b, -1))
     substituted = rank < n_sub[:, None]
     deleted = (rank >= n_sub[:, None]) & (rank < (n_sub + n_del)[:, None])
     # a different ordinary token for each substitution
@@ -96,4 +98,5 @@ def edit_tokens(
     lengths = length - n_del + inserting.sum(1)
     edited = edited.masked_fill(torch.arange(length + k_max)[None] >= lengths[:, None], fill_id)
     ops = torch.stack([n_sub, n_del, inserting.sum(1)], 1)
-    return EditCorruption(edited[:, :length].to(device), edited.to(device), lengths.to(device), ops.to(device))
+    return EditCorruption(edited[:, :length].to(device), edited.to(device), lengths.to(device),
+                          ops.to(device))

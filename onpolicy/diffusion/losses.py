@@ -61,7 +61,8 @@ def edit_diffusion_loss(
     edited: torch.Tensor,
     loss_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Stage 2 (docs/method.md, equation (2): L_edit = -log p(x0 | x_t), loss on ALL positions) on top of the mask ELBO:
+    """Stage 2 (docs/method.md, equation (2): L_edit = -log p(x0 | x_t), loss on ALL positions) on top of the
+    mask ELBO:
 
         L = [ sum_b w(t_b) sum_{i masked} nll[b,i]  +  sum_{b edited} sum_{i not masked} nll[b,i] ] / N
 

@@ -5,7 +5,8 @@ Shapes: N samples (rows), T canvas positions, S steps. Every function takes tens
 returns (loss, stats) or tensors; no config, no model, no engine.
 
 docs/method.md, equation (4):  min E_tau[ |tau| - V(tau) ]   (V: the verifier; |tau|: the number of steps)
-docs/method.md, equation (5):  |tau| proportional to E_ij[ 1 / d_Lev(tau_i, tau_j) ]   (the "progressive surrogate")
+docs/method.md, equation (5):  |tau| proportional to E_ij[ 1 / d_Lev(tau_i, tau_j) ]   (the "progressive
+surrogate")
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "g
     stats = {
         "reward": (rewards * v).sum() / v.sum().clamp(min=1),
         "reward_std": group_std[counted].mean() if counted.any() else torch.tensor(0.0),
-        "frac_reward_zero_std": (group_std[counted] < ZERO_STD).float().mean() if counted.any() else torch.tensor(1.0),
+        "frac_reward_zero_std": ((group_std[counted] < ZERO_STD).float().mean() if counted.any()
+                                 else torch.tensor(1.0)),
     }
     return adv, stats
 
@@ -73,7 +75,8 @@ def live_groups(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (n[:, 0] > 1) & (group_std[:, 0] >= ZERO_STD)
 
 
-def _group_spread(rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _group_spread(rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
     """Per group of [P, G]: valid samples n [P, 1], rewards minus the group's valid mean [P, G] (0 where
     excluded), and their unbiased std [P, 1] (as TRL)."""
     v = valid.float()
@@ -103,8 +106,9 @@ def soft_commit_logprob(score: torch.Tensor, open_: torch.Tensor, committed: tor
     return torch.where(only_top, torch.logaddexp(logp, none_drawn), logp) * open_.any(-1)
 
 
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                        epsilon: float, epsilon_high: float, loss_type: str, denominator: float | None = None
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, epsilon: float, epsilon_high: float, loss_type: str,
+                        denominator: float | None = None
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-style clipped policy gradient over one kind of term of each trajectory's log-probability.
 
@@ -146,10 +150,12 @@ def pg_denominator(loss_type: str, terms: int, rows: int, max_terms: int) -> flo
     return None
 
 
-def speed_noise_groups(passed: torch.Tensor, valid: torch.Tensor, forwards: torch.Tensor, min_spread: int) -> torch.Tensor:
+def speed_noise_groups(passed: torch.Tensor, valid: torch.Tensor, forwards: torch.Tensor,
+                       min_spread: int) -> torch.Tensor:
     """[P, G] x 3 -> [P] bool: groups where every valid sample passed and their step counts differ by fewer
     than `min_spread` forwards. Their rewards differ only by commit-sampling noise, which group
-    normalisation would blow up to unit advantages; the trainer gives them none (`reward.min_speed_spread`)."""
+    normalisation would blow up to unit advantages; the trainer gives them none
+    (`reward.min_speed_spread`)."""
     big = torch.iinfo(torch.long).max
     hi = torch.where(valid, forwards, -big).max(-1).values
     lo = torch.where(valid, forwards, big).min(-1).values
@@ -167,9 +173,10 @@ def step_progress(step_index: torch.Tensor, n_steps: int) -> torch.Tensor:
     return counts.scatter_add_(1, idx, (step_index >= 0).float())
 
 
-def progress_cost_loss(nll: torch.Tensor, still_masked: torch.Tensor, step_tokens: torch.Tensor, passed: torch.Tensor,
-                       lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The progress-cost surrogate of equation (5) of docs/method.md, pathwise, for one replayed state s_k of each row.
+def progress_cost_loss(nll: torch.Tensor, still_masked: torch.Tensor, step_tokens: torch.Tensor,
+                       passed: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The progress-cost surrogate of equation (5) of docs/method.md, pathwise, for one replayed state s_k of
+    each row.
 
     On passing trajectories step k costs lam / max(p_k, 1), p_k its progress (tokens it committed; see
     `step_progress`). Minimising the number of steps means raising p_k where it is small; what lets a
@@ -189,8 +196,9 @@ def progress_cost_loss(nll: torch.Tensor, still_masked: torch.Tensor, step_token
     return loss, stats
 
 
-def jump_distillation_loss(logits: torch.Tensor, target: torch.Tensor, jump: torch.Tensor, weight: torch.Tensor,
-                           certainty: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def jump_distillation_loss(logits: torch.Tensor, target: torch.Tensor, jump: torch.Tensor,
+                           weight: torch.Tensor, certainty: float) -> tuple[torch.Tensor,
+                                                                            dict[str, torch.Tensor]]:
     """Verified jump distillation (dParallel's certainty forcing, dFactory's path distillation): from an
     earlier state s_i of a passing trajectory, predict every token committed by a later state s_j.
 

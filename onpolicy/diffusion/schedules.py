@@ -29,7 +29,8 @@ def elbo_weight(t: torch.Tensor, schedule: str) -> torch.Tensor:
     raise ValueError(f"unknown schedule '{schedule}' (linear, cosine)")
 
 
-def sample_times(batch: int, method: str, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_times(batch: int, method: str, eps: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """t in [eps, 1], one per sequence: [batch].
 
     stratified: one uniform offset u, t_i = (u + i/batch) mod 1, so the batch covers [0, 1) evenly

@@ -27,7 +27,8 @@ def noise_generator(seed: int, *stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def batch_rows(step: int, micro: int, rank: int, world: int, micro_bs: int, grad_accum: int, n_rows: int, seed: int) -> torch.Tensor:
+def batch_rows(step: int, micro: int, rank: int, world: int, micro_bs: int, grad_accum: int, n_rows: int,
+               seed: int) -> torch.Tensor:
     """Row indices of the micro-batch (step, micro, rank): epochs are seeded permutations, in order,
     so every row is seen once per epoch and a resumed run sees the same rows."""
     global_bs = micro_bs * grad_accum * world
@@ -63,17 +64,21 @@ def prepare_data(cfg, builder: bool):
             docs = load_documents(cfg.data)
             if os.environ.get("RANK", "0") == "0":
                 print(f"[onpolicy] data: {len(docs):,} documents ({cfg.data.source}"
-                      + (f", {cfg.data.task_fraction:.0%} generated tasks" if getattr(cfg.data, "task_fraction", 0) else "")
-                      + f"); tokenizer and token shards cached in {Path(cfg.data.cache_dir).resolve()} (built on the first run)",
+                      + (f", {cfg.data.task_fraction:.0%} generated tasks"
+                         if getattr(cfg.data, "task_fraction", 0) else "")
+                      + f"); tokenizer and token shards cached in {Path(cfg.data.cache_dir).resolve()} "
+                        "(built on the first run)",
                       flush=True)
             if init:
                 tokenizer = load_model_tokenizer(init)
                 if cfg.tokenizer.path is not None:
-                    check_same_tokenizer(load_tokenizer(cfg.tokenizer.path), tokenizer, f"tokenizer.path={cfg.tokenizer.path}", init)
+                    check_same_tokenizer(load_tokenizer(cfg.tokenizer.path), tokenizer,
+                                         f"tokenizer.path={cfg.tokenizer.path}", init)
             else:
                 train_docs, _ = split_documents(docs, cfg.data.val_fraction)
-                tokenizer = prepare_tokenizer(cfg.tokenizer.path, cfg.tokenizer.vocab_size, [d.text for d in train_docs],
-                                              cfg.data.cache_dir, cfg.tokenizer.train_max_mb)
+                tokenizer = prepare_tokenizer(cfg.tokenizer.path, cfg.tokenizer.vocab_size,
+                                              [d.text for d in train_docs], cfg.data.cache_dir,
+                                              cfg.tokenizer.train_max_mb)
             corpus = build_corpus(cfg.data, tokenizer, docs)
         eng.barrier()
     return tokenizer, corpus, SpecialTokens.from_tokenizer(tokenizer)
@@ -106,20 +111,23 @@ def build_model(cfg, special: SpecialTokens, adapt_attention: bool = True) -> to
         model, _ = load_pretrained(m.init_from)
         model.train()
         if model.config.vocab_size != special.vocab_size:
-            raise ValueError(f"model.init_from has vocab {model.config.vocab_size}, tokenizer has {special.vocab_size}")
+            raise ValueError(f"model.init_from has vocab {model.config.vocab_size}, tokenizer has "
+                             f"{special.vocab_size}")
         if adapt_attention and m.attention != INHERIT:
             # AR-to-diffusion adaptation (Dream, DiffuCoder, SDAR): the same weights, with the attention
             # pattern this recipe trains (e.g. a causal baseline continued as block-causal diffusion).
-            model.config.attention, model.config.block_size, model.config.shift_logits = m.attention, m.block_size, m.shift_logits
+            for key in ("attention", "block_size", "shift_logits"):
+                setattr(model.config, key, getattr(m, key))
         # the recipe now describes the model it trains (`inherit` and later stages: the model's own)
-        m.attention, m.block_size, m.shift_logits = model.config.attention, model.config.block_size, model.config.shift_logits
+        for key in ("attention", "block_size", "shift_logits"):
+            setattr(m, key, getattr(model.config, key))
     else:
         mcfg = DiffusionTransformerConfig(
             vocab_size=special.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
             num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size,
             max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta, attention=m.attention,
-            block_size=m.block_size, shift_logits=m.shift_logits, mask_token_id=special.mask, pad_token_id=special.pad,
-            bos_token_id=special.bos, eos_token_id=special.eos,
+            block_size=m.block_size, shift_logits=m.shift_logits, mask_token_id=special.mask,
+            pad_token_id=special.pad, bos_token_id=special.bos, eos_token_id=special.eos,
         )
         # built whole on every ZeRO stage, so a seed gives the same initial weights under ZeRO-0, 2 and 3
         # (deepspeed.zero.Init draws them partition by partition: other numbers); ZeRO-3 partitions the
@@ -137,7 +145,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def make_scheduler(optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: eng.warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+    def factor(step: int) -> float:
+        return eng.warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def make_engine(cfg, model: torch.nn.Module, ds_config: dict):
@@ -164,9 +175,10 @@ def resumed_grad_accum(plan: ckpt.ResumePlan, micro_batch_size: int, grad_accum:
     if not plan.universal or not saved:
         return grad_accum
     if saved % (micro_batch_size * world_size):
-        raise ConfigError(f"{plan.folder} was saved with a global batch of {saved} sequences by {plan.saved_world_size} "
-                          f"processes; {world_size} processes x train.micro_batch_size={micro_batch_size} cannot make it "
-                          f"up: choose a micro batch size that divides {saved // world_size}")
+        raise ConfigError(f"{plan.folder} was saved with a global batch of {saved} sequences by "
+                          f"{plan.saved_world_size} processes; {world_size} processes x "
+                          f"train.micro_batch_size={micro_batch_size} cannot make it up: choose a micro "
+                          f"batch size that divides {saved // world_size}")
     return saved // (micro_batch_size * world_size)
 
 
@@ -186,11 +198,13 @@ def export(engine, tokenizer, out_dir: Path, is_main: bool, cfg=None, decoding: 
     card = {"name": Path(out_dir).parent.name}
     if cfg is not None:
 
-        card.update(stage=cfg.stage, base_model=cfg.model.init_from, recipe=run_config_yaml(cfg, engine.module))
+        card.update(stage=cfg.stage, base_model=cfg.model.init_from,
+                    recipe=run_config_yaml(cfg, engine.module))
     module = engine.module
     if hasattr(module, "merge_and_unload"):
         if engine.zero_optimization_stage() == 3:
-            raise NotImplementedError("exporting a LoRA model trained under ZeRO-3 is not supported; use ZeRO-0/1/2")
+            raise NotImplementedError("exporting a LoRA model trained under ZeRO-3 is not supported; use "
+                                      "ZeRO-0/1/2")
         import copy
 
         if is_main:
@@ -198,7 +212,8 @@ def export(engine, tokenizer, out_dir: Path, is_main: bool, cfg=None, decoding: 
             merged = copy.deepcopy(module).merge_and_unload()
             save_model_folder(merged, tokenizer, out_dir, decoding, card)
             save_llama_twin(merged, tokenizer, out_dir)
-            save_adapter(module, tokenizer, Path(f"{out_dir}-adapter"), cfg.model.init_from if cfg is not None else None)
+            save_adapter(module, tokenizer, Path(f"{out_dir}-adapter"),
+                         cfg.model.init_from if cfg is not None else None)
         eng.barrier()
         return
     with eng.full_parameters(engine) as model:
@@ -223,7 +238,8 @@ def save_llama_twin(model, tokenizer, out_dir: Path) -> None:
 def save_adapter(peft_model, tokenizer, folder: Path, base: str | None) -> None:
     """LoRA adapters only (adapter_config.json + adapter_model.safetensors), PEFT's format; the base is
     recorded as a path relative to `folder` when it is a local folder (a Hub id or `smollm2` as given)."""
-    if base is not None:  # a local base as a path relative to the adapter folder: loads here, names no machine
+    # a local base as a path relative to the adapter folder: loads here, names no machine
+    if base is not None:
         import os
 
         local = Path(base)
@@ -242,14 +258,17 @@ def write_adapter_card(folder: Path, base: str | None) -> None:
     hub, name = public_base(base)
     meta = ["---", "library_name: peft", "license: apache-2.0", "tags:", "- onpolicy", "- lora"]
     meta += [f"base_model: {hub}", "---"] if hub else ["---"]
-    text = [*meta, "", f"# {folder.name}", "", f"LoRA adapters trained with onpolicy on `{name or 'its base model'}`.", "",
-            "```bash", f"onpolicy sample {folder.name} --prompt 'def f(' --threshold 0.7   # loads the base, merges the adapters",
-            f"onpolicy merge {folder.name} --out merged-model                         # a plain model folder", "```", ""]
+    text = [*meta, "", f"# {folder.name}", "",
+            f"LoRA adapters trained with onpolicy on `{name or 'its base model'}`.", "", "```bash",
+            f"onpolicy sample {folder.name} --prompt 'def f(' --threshold 0.7   # loads the base, merges the "
+            "adapters",
+            f"onpolicy merge {folder.name} --out merged-model                         # a plain model folder",
+            "```", ""]
     (folder / "README.md").write_text("\n".join(text))
 
 
-MODEL_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
-               "rope_theta", "attention", "block_size", "shift_logits")
+MODEL_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "rope_theta", "attention", "block_size", "shift_logits")
 
 
 def run_config_yaml(cfg, model) -> str:
@@ -262,6 +281,23 @@ def run_config_yaml(cfg, model) -> str:
     real = unwrap(model).config
     shape = {k: getattr(real, k) for k in MODEL_SHAPE if hasattr(real, k)}
     return OmegaConf.to_yaml(OmegaConf.structured(replace(cfg, model=replace(cfg.model, **shape))))
+
+
+def open_run(out: Path, cfg, engine, tokenizer, step: int, dist):
+    """Rank 0 writes the run folder's config.yaml and model skeleton (`onpolicy export RUN --step N` needs
+    it); every rank gets the run's metrics logger, starting at `step`."""
+    from dataclasses import asdict
+
+    from onpolicy.export import save_skeleton
+    from onpolicy.metrics import MetricsLogger
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(run_config_yaml(cfg, engine.module))
+        save_skeleton(out, unwrap(engine.module), tokenizer, True)
+    lg = cfg.logging
+    return MetricsLogger(out, cfg.train.max_steps, step, dist.is_main, lg.wandb, lg.wandb_project,
+                         lg.run_name, config=asdict(cfg), progress=lg.progress)
 
 
 def write_summary(out: Path, summary: dict, is_main: bool) -> None:
@@ -290,14 +326,17 @@ def validate(engine, tokenizer, tasks, sampler, fast_threshold: float, batch_siz
         if rollout_rule and sampler.commit_temperature is not None:
             rules.append(("rollout", replace(sampler, remask_threshold=None)))
         for name, cfg in rules:
-            r = evaluate_checkpoint(module, tokenizer, tasks, cfg, samples=1, verifier=verifier, batch_size=batch_size, seed=seed)
-            out[name] = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"], "tokens_per_forward": r["tokens_per_forward"]}
+            r = evaluate_checkpoint(module, tokenizer, tasks, cfg, samples=1, verifier=verifier,
+                                    batch_size=batch_size, seed=seed)
+            out[name] = {"pass@1": r["pass@1"], "pass@1_ci95": r["pass@1_ci95"],
+                         "tokens_per_forward": r["tokens_per_forward"]}
     module.train()
     return out
 
 
 def flat_validation(val: dict) -> dict:
-    return {f"val/{name}/{k}": v for name, r in val.items() if isinstance(r, dict) for k, v in r.items() if not isinstance(v, list)}
+    return {f"val/{name}/{k}": v for name, r in val.items() if isinstance(r, dict) for k, v in r.items()
+            if not isinstance(v, list)}
 
 
 def describe(val: dict) -> str:
@@ -319,7 +358,8 @@ def start_from_model(cfg):
 def verifier_pool(spec: str, strict: bool | None, timeout_s: float, key: str, args: dict | None = None,
                   pass_threshold: float | None = None):
     """A background VerifierPool around the verifier `spec` (name, module:Class, entry point, TRL reward
-    function) built with `args`; a plugin that cannot be found or built is a one-line ConfigError naming `key`."""
+    function) built with `args`; a plugin that cannot be found or built is a one-line ConfigError naming
+    `key`."""
     from onpolicy.errors import ConfigError
     from onpolicy.rollout import VerifierPool
     from verifiers.registry import get_verifier, with_pass_threshold

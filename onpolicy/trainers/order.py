@@ -8,9 +8,9 @@ Top to bottom (`train` below):
      (`rollout.decode_tasks`, one token per step by default: the order in which tokens were committed
      is what is distilled), each judged by the verifier and scored by its path log-likelihood; per
      prompt the best `pool.keep` are kept: verified first, then (`pool.prefer`) the fewest forwards
-     ("fast": parallel orders that still pass) or the highest path log-likelihood ("likely"). Written to `pool.jsonl` (format in
-     `write_pool`) with the model, sampler settings and seeds that made it; a run finds it again, and
-     `pool.path` reuses one (from this or another run);
+     ("fast": parallel orders that still pass) or the highest path log-likelihood ("likely"). Written to
+     `pool.jsonl` (format in `write_pool`) with the model, sampler settings and seeds that made it; a run
+     finds it again, and `pool.path` reuses one (from this or another run);
   2. distillation: each step takes a micro-batch of kept trajectories (seeded epochs, resumable) and
      replays their states (`rollout.replay_logprobs`: the state before each step, as the model saw it
      while sampling); the loss is the negative log-likelihood of the tokens committed at each step
@@ -40,7 +40,6 @@ from onpolicy import engine as eng
 from onpolicy.config import OrderConfig
 from onpolicy.data.tasks import load_task_set
 from onpolicy.errors import ConfigError
-from onpolicy.export import save_skeleton
 from onpolicy.metrics import MetricsLogger
 from onpolicy.rollout import VerifierPool, decode_tasks, replay_logprobs
 from onpolicy.sampling import TrajectoryRow
@@ -53,9 +52,9 @@ from onpolicy.trainers.common import (
     flat_validation,
     make_engine,
     model_hidden_size,
+    open_run,
     plan_resume,
     resume,
-    run_config_yaml,
     start_from_model,
     unwrap,
     validate,
@@ -67,7 +66,8 @@ from verifiers.tasks import read_jsonl
 POOL_FORMAT = "onpolicy-trajectory-pool/1"
 
 
-def order_loss(token_logp: torch.Tensor, committed: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def order_loss(token_logp: torch.Tensor, committed: torch.Tensor) -> tuple[torch.Tensor,
+                                                                           dict[str, torch.Tensor]]:
     """The distillation loss: -mean log p(token committed at step k | state before step k) over the
     committed positions of a batch of trajectories. token_logp, committed: [B, G]."""
     n = committed.sum().clamp(min=1)
@@ -94,8 +94,9 @@ def _score(row: dict) -> float:
 def write_pool(path: Path, header: dict, kept: list[dict]) -> None:
     """JSONL: line 1 {"format", "model", "tasks", "sampler", "seed", "samples", "keep", counts...};
     then one kept trajectory per line: {"task_id", "task_index", "sample", "seed", "passed", "status",
-    "path_logp" (per-token path log-likelihood; "elbo" in older pools), "forwards", "trajectory": TrajectoryRow fields (prompt ids, canvas, commit_forward, commit_logprob,
-    forwards, ...)}. Replaying a line with the same model rebuilds every state it went through."""
+    "path_logp" (per-token path log-likelihood; "elbo" in older pools), "forwards", "trajectory":
+    TrajectoryRow fields (prompt ids, canvas, commit_forward, commit_logprob, forwards, ...)}. Replaying a
+    line with the same model rebuilds every state it went through."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
         f.write(json.dumps(header) + "\n")
@@ -120,7 +121,8 @@ def read_pool(path: Path) -> tuple[dict, list[dict]]:
     return numbered[0][1], [row for _, row in numbered[1:]]
 
 
-def build_pool(engine, tokenizer, cfg: OrderConfig, verifier: VerifierPool, show: bool) -> tuple[dict, list[dict]]:
+def build_pool(engine, tokenizer, cfg: OrderConfig, verifier: VerifierPool,
+               show: bool) -> tuple[dict, list[dict]]:
     """Sample, verify, score and select (step 1 above)."""
     from tqdm.auto import tqdm
 
@@ -129,9 +131,10 @@ def build_pool(engine, tokenizer, cfg: OrderConfig, verifier: VerifierPool, show
     module = engine.module
     module.eval()
     tic = time.perf_counter()
-    with torch.no_grad(), tqdm(total=len(tasks) * p.samples, desc="pool", unit="traj", disable=not show) as bar:
-        decoded = decode_tasks(module, tokenizer, tasks, p.sampler, p.samples, seed, p.batch_size, on_batch=verifier.submit,
-                               progress=bar.update)
+    with torch.no_grad(), tqdm(total=len(tasks) * p.samples, desc="pool", unit="traj",
+                               disable=not show) as bar:
+        decoded = decode_tasks(module, tokenizer, tasks, p.sampler, p.samples, seed, p.batch_size,
+                               on_batch=verifier.submit, progress=bar.update)
     verdicts = verifier.results()
     module.train()
     by_task: dict[int, list[dict]] = {}
@@ -146,16 +149,19 @@ def build_pool(engine, tokenizer, cfg: OrderConfig, verifier: VerifierPool, show
              "forwards": int(tr.commit_forward.max()), "trajectory": tr.to_json()})
     kept = [row for i in sorted(by_task) for row in select(by_task[i], p.keep, p.require_pass, p.prefer)]
     passed = sum(v.passed for v in verdicts)
-    header = {"format": POOL_FORMAT, "model": str(cfg.model.init_from), "tasks": p.tasks, "n_tasks": len(tasks),
-              "samples": p.samples, "keep": p.keep, "require_pass": p.require_pass, "sampler": asdict(p.sampler), "seed": seed,
-              "verifier": p.verifier, "decoded": len(decoded.rollouts), "passed": passed,
+    header = {"format": POOL_FORMAT, "model": str(cfg.model.init_from), "tasks": p.tasks,
+              "n_tasks": len(tasks), "samples": p.samples, "keep": p.keep, "require_pass": p.require_pass,
+              "sampler": asdict(p.sampler), "seed": seed, "verifier": p.verifier,
+              "decoded": len(decoded.rollouts), "passed": passed,
               "excluded": sum(v.status == "excluded" for v in verdicts), "kept": len(kept),
               "prompts_with_a_pass": sum(any(r["passed"] for r in rows) for rows in by_task.values()),
-              "tokens_per_forward": decoded.tokens_per_forward, "seconds": round(time.perf_counter() - tic, 1)}
+              "tokens_per_forward": decoded.tokens_per_forward,
+              "seconds": round(time.perf_counter() - tic, 1)}
     return header, kept
 
 
-def pool_rows(engine, tokenizer, cfg: OrderConfig, verifier, pool_path: Path, dist, log: MetricsLogger) -> list[TrajectoryRow]:
+def pool_rows(engine, tokenizer, cfg: OrderConfig, verifier, pool_path: Path, dist,
+              log: MetricsLogger) -> list[TrajectoryRow]:
     """The kept trajectories: read from `pool_path`, or decoded, verified and written there (rank 0)."""
     if pool_path.is_file():
         header, kept = read_pool(pool_path)
@@ -167,10 +173,13 @@ def pool_rows(engine, tokenizer, cfg: OrderConfig, verifier, pool_path: Path, di
         if dist.is_main:
             write_pool(pool_path, header, kept)
         eng.barrier()
-        log.write(f"[onpolicy] pool: {header['decoded']} trajectories of {header['n_tasks']} prompts in {header['seconds']} s, "
-                  f"{header['passed']} verified ({header['prompts_with_a_pass']} prompts), {header['kept']} kept -> {pool_path}")
+        log.write(f"[onpolicy] pool: {header['decoded']} trajectories of {header['n_tasks']} prompts in "
+                  f"{header['seconds']} s, "
+                  f"{header['passed']} verified ({header['prompts_with_a_pass']} prompts), {header['kept']} "
+                  f"kept -> {pool_path}")
     if not kept:
-        raise ConfigError(f"{pool_path}: no trajectory was kept (none verified?): nothing to distill. Raise pool.n_tasks or "
+        raise ConfigError(f"{pool_path}: no trajectory was kept (none verified?): nothing to distill. Raise "
+                          "pool.n_tasks or "
                           "pool.samples, lower pool.sampler.temperature, or set pool.require_pass=false")
     return [TrajectoryRow.from_json(r["trajectory"]) for r in kept]
 
@@ -182,24 +191,23 @@ def train(cfg: OrderConfig) -> dict:
 
     # The starting model, the verifier, the engine.
     plan = plan_resume(out, t.resume, dist.world_size)
-    ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum, dist.world_size, t.grad_clip, t.precision,
+    ds_config = plan.apply(eng.deepspeed_config(t.deepspeed, t.micro_batch_size, t.grad_accum,
+                                                dist.world_size, t.grad_clip, t.precision,
                                                  model_hidden_size(cfg.model)))
     model = build_model(cfg, special, adapt_attention=False)
     if unwrap(model).config.attention == "causal":
-        raise ConfigError("stage order distills diffusion trajectories; model.init_from is a causal (AR) model")
+        raise ConfigError("stage order distills diffusion trajectories; model.init_from is a causal (AR) "
+                          "model")
     engine, scheduler = make_engine(cfg, model, ds_config)
-    verifier = verifier_pool(p.verifier, p.strict, p.verifier_timeout, "pool.verifier", p.verifier_args, p.pass_threshold)
+    verifier = verifier_pool(p.verifier, p.strict, p.verifier_timeout, "pool.verifier", p.verifier_args,
+                             p.pass_threshold)
     val_tasks = load_task_set(cfg.validation.tasks, cfg.validation.n_tasks, t.seed)
     state = resume(engine, plan, dist)
     step, history = state.get("step", 0), state.get("val_history", [])
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(run_config_yaml(cfg, engine.module))
-        save_skeleton(out, unwrap(engine.module), tokenizer, True)  # `onpolicy export RUN --step N` needs it
-    log = MetricsLogger(out, t.max_steps, step, dist.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.run_name,
-                        config=asdict(cfg), progress=cfg.logging.progress)
+    log = open_run(out, cfg, engine, tokenizer, step, dist)
     if not history:
-        start = validate(engine, tokenizer, val_tasks, p.sampler, cfg.validation.fast_threshold, p.batch_size, t.seed, verifier)
+        start = validate(engine, tokenizer, val_tasks, p.sampler, cfg.validation.fast_threshold, p.batch_size,
+                         t.seed, verifier)
         history.append({"step": 0, **start})
         log.log(0, flat_validation(start))
         log.write(f"[onpolicy] stage 3 from {cfg.model.init_from}; start: {describe(start)}")
@@ -213,7 +221,8 @@ def train(cfg: OrderConfig) -> dict:
     tic, loss_acc = time.perf_counter(), []
     while step < stop:
         for micro in range(t.grad_accum):
-            idx = batch_rows(step, micro, dist.rank, dist.world_size, t.micro_batch_size, t.grad_accum, len(rows), t.seed).tolist()
+            idx = batch_rows(step, micro, dist.rank, dist.world_size, t.micro_batch_size, t.grad_accum,
+                             len(rows), t.seed).tolist()
             with autocast(dist.device, t.precision):
                 token_logp, committed = replay_logprobs(engine, [rows[i] for i in idx], special)
                 loss, stats = order_loss(token_logp, committed)
@@ -222,23 +231,26 @@ def train(cfg: OrderConfig) -> dict:
             loss_acc.append(loss.detach())
         step += 1
         if step % cfg.logging.log_every == 0 or step == stop:
-            log.log(step, {"train/loss": eng.mean_over_ranks(torch.stack(loss_acc).mean()).item(), "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine),
+            log.log(step, {"train/loss": eng.mean_over_ranks(torch.stack(loss_acc).mean()).item(),
+                           "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": eng.grad_norm(engine),
                            "time/step": (time.perf_counter() - tic) / len(loss_acc) * t.grad_accum})
             log.progress(step, {"nll": f"{torch.stack(loss_acc).mean().item():.3f}"})
             tic, loss_acc = time.perf_counter(), []
         if (cfg.validation.every and step % cfg.validation.every == 0) or step == t.max_steps:
-            val = validate(engine, tokenizer, val_tasks, p.sampler, cfg.validation.fast_threshold, p.batch_size, t.seed, verifier)
+            val = validate(engine, tokenizer, val_tasks, p.sampler, cfg.validation.fast_threshold,
+                           p.batch_size, t.seed, verifier)
             history.append({"step": step, **val})
             log.log(step, flat_validation(val))
             log.write(f"[onpolicy] step {step}: {describe(val)}")
         if (t.save_every and step % t.save_every == 0) or step == stop:
-            ckpt.save_checkpoint(engine, out / "checkpoints", step, {"step": step, "val_history": history}, t.keep_checkpoints,
-                                 dist.is_main, dist.rank, dist.world_size)
+            ckpt.save_checkpoint(engine, out / "checkpoints", step, {"step": step, "val_history": history},
+                                 t.keep_checkpoints, dist.is_main, dist.rank, dist.world_size)
 
     # 3. Export.
     finished = step == t.max_steps
     if finished:
-        export(engine, tokenizer, out / "final", dist.is_main, cfg, {"threshold": cfg.validation.fast_threshold})
+        export(engine, tokenizer, out / "final", dist.is_main, cfg,
+               {"threshold": cfg.validation.fast_threshold})
     verifier.close()
     summary = {"output_dir": str(out), "final_model": str(out / "final") if finished else None, "steps": step,
                "pool": str(pool_path), "pool_kept": len(rows), "val_history": history}
