@@ -37,7 +37,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PROOF_SALT = b"onpolicy-verifier-pass"
 
 
-def read_exact(fd, n):
+def read_exact(fd: int, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         chunk = os.read(fd, n - len(buf))
@@ -47,23 +47,23 @@ def read_exact(fd, n):
     return buf
 
 
-def write_all(fd, data):
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
 
 
-def recv(fd):
+def recv(fd: int) -> dict:
     (n,) = struct.unpack(">I", read_exact(fd, 4))
     return json.loads(read_exact(fd, n))
 
 
-def send(fd, obj):
+def send(fd: int, obj: dict) -> None:
     data = json.dumps(obj).encode()
     write_all(fd, struct.pack(">I", len(data)) + data)
 
 
-def other_pids(keep):
+def other_pids(keep: set) -> list:
     """Live processes in /proc other than `keep` (zombies are dead already: their parent reaps them)."""
     out = []
     for name in os.listdir("/proc"):
@@ -78,7 +78,7 @@ def other_pids(keep):
     return out
 
 
-def reap():
+def reap() -> None:
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -88,7 +88,7 @@ def reap():
             return
 
 
-def kill_sandbox(own_pidns, child, spare=()):
+def kill_sandbox(own_pidns: bool, child: int, spare: tuple = ()) -> bool:
     """Kill every process of this sandbox but ourselves, pid 1 and `spare`; reap them."""
     me = os.getpid()
     for _ in range(200):
@@ -121,7 +121,7 @@ def kill_sandbox(own_pidns, child, spare=()):
     return False
 
 
-def _descends_from(pid, ancestor):
+def _descends_from(pid: int, ancestor: int) -> bool:
     for _ in range(64):
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -136,7 +136,7 @@ def _descends_from(pid, ancestor):
     return False
 
 
-def run_child(code, res_w, chal_r, out_w, err_w, req):
+def run_child(code, res_w: int, chal_r: int, out_w: int, err_w: int, req: dict) -> None:
     os.setsid()
     if req.get("stdin"):  # the program's standard input: an in-memory file (no pipe to fill and block on)
         data = os.memfd_create("stdin")
@@ -198,7 +198,7 @@ def run_child(code, res_w, chal_r, out_w, err_w, req):
 MAX_PROGRAM_BYTES = 1 << 20
 
 
-def _compiled(source):
+def _compiled(source: str) -> tuple:
     """(code, None), or (None, the verdict) for a program too large or that does not compile. Compiled
     here, before the fork: compiling runs none of the program's code, and doing it in the forked child
     costs ~1.5 ms of copy-on-write faults per program."""
@@ -210,7 +210,8 @@ def _compiled(source):
         return None, _verdict_without_run("failed", f"{type(e).__name__}: {e}")
 
 
-def run_one(req, own_pidns):
+def run_one(req: dict, own_pidns: bool) -> dict:
+    """Run one program (`req`: program, limits, stdin) in a forked child; its verdict (a dict)."""
     code, verdict = _compiled(req["program"])
     if verdict is not None:
         return verdict
@@ -291,7 +292,7 @@ def run_one(req, own_pidns):
     }
 
 
-def _pass_proof(pid, own_pidns, res_r, chal_w, deadline):
+def _pass_proof(pid: int, own_pidns: bool, res_r: int, chal_w: int, deadline: float) -> tuple:
     """The tests ran to the end (the child wrote "D"): nothing but the child may remain in the sandbox, it
     must be alone (one thread), and it must answer a fresh challenge with the salt only the test harness
     held. Returns (proof, detail); a refusal kills the child."""
@@ -322,7 +323,7 @@ def _pass_proof(pid, own_pidns, res_r, chal_w, deadline):
     return proof, "" if proof else "pass handshake failed"
 
 
-def _drain(buffers, open_fds, cap):
+def _drain(buffers: dict, open_fds: set, cap: int) -> bool:
     """What is already in the output pipes ({fd: buffer}), without waiting for descendants; True if cut."""
     truncated = False
     for fd, buf in buffers.items():
@@ -354,7 +355,7 @@ def _status(req, proof, timed_out, refused, sig, usage, exit_code, detail, err):
     return "failed", detail
 
 
-def _keep(buf, data, cap):
+def _keep(buf: bytearray, data: bytes, cap: int) -> bool:
     """Append to an output buffer up to `cap` bytes; True if anything was cut."""
     room = cap - len(buf)
     if room > 0:
@@ -362,12 +363,12 @@ def _keep(buf, data, cap):
     return len(data) > room
 
 
-def _verdict_without_run(status, detail):
+def _verdict_without_run(status: str, detail: str) -> dict:
     return {"status": status, "detail": detail[:500], "stdout": "", "stderr": detail, "truncated": False,
             "seconds": 0.0, "exit_code": None, "signal": None, "clean": True}
 
 
-def _remove_tree(path):
+def _remove_tree(path: str) -> None:
     if not os.path.isdir(path):
         return
     for root, dirs, files in os.walk(path, topdown=False):
@@ -390,7 +391,7 @@ def _remove_tree(path):
         pass
 
 
-def _warm_tracebacks():
+def _warm_tracebacks() -> None:
     """Format one traceback through run_child's frame now, so forked children inherit the warm
     linecache and formatting machinery instead of re-reading this file per failing program."""
     import io
@@ -403,7 +404,7 @@ def _warm_tracebacks():
         traceback.print_exc(file=io.StringIO())
 
 
-def main():
+def main() -> None:
     for name in WARM_MODULES:
         __import__(name)
     _warm_tracebacks()
