@@ -23,7 +23,7 @@ import platform
 import time
 from pathlib import Path
 
-from onpolicy.evaluation import within_tolerance
+from onpolicy.evaluation import fastest_within, within_tolerance
 
 PASS_SETS = {"validation": "generated:validation", "heldout": "generated:heldout", "repair": "repair:heldout"}
 
@@ -70,13 +70,13 @@ def ar_comparison(bench: dict) -> dict:
         return {"setting": name, "tokens_per_s": r["tokens_per_s"], "speed_vs_ar": r["speed_vs_ar"],
                 "pass@1": r["pass_at_1"], "tokens_per_forward": r["tokens_per_forward"]}
 
-    ok = {k: r for k, r in mine.items() if within_tolerance(r["pass_at_1"], ar["pass_at_1"], 0.02)}
-    fastest_ok = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else None
+    rows = [{"name": k, "pass@1": r["pass_at_1"], "tokens_per_s": r["tokens_per_s"]} for k, r in mine.items()]
+    ok = fastest_within(rows, ar["pass_at_1"], 0.02, speed="tokens_per_s")
     fastest = max(mine, key=lambda k: mine[k]["tokens_per_s"])
     best = max(mine, key=lambda k: (mine[k]["pass_at_1"], mine[k]["tokens_per_s"]))
     return {"ar_tokens_per_s": ar["tokens_per_s"], "ar_pass@1": ar["pass_at_1"], "model": bench["checkpoint"],
             "before": bench.get("before_checkpoint"), "tasks": bench["tasks"], "n_tasks": bench["n_tasks"],
-            "fastest_within_2_points": pick(ok[fastest_ok], fastest_ok) if fastest_ok else None,
+            "fastest_within_2_points": pick(mine[ok["name"]], ok["name"]) if ok else None,
             "fastest": pick(mine[fastest], fastest), "best_pass": pick(mine[best], best)}
 
 
@@ -238,7 +238,6 @@ def verdict(p, bench: dict, choice: dict | None) -> dict | None:
     """The claim, read off choice.json (the setting, chosen on validation) and bench.json (the test
     slice, the setting and AR decoded side by side at batch 1 and the larger batches)."""
     from onpolicy.bench import setting_name
-    from onpolicy.evaluation import within_tolerance
 
     if choice is None:
         return None
