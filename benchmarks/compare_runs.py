@@ -12,11 +12,12 @@ setting, and the SHA-256 of every exported model's weights. Exit code 1 if anyth
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import sys
 from pathlib import Path
+
+from onpolicy.files import file_digest
 
 # wall-clock quantities: they differ between any two runs on a shared machine
 TIMING = re.compile(r"(^|/)(time|perf)(/|$)|minutes|seconds|_s$|speed_vs|created|elapsed")
@@ -49,7 +50,7 @@ def metrics(run: Path) -> dict:
 
 def weights(run: Path) -> dict:
     """SHA-256 of every exported model's weights (final/, best/), by path inside the run."""
-    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(run)): file_digest(p)
             for p in sorted(run.glob("*/*/model.safetensors")) if p.parent.name in ("final", "best")}
 
 

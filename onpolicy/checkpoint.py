@@ -15,7 +15,6 @@ universal checkpoint. Rank 0 checks every file, converts the checkpoint once int
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onpolicy.errors import CheckpointError
-from onpolicy.files import publish, temporary_sibling
+from onpolicy.files import file_digest, publish, temporary_sibling
 
 MANIFEST = "MANIFEST.json"
 UNIVERSAL = "universal"
@@ -39,14 +38,6 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _rank_manifest(rank: int) -> str:
@@ -80,7 +71,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep:
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     _barrier()
     folder = ckpt_dir / tag
-    mine = {str(p.relative_to(folder)): _digest(p) for p in sorted(folder.iterdir())
+    mine = {str(p.relative_to(folder)): file_digest(p) for p in sorted(folder.iterdir())
             if p.is_file() and not p.name.startswith("MANIFEST") and _owner(p.name) == rank}
     _write_json(folder / _rank_manifest(rank), {"step": step, "rank": rank, "files": mine})
     _barrier()
@@ -119,7 +110,7 @@ def _check_files(folder: Path, files: dict[str, str]) -> None:
         path = folder / name
         if not path.exists():
             raise CheckpointError(f"{folder}: missing file {name}")
-        if _digest(path) != digest:
+        if file_digest(path) != digest:
             raise CheckpointError(f"{folder}: {name} is corrupt (SHA-256 differs from its manifest)")
 
 
@@ -191,7 +182,7 @@ def _convert_to_universal(folder: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{folder}: conversion to a universal checkpoint "
                               f"failed:\n{(r.stdout + r.stderr)[-2000:]}")
-    files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     _write_json(tmp / MANIFEST, {"files": files, "source": folder.name})
     publish(tmp, target, lambda f: (f / MANIFEST).is_file())
     return target

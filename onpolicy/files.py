@@ -1,4 +1,4 @@
-"""Publishing a folder atomically, safe for many processes on many machines at once.
+"""Publishing a folder atomically, safe for many processes on many machines at once; file digests.
 
 Caches (tokenizers, corpus shards) may be built by one process per node on node-local disks, or by
 several processes sharing one filesystem. Each builder writes into a temporary folder whose name
@@ -8,11 +8,21 @@ folder or none, and when two builders race, the first complete copy wins.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (checkpoint shards do not fit in memory twice)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def temporary_sibling(folder: Path) -> Path:

@@ -339,11 +339,9 @@ def _pct(v: dict) -> str:
     return f"{v['value']:.1%} [{v['ci95'][0]:.1%}, {v['ci95'][1]:.1%}]"
 
 
-def report_summary(p, table: dict, comparison: dict) -> dict:
+def report_summary(table: dict, comparison: dict, last: str, headline: dict) -> dict:
     """report.json's `summary`: the last stage's held-out pass@1 and the headline speed against AR."""
     diffusion = [n for n in table if table[n]["attention"] != "causal"]
-    last = p.stages[-1].name
-    headline = comparison["fastest_within_2_points"] or comparison["best_pass"]
     first_fast = table[diffusion[0]]["tokens_per_forward"]["fast"] if diffusion else None
     last_fast = table[last]["tokens_per_forward"]["fast"]
     return {"last_stage": last, "last_pass@1": table[last]["pass@1"]["heldout"]["value"],
@@ -375,7 +373,7 @@ def write_report(p, evals: dict, bench: dict, choice: dict | None = None) -> dic
     comparison = ar_comparison(bench)
     last = p.stages[-1].name
     headline = comparison["fastest_within_2_points"] or comparison["best_pass"]
-    summary = report_summary(p, table, comparison)
+    summary = report_summary(table, comparison, last, headline)
     plots = report_plots(p, table)
     claim = verdict(p, bench, choice)
     compute = training_compute(p, table)
